@@ -1,0 +1,361 @@
+"""The sharded scoring runner: one example's score function -> scores for a whole source.
+
+``score`` vmaps a per-example function, splits each fixed-size batch over the mesh's
+``data`` axis, jits once per (function, shapes, shardings) and reuses the compiled
+executable for every full and padded batch, streams batches from the source with
+grain's threaded prefetch, and either returns the scores in example order or writes them
+chunk by chunk to a resumable :class:`~memjax.engine.store.ScoreStore`.
+
+Multi-host (``jax.distributed``): every process runs the same call; each reads only its
+own rows of each global batch and builds global arrays with
+``jax.make_array_from_process_local_data``. Outputs are replicated (they are small:
+per-example scalars or short vectors), so every process can return them; process 0
+writes the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from memjax.data.base import ID_FIELD, Source, as_source
+from memjax.engine.fingerprint import run_fingerprint
+from memjax.engine.mesh import (
+    DATA_AXIS,
+    PartitionRules,
+    make_mesh,
+    param_shardings,
+    path_name,
+    place_params,
+)
+from memjax.engine.progress import Progress
+from memjax.engine.store import ID_COLUMN, ScoreStore
+from memjax.errors import InputError
+
+ScoreFn = Callable[[Any, dict[str, jax.Array]], Any]
+
+_COMPILED: dict[Any, Any] = {}
+_CACHE_STATS = {"compiles": 0, "hits": 0}
+
+
+def compile_cache_info() -> dict[str, int]:
+    """How many score executables were compiled and how often a cached one was reused."""
+    return dict(_CACHE_STATS, size=len(_COMPILED))
+
+
+def clear_compile_cache() -> None:
+    _COMPILED.clear()
+    _CACHE_STATS.update(compiles=0, hits=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which examples each global batch holds and which rows this process reads.
+
+    Global batch ``b`` holds examples ``b*batch_size + [0, batch_size)``; rows past the
+    last example are padding (masked out), filled with a copy of a real example so the
+    score function never sees garbage. This process reads rows ``[lo, hi)`` of every batch.
+    """
+
+    n_examples: int
+    batch_size: int
+    lo: int
+    hi: int
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_examples // self.batch_size)
+
+    def global_indices(self, batch: int) -> np.ndarray:
+        return batch * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+
+    def local_rows(self, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(indices to read, validity mask) for this process's rows of ``batch``."""
+        indices = self.global_indices(batch)[self.lo:self.hi]
+        valid = indices < self.n_examples
+        # Padding reads the batch's first example (always a real one), so every row is data.
+        return np.where(valid, indices, batch * self.batch_size), valid
+
+    def n_valid(self, batch: int) -> int:
+        return min(self.batch_size, self.n_examples - batch * self.batch_size)
+
+
+def _process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
+    """The contiguous rows [lo, hi) of a [batch_size] array that this process holds."""
+    index_map = sharding.addressable_devices_indices_map((batch_size,))
+    spans = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop)
+                    for index in index_map.values()})
+    lo, hi = spans[0]
+    for start, stop in spans[1:]:
+        if start > hi:
+            raise InputError("mesh: this process's devices do not hold a contiguous block of "
+                             "the data axis; build the mesh with memjax.engine.make_mesh")
+        hi = max(hi, stop)
+    return lo, hi
+
+
+def _device_array(name: str, value: np.ndarray) -> np.ndarray:
+    """Host array in a dtype JAX keeps without x64: float64 -> float32, int64 -> int32."""
+    if value.dtype.kind == "f" and value.dtype.itemsize > 4:
+        return value.astype(np.float32)
+    if value.dtype.kind in "iu" and value.dtype.itemsize > 4:
+        info = np.iinfo(np.int32)
+        if value.size and (value.min() < info.min or value.max() > info.max):
+            raise InputError(f"input field {name!r}: integer values outside the int32 range; "
+                             "expected values that fit in int32")
+        return value.astype(np.int32)
+    return value
+
+
+def _check_finite_inputs(fields: dict[str, np.ndarray], valid: np.ndarray,
+                         indices: np.ndarray) -> None:
+    for name, value in fields.items():
+        if value.dtype.kind in "fc" and valid.any():
+            rows = value[valid]
+            bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+            if bad.any():
+                where = int(indices[valid][np.argmax(bad)])
+                raise InputError(f"input field {name!r} has NaN or Inf at example index "
+                                 f"{where}; expected finite numbers")
+
+
+def _check_finite_outputs(fields: dict[str, np.ndarray], ids: np.ndarray) -> None:
+    for name, value in fields.items():
+        if value.dtype.kind in "fc" and value.size:
+            bad = ~np.isfinite(value.reshape(len(value), -1)).all(axis=1)
+            if bad.any():
+                raise InputError(
+                    f"score {name!r} is NaN or Inf for example id {ids[np.argmax(bad)]}: the "
+                    "model produced non-finite outputs (check its params and inputs); "
+                    "pass check_finite=False to keep such scores"
+                )
+
+
+def _flatten_outputs(tree: Any) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if len(leaves) == 1 and not leaves[0][0]:
+        return {"score": np.asarray(leaves[0][1])}
+    return {path_name(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def _device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Fields the score function sees: numeric and boolean ones, without the id."""
+    return {k: _device_array(k, v) for k, v in batch.items()
+            if k != ID_FIELD and v.dtype.kind in "biuf"}
+
+
+def _example_ids(source: Source, indices: np.ndarray) -> np.ndarray:
+    ids = getattr(source, "ids", None)
+    return np.asarray(ids(indices)) if callable(ids) else indices
+
+
+def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: Mesh):
+    """The compiled vmapped step for these shapes and shardings (cached)."""
+    param_spec = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params)
+    batch_spec = {k: (v.shape, v.dtype, v.sharding) for k, v in batch.items()}
+    key = (fn, jax.tree.structure(params), str(param_spec), str(sorted(batch_spec.items())),
+           mesh)
+    if key in _COMPILED:
+        _CACHE_STATS["hits"] += 1
+        return _COMPILED[key]
+
+    def step(p, b):
+        return jax.vmap(fn, in_axes=(None, 0))(p, b)
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        step,
+        in_shardings=(jax.tree.map(lambda a: a.sharding, params),
+                      {k: v.sharding for k, v in batch.items()}),
+        out_shardings=replicated,
+    )
+    compiled = jitted.lower(params, batch).compile()
+    _COMPILED[key] = compiled
+    _CACHE_STATS["compiles"] += 1
+    return compiled
+
+
+def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_finite: bool,
+                  prefetch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """This process's rows of each batch in ``batches``, read ahead by grain threads."""
+
+    def load(position: int) -> tuple[int, dict[str, np.ndarray]]:
+        batch = batches[position]
+        indices, valid = plan.local_rows(batch)
+        fields = _device_fields(source.read(indices))
+        if not fields:
+            raise InputError("data: the source has no numeric fields to score (fields are "
+                             f"{sorted(source.read(indices[:1]))})")
+        if check_finite:
+            _check_finite_inputs(fields, valid, indices)
+        return batch, fields
+
+    if prefetch <= 0:
+        yield from (load(i) for i in range(len(batches)))
+        return
+    dataset = grain.MapDataset.range(len(batches)).map(load)
+    options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=2 * prefetch)
+    yield from dataset.to_iter_dataset(options)
+
+
+class _Results:
+    """Collects per-batch outputs in example order and flushes full chunks to a store."""
+
+    def __init__(self, source: Source, plan: BatchPlan, store: ScoreStore | None,
+                 chunk_size: int, write: bool, check_finite: bool, progress: Progress):
+        self.source, self.plan, self.store = source, plan, store
+        self.chunk_size, self.write, self.check_finite = chunk_size, write, check_finite
+        self.progress = progress
+        self.pending: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
+        self.all: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+
+    def add(self, batch: int, outputs: dict[str, np.ndarray]) -> None:
+        n = self.plan.n_valid(batch)
+        indices = self.plan.global_indices(batch)[:n]
+        ids = _example_ids(self.source, indices)
+        fields = {k: v[:n] for k, v in outputs.items()}
+        for name, value in outputs.items():
+            if value.ndim == 0 or value.shape[0] != self.plan.batch_size:
+                raise InputError(f"score function output {name!r} has shape {value.shape}; "
+                                 "expected one value (or array) per example")
+        if self.check_finite:
+            _check_finite_outputs(fields, ids)
+        self.progress.update(n)
+        if self.store is None:
+            self.all.append((ids, fields))
+            return
+        chunk = batch * self.plan.batch_size // self.chunk_size
+        parts = self.pending.setdefault(chunk, [])
+        parts.append((ids, fields))
+        rows = sum(len(i) for i, _ in parts)
+        if rows == min(self.chunk_size, self.plan.n_examples - chunk * self.chunk_size):
+            ids_c, fields_c = _concat(self.pending.pop(chunk))
+            if self.write:
+                self.store.write_chunk(chunk, ids_c, fields_c)
+
+    def result(self) -> dict[str, np.ndarray]:
+        ids, fields = _concat(self.all)
+        return {ID_COLUMN: ids, **fields}
+
+
+def _concat(parts):
+    ids = np.concatenate([i for i, _ in parts])
+    fields = {k: np.concatenate([f[k] for _, f in parts]) for k in parts[0][1]}
+    return ids, fields
+
+
+def score(
+    fn: ScoreFn,
+    params: Any,
+    source: Any,
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    store: ScoreStore | str | None = None,
+    progress: bool = True,
+    param_rules: PartitionRules | None = None,
+    check_finite: bool = True,
+    params_fingerprint: str | None = None,
+    prefetch: int = 2,
+) -> dict[str, np.ndarray] | ScoreStore:
+    """Score every example of ``source`` with ``fn(params, example)``.
+
+    Args:
+      fn: scores ONE example: ``fn(params, example) -> pytree of arrays`` where ``example``
+        is a dict of the source's numeric fields without the batch axis (the ``id`` field
+        and non-numeric fields such as raw text stay on the host).
+      params: a pytree of arrays (host or device), replicated over the mesh unless a
+        ``param_rules`` pattern shards a parameter over the ``model`` axis.
+      source: a dict of arrays (field -> [N, ...]) or a ``memjax.data`` source.
+      batch_size: examples per global batch; a multiple of the mesh's ``data`` axis size.
+        The last batch is padded (and masked) so all batches share one compiled executable.
+      mesh: a mesh from :func:`make_mesh` (default: every global device on ``data``).
+      store: a :class:`ScoreStore` or folder path; scores are written chunk by chunk and a
+        rerun with the same configuration resumes from the finished chunks.
+      progress: print examples/s to stderr (process 0 only).
+      param_rules: ``[(regex over param path, PartitionSpec), ...]`` (first match wins).
+      check_finite: refuse NaN/Inf in float inputs and in the scores, naming the example.
+      params_fingerprint: a string identifying the params, instead of hashing them.
+      prefetch: grain reader threads reading batches ahead (0: read inline).
+
+    Returns:
+      Without a store: ``{"id": [N], field: [N, ...]}`` in example order (output pytree
+      paths joined with "/"; a bare array output is named ``score``). With a store: the
+      completed :class:`ScoreStore`.
+    """
+    if not callable(fn):
+        raise InputError(f"fn: expected a function fn(params, example), got {type(fn).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
+    batch_size = int(batch_size)
+    source = as_source(source)
+    mesh = make_mesh() if mesh is None else mesh
+    n_data = mesh.shape[DATA_AXIS]
+    if batch_size % n_data:
+        raise InputError(f"batch_size={batch_size}: expected a multiple of the mesh's data "
+                         f"axis ({n_data} devices); try {n_data * -(-batch_size // n_data)}")
+    batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    lo, hi = _process_rows(batch_sharding, batch_size)
+    plan = BatchPlan(len(source), batch_size, lo, hi)
+    is_writer = jax.process_index() == 0
+    todo = list(range(plan.n_batches))
+
+    if isinstance(store, str):
+        store = ScoreStore(store)
+    chunk_size = 0
+    if store is not None:
+        fingerprint = run_fingerprint(fn, params, source.spec(), batch_size, params_fingerprint)
+        done_mask = np.zeros(plan.n_batches, dtype=np.int32)
+        if is_writer:
+            done = store.begin(fingerprint, plan.n_examples, batch_size)
+            chunk_size = store.manifest()["chunk_size"]
+            for chunk in done:
+                first = chunk * chunk_size // batch_size
+                done_mask[first:first + chunk_size // batch_size] = 1
+        if jax.process_count() > 1:
+            done_mask, chunk_size = multihost_utils.broadcast_one_to_all(
+                (done_mask, np.int32(chunk_size)))
+            done_mask, chunk_size = np.asarray(done_mask), int(chunk_size)
+        todo = [b for b in todo if not done_mask[b]]
+
+    bar = Progress(plan.n_examples, enabled=progress and is_writer)
+    bar.done = plan.n_examples - sum(plan.n_valid(b) for b in todo)
+    results = _Results(source, plan, store, chunk_size, is_writer, check_finite, bar)
+    try:
+        placed = place_params(params, param_shardings(params, mesh, param_rules))
+        in_flight: list[tuple[int, Any]] = []
+        step = None
+        for batch, fields in _load_batches(source, plan, todo, check_finite, prefetch):
+            global_batch = {
+                k: jax.make_array_from_process_local_data(
+                    batch_sharding.update(spec=PartitionSpec(DATA_AXIS, *[None] * (v.ndim - 1))),
+                    v, (batch_size, *v.shape[1:]))
+                for k, v in fields.items()
+            }
+            step = step or _compiled_step(fn, placed, global_batch, mesh)
+            in_flight.append((batch, step(placed, global_batch)))
+            # Keep one batch in flight so the device computes while the host collects.
+            if len(in_flight) > 1:
+                done_batch, out = in_flight.pop(0)
+                results.add(done_batch, _flatten_outputs(out))
+        for done_batch, out in in_flight:
+            results.add(done_batch, _flatten_outputs(out))
+        bar.close()
+        if store is None:
+            return results.result()
+        if is_writer:
+            store.finish()
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("memjax.score.finished")
+        return store
+    finally:
+        if store is not None:
+            store.release()

@@ -1,0 +1,255 @@
+"""The sharded runner and the score store: exactness across devices, processes and kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from memjax.engine import ScoreStore, compile_cache_info, make_mesh, score
+from memjax.errors import InputError, StoreError
+from tests import _workers
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def reference_loss(data, params) -> np.ndarray:
+    """Float64 NumPy loss of the worker MLP."""
+    hidden = np.tanh(data["x"].astype(np.float64) @ params["w1"])
+    logits = hidden @ params["w2"].astype(np.float64)
+    lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    return lse - logits[np.arange(len(logits)), data["label"]]
+
+
+@pytest.fixture
+def data():
+    return _workers.make_data(seed=int(np.random.default_rng().integers(1 << 30)))
+
+
+@pytest.fixture
+def params():
+    return _workers.make_params(seed=int(np.random.default_rng().integers(1 << 30)))
+
+
+def test_scores_match_numpy_and_keep_example_order(data, params):
+    result = score(_workers.mlp_signals, params, data, batch_size=40, progress=False)
+    assert set(result) == {"id", "loss", "logits"}
+    np.testing.assert_array_equal(result["id"], data["id"])
+    assert result["logits"].shape == (len(data["x"]), _workers.CLASSES)
+    np.testing.assert_allclose(result["loss"], reference_loss(data, params), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_one_device_equals_eight_devices(data, params):
+    assert jax.device_count() == 8
+    one = score(_workers.mlp_signals, params, data, batch_size=24, progress=False,
+                mesh=make_mesh(devices=jax.devices()[:1]))
+    eight = score(_workers.mlp_signals, params, data, batch_size=24, progress=False)
+    two_by_four = score(_workers.mlp_signals, params, data, batch_size=24, progress=False,
+                        mesh=make_mesh(model=2), param_rules=[("w1", jax.P(None, "model"))])
+    for other in (eight, two_by_four):
+        np.testing.assert_array_equal(other["id"], one["id"])
+        assert np.abs(other["loss"] - one["loss"]).max() <= 1e-6
+        assert np.abs(other["logits"] - one["logits"]).max() <= 1e-6
+
+
+def test_one_compilation_for_full_and_padded_batches(params):
+    data = _workers.make_data()
+    compiles = []
+
+    def on_event(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    def fresh_fn(p, example):  # a new function object: nothing cached for it yet
+        return _workers.mlp_signals(p, example)
+
+    before = compile_cache_info()["compiles"]
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        n_batches = -(-len(data["x"]) // 64)
+        assert len(data["x"]) % 64 != 0 and n_batches > 5
+        score(fresh_fn, params, data, batch_size=64, progress=False)
+        score(fresh_fn, params, data, batch_size=64, progress=False)  # cached executable
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+    assert compile_cache_info()["compiles"] - before == 1
+    assert len(compiles) == 1
+
+
+def test_batch_not_multiple_of_devices_is_refused(data, params):
+    with pytest.raises(InputError, match=r"batch_size=12: expected a multiple .*8.*try 16"):
+        score(_workers.mlp_signals, params, data, batch_size=12, progress=False)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({}, "non-empty dict"),
+    ({"x": np.zeros((0, 3), np.float32)}, "empty"),
+    ({"x": np.zeros((3, 2), np.float32), "y": np.zeros(4, np.int32)}, "different numbers"),
+    ([1, 2, 3], "expected a dict of arrays"),
+])
+def test_bad_sources_are_named(bad, message, params):
+    with pytest.raises(InputError, match=message):
+        score(_workers.mlp_signals, params, bad, batch_size=8, progress=False)
+
+
+def test_nan_input_is_refused_with_the_example(data, params):
+    data["x"][777, 3] = np.nan
+    with pytest.raises(InputError, match=r"input field 'x' has NaN or Inf at example index 777"):
+        score(_workers.mlp_signals, params, data, batch_size=32, progress=False)
+
+
+def test_nonfinite_scores_are_refused(data, params):
+    params["w2"][:, 0] = np.inf
+    with pytest.raises(InputError, match=r"score '(loss|logits)' is NaN or Inf for example id"):
+        score(_workers.mlp_signals, params, data, batch_size=32, progress=False)
+
+
+def test_bad_batch_size_and_fn(data, params):
+    with pytest.raises(InputError, match="batch_size: expected a positive integer"):
+        score(_workers.mlp_signals, params, data, batch_size=0)
+    with pytest.raises(InputError, match="fn: expected a function"):
+        score("loss", params, data, batch_size=8)
+
+
+def test_store_round_trip_and_exports(tmp_path, data, params):
+    plain = score(_workers.mlp_signals, params, data, batch_size=16, progress=False)
+    store = score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+                  store=ScoreStore(tmp_path / "s", chunk_size=48))
+    assert store.complete and store.n_chunks == -(-len(data["x"]) // 48)
+    stored = store.read()
+    for key in plain:
+        np.testing.assert_array_equal(stored[key], plain[key])
+    frame = store.to_pandas()
+    assert list(frame.columns) == ["id", "logits", "loss"] or set(frame.columns) == {
+        "id", "logits", "loss"}
+    np.testing.assert_array_equal(frame["id"].to_numpy(), data["id"])
+    np.testing.assert_allclose(np.stack(frame["logits"].to_numpy()), plain["logits"])
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store.to_parquet(tmp_path / "out.parquet"))
+    np.testing.assert_array_equal(table.column("loss").to_numpy(), plain["loss"])
+    assert json.loads(table.schema.metadata[b"shape:logits"]) == [_workers.CLASSES]
+
+
+def test_store_from_another_configuration_is_refused(tmp_path, data, params):
+    path = tmp_path / "s"
+    score(_workers.mlp_signals, params, data, batch_size=16, store=str(path), progress=False)
+    params["w1"][0, 0] += 1.0
+    with pytest.raises(StoreError, match=r"different run \(differs in: params\)"):
+        score(_workers.mlp_signals, params, data, batch_size=16, store=str(path),
+              progress=False)
+    with pytest.raises(StoreError, match="batch_size"):
+        score(_workers.mlp_signals, _workers.make_params(), data, batch_size=32,
+              store=str(path), progress=False)
+
+
+def test_truncated_or_corrupt_chunk_is_recomputed(tmp_path, data, params):
+    path = tmp_path / "s"
+    first = score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+                  store=ScoreStore(path, chunk_size=64)).read()
+    chunk3 = path / "chunks" / "000003.npz"
+    chunk3.write_bytes(chunk3.read_bytes()[:100])  # truncated
+    chunk5 = path / "chunks" / "000005.npz"
+    raw = bytearray(chunk5.read_bytes())
+    raw[-30] ^= 0xFF  # one flipped byte
+    chunk5.write_bytes(bytes(raw))
+    store = ScoreStore(path)
+    assert store.done_chunks() == set(range(store.n_chunks)) - {3, 5}
+    with pytest.raises(StoreError, match="chunk 3 is missing or corrupt"):
+        store.read()
+    rerun = score(_workers.mlp_signals, params, data, batch_size=16, store=store,
+                  progress=False)
+    np.testing.assert_array_equal(rerun.read()["logits"], first["logits"])
+
+
+def test_incomplete_store_cannot_be_read(tmp_path, data, params):
+    store = ScoreStore(tmp_path / "s", chunk_size=32)
+    with pytest.raises(StoreError, match="no manifest"):
+        store.read()
+    store.begin({"x": 1}, 100, 16)
+    store.release()
+    with pytest.raises(StoreError, match=r"incomplete \(0/4 chunks done\)"):
+        store.read()
+
+
+def test_killed_run_resumes_to_identical_scores(tmp_path):
+    """SIGKILL a scoring subprocess at a random point, resume, compare with a clean run."""
+    store_path, out = tmp_path / "killed", tmp_path / "resumed.npz"
+    cmd = [sys.executable, "-m", "tests._workers", "store", str(store_path), str(out), "0.01"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env())
+    n_chunks = -(-_workers.N_EXAMPLES // 32)
+    stop_after = random.Random().randint(2, n_chunks - 5)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((store_path / "chunks").glob("*.json"))) >= stop_after:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = ScoreStore(store_path)
+    assert not partial.complete and 0 < len(partial.done_chunks()) < n_chunks
+    subprocess.run(cmd, cwd=REPO, env=worker_env(), check=True, timeout=300)
+    resumed = dict(np.load(out))
+    clean = score(_workers.mlp_signals, _workers.make_params(), _workers.make_data(),
+                  batch_size=16, progress=False)
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_by_four_devices_equal_one_device(tmp_path):
+    """Two jax.distributed processes on 127.0.0.1 (gloo), 4 CPU devices each."""
+    port, out = free_port(), tmp_path / "multihost.npz"
+    procs = [subprocess.Popen([sys.executable, "-m", "tests._workers", "multihost", str(i),
+                               str(port), str(out), str(tmp_path / "store")],
+                              cwd=REPO, env=worker_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    multi = dict(np.load(out))
+    single = score(_workers.mlp_signals, _workers.make_params(), _workers.make_data(),
+                   batch_size=24, progress=False, mesh=make_mesh(devices=jax.devices()[:1]))
+    np.testing.assert_array_equal(multi["id"], single["id"])
+    assert np.abs(multi["loss"] - single["loss"]).max() <= 1e-6
+    assert np.abs(multi["logits"] - single["logits"]).max() <= 1e-6
+
+
+def test_params_sharded_over_model_axis_stay_sharded():
+    mesh = make_mesh(model=4)
+    assert dict(mesh.shape) == {"data": 2, "model": 4}
+    from memjax.engine import param_shardings
+
+    shardings = param_shardings({"a": jnp.zeros((4, 8)), "b": jnp.zeros(3)}, mesh,
+                                [("^a$", jax.P(None, "model"))])
+    assert shardings["a"].spec == jax.P(None, "model")
+    assert shardings["b"].spec == jax.P()
+    with pytest.raises(InputError, match="positive divisor"):
+        make_mesh(model=3)
