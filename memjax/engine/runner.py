@@ -40,6 +40,9 @@ from memjax.engine.store import ID_COLUMN, ScoreStore
 from memjax.errors import InputError
 
 ScoreFn = Callable[[Any, dict[str, jax.Array]], Any]
+# Called on the host with each batch's real rows (fields, example indices); raises
+# InputError for bad values that cannot be checked inside jit (e.g. labels out of range).
+Validator = Callable[[dict[str, np.ndarray], np.ndarray], None]
 
 _COMPILED: dict[Any, Any] = {}
 _CACHE_STATS = {"compiles": 0, "hits": 0}
@@ -183,7 +186,8 @@ def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: 
 
 
 def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_finite: bool,
-                  prefetch: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+                  prefetch: int, validate: Validator | None
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """This process's rows of each batch in ``batches``, read ahead by grain threads."""
 
     def load(position: int) -> tuple[int, dict[str, np.ndarray]]:
@@ -195,6 +199,8 @@ def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_fin
                              f"{sorted(source.read(indices[:1]))})")
         if check_finite:
             _check_finite_inputs(fields, valid, indices)
+        if validate is not None:
+            validate({k: v[valid] for k, v in fields.items()}, indices[valid])
         return batch, fields
 
     if prefetch <= 0:
@@ -264,6 +270,7 @@ def score(
     check_finite: bool = True,
     params_fingerprint: str | None = None,
     prefetch: int = 2,
+    validate: Validator | None = None,
 ) -> dict[str, np.ndarray] | ScoreStore:
     """Score every example of ``source`` with ``fn(params, example)``.
 
@@ -284,6 +291,8 @@ def score(
       check_finite: refuse NaN/Inf in float inputs and in the scores, naming the example.
       params_fingerprint: a string identifying the params, instead of hashing them.
       prefetch: grain reader threads reading batches ahead (0: read inline).
+      validate: ``validate(fields, indices)`` called on the host for each batch's real
+        rows before scoring; raise ``InputError`` to refuse bad values.
 
     Returns:
       Without a store: ``{"id": [N], field: [N, ...]}`` in example order (output pytree
@@ -333,7 +342,8 @@ def score(
         placed = place_params(params, param_shardings(params, mesh, param_rules))
         in_flight: list[tuple[int, Any]] = []
         step = None
-        for batch, fields in _load_batches(source, plan, todo, check_finite, prefetch):
+        for batch, fields in _load_batches(source, plan, todo, check_finite, prefetch,
+                                            validate):
             global_batch = {
                 k: jax.make_array_from_process_local_data(
                     batch_sharding.update(spec=PartitionSpec(DATA_AXIS, *[None] * (v.ndim - 1))),

@@ -23,7 +23,7 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,12 @@ from memjax.errors import StoreError
 FORMAT_VERSION = 1
 ID_COLUMN = "id"
 DEFAULT_CHUNK_EXAMPLES = 8192
+
+
+def _umask_mode(mode: int = 0o666) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -50,6 +56,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _umask_mode())  # mkstemp makes 0600 files; match ordinary files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -295,26 +302,34 @@ class ScoreStore:
 
     def to_parquet(self, path: str | os.PathLike) -> Path:
         """Write the scores to a Parquet file (streamed chunk by chunk, renamed at the end)."""
-        import pyarrow.parquet as pq
+        return write_parquet(self.iter_chunks(), path)
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        writer = None
-        try:
-            for chunk in self.iter_chunks():
-                batch = _chunk_to_arrow(chunk)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, batch.schema)
-                writer.write_batch(batch)
-            writer.close()
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        return path
+
+def write_parquet(chunks: Iterable[dict[str, np.ndarray]], path: str | os.PathLike) -> Path:
+    """Write column chunks ({name: [n, ...]}) to one Parquet file, atomically."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _umask_mode())
+    os.close(fd)
+    writer = None
+    try:
+        for chunk in chunks:
+            batch = _chunk_to_arrow(chunk)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, batch.schema)
+            writer.write_batch(batch)
+        if writer is None:
+            raise StoreError(f"{str(path)!r}: nothing to write")
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def _chunk_to_arrow(chunk: dict[str, np.ndarray]):

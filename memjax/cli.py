@@ -1,0 +1,148 @@
+"""The ``memjax`` command: audit, score, info, export.
+
+Expected errors (bad input, bad stores) print ``memjax: error: ...`` and exit with status
+2, without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from memjax.errors import InputError, MemjaxError
+
+SIGNAL_KINDS = ("classification",)
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from memjax.audit import run_audit
+
+    folder = run_audit(args.out, seed=args.seed, steps=args.steps,
+                       progress=not args.no_progress)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    attack = metrics["Membership inference: LOSS attack"]
+    print(f"report: {folder / 'index.html'}")
+    print(f"LOSS attack: AUC {attack['AUC']:.4f}, TPR@1%FPR {attack['TPR@1%FPR']:.4f}")
+    return 0
+
+
+def _classification_scorer(model_dir: str):
+    """(score fn, params, label validator) for a saved classifier."""
+    from memjax.signals import check_labels
+    from memjax.train import classification_signals, load_model
+
+    params, config = load_model(model_dir)
+
+    def validate(fields, indices):
+        for name in ("image", "label"):
+            if name not in fields:
+                raise InputError(f"--data: the classification signal needs a field {name!r}; "
+                                 f"the source has {sorted(fields)}")
+        if fields["image"].shape[1:] != tuple(config.input_shape):
+            raise InputError(f"--data field 'image' has shape {fields['image'].shape[1:]} per "
+                             f"example; the model expects {tuple(config.input_shape)}")
+        check_labels(fields["label"], config.num_classes)
+
+    return classification_signals, params, validate
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from memjax.data import open_source
+    from memjax.engine import ScoreStore, score
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise InputError(f"--out {str(out)!r} already holds a store; pass --resume to "
+                         "continue it, or choose another folder")
+    if args.signal not in SIGNAL_KINDS:
+        raise InputError(f"--signal {args.signal!r}: expected one of {SIGNAL_KINDS}")
+    source = open_source(args.data)
+    fn, params, validate = _classification_scorer(args.model)
+    store = score(fn, params, source, batch_size=args.batch_size,
+                  store=ScoreStore(out, chunk_size=args.chunk_size),
+                  progress=not args.no_progress, validate=validate)
+    info = store.info()
+    print(f"scored {info['n_examples']} examples into {out} ({info['n_chunks']} chunks)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from memjax.engine import ScoreStore
+
+    info = ScoreStore(args.store).info()
+    if args.json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    state = "complete" if info["complete"] else "INCOMPLETE (resume with memjax score --resume)"
+    print(f"store:      {info['path']}")
+    print(f"state:      {state}, {info['chunks_done']}/{info['n_chunks']} chunks")
+    print(f"examples:   {info['n_examples']} (chunk size {info['chunk_size']}, "
+          f"batch size {info['batch_size']})")
+    print(f"function:   {info['function']}")
+    print(f"data:       {info['data']}")
+    for name, field in (info["fields"] or {}).items():
+        print(f"field:      {name} {field['dtype']} {tuple(field['shape'])}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from memjax.engine import ScoreStore
+
+    path = ScoreStore(args.store).to_parquet(args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    audit = sub.add_parser("audit", help="train, score and attack on bundled data; write a "
+                           "report")
+    audit.add_argument("--out", default="memjax-report", help="report folder")
+    audit.add_argument("--seed", type=int, default=0)
+    audit.add_argument("--steps", type=int, default=600, help="training steps")
+    audit.add_argument("--no-progress", action="store_true")
+    audit.set_defaults(run=cmd_audit)
+
+    score = sub.add_parser("score", help="score every example of a data source into a store")
+    score.add_argument("--model", required=True, help="model folder (memjax_model.json)")
+    score.add_argument("--data", default="digits", help="digits | FILE.npz | DIR of .npy | "
+                       "tfds:NAME:SPLIT[@DIR] | images:DIR | jsonl:FILE")
+    score.add_argument("--signal", default="classification", help="signal kind")
+    score.add_argument("--out", required=True, help="score store folder")
+    score.add_argument("--batch-size", type=int, default=256)
+    score.add_argument("--chunk-size", type=int, default=None,
+                       help="examples per store chunk (a multiple of the batch size)")
+    score.add_argument("--resume", action="store_true", help="continue an existing store")
+    score.add_argument("--no-progress", action="store_true")
+    score.set_defaults(run=cmd_score)
+
+    info = sub.add_parser("info", help="describe a score store")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=cmd_info)
+
+    export = sub.add_parser("export", help="export a complete store to Parquet")
+    export.add_argument("store")
+    export.add_argument("out", help="output .parquet file")
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MemjaxError as err:
+        print(f"memjax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memjax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

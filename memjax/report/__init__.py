@@ -1,0 +1,102 @@
+"""The audit report: sections of metrics, figures and tables written as one HTML page.
+
+A report is staged in a temporary folder beside its destination and renamed into place
+only when every file is written, so a failed or interrupted run never leaves a report
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memjax.engine.store import _umask_mode
+
+
+@dataclasses.dataclass
+class Section:
+    """One part of the report: a title, a paragraph, metric rows and figure files."""
+
+    title: str
+    text: str = ""
+    metrics: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
+    figures: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, caption)
+    files: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (file, caption)
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return html.escape(str(value))
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             "</title><style>body{font-family:system-ui,sans-serif;max-width:60em;margin:2em "
+             "auto;padding:0 1em;color:#222}table{border-collapse:collapse;margin:.5em 0}"
+             "td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
+             "td.num{text-align:right;font-variant-numeric:tabular-nums}figure{margin:1em 0}"
+             "figcaption{font-size:.9em;color:#555}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
+        if section.text:
+            parts.append(f"<p>{html.escape(section.text)}</p>")
+        if section.metrics:
+            parts.append("<table>")
+            for name, value in section.metrics:
+                cls = " class='num'" if isinstance(value, (int, float)) else ""
+                parts.append(f"<tr><th>{html.escape(name)}</th><td{cls}>{_format(value)}</td></tr>")
+            parts.append("</table>")
+        for file, caption in section.figures:
+            parts.append(f"<figure><img src='{html.escape(file)}' alt='{html.escape(caption)}'>"
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        for file, caption in section.files:
+            parts.append(f"<p><a href='{html.escape(file)}'>{html.escape(file)}</a>: "
+                         f"{html.escape(caption)}</p>")
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(out_dir: str | os.PathLike, title: str,
+                 build: Callable[[Path], list[Section]]) -> Path:
+    """Build a report into a staging folder, then move it to ``out_dir`` in one rename.
+
+    Args:
+      out_dir: destination folder; an existing report there is replaced only on success.
+      title: page title.
+      build: ``build(staging_dir) -> sections``; writes its figures and data files into
+        the staging folder (paths in sections are relative to it).
+
+    Returns:
+      The report folder. It holds ``index.html`` and ``metrics.json`` (every section's
+      metrics), plus whatever ``build`` wrote.
+    """
+    out_dir = Path(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging.chmod(_umask_mode(0o777))  # mkdtemp makes 0700 folders; match ordinary ones
+    try:
+        sections = build(staging)
+        metrics = {s.title: {name: value for name, value in s.metrics} for s in sections}
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+        (staging / "index.html").write_text(render_html(title, sections))
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, trash / "old")
+            os.replace(staging, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir

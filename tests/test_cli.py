@@ -1,0 +1,123 @@
+"""The memjax command: audit end to end, score/info/export, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from memjax.cli import main
+from memjax.data import digits
+from memjax.engine import ScoreStore
+from memjax.metrics import roc_auc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """One audit run shared by the tests below (it trains a model: a few seconds)."""
+    out = tmp_path_factory.mktemp("audit") / "report"
+    assert main(["audit", "--out", str(out), "--steps", "300", "--no-progress"]) == 0
+    return out
+
+
+def test_audit_writes_a_complete_report(report):
+    assert {"index.html", "roc.png", "scores.parquet", "metrics.json", "model"} <= {
+        p.name for p in report.iterdir()}
+    assert not [p for p in report.parent.iterdir() if p.name.startswith(".")], \
+        "staging folders left behind"
+    metrics = json.loads((report / "metrics.json").read_text())
+    attack = metrics["Membership inference: LOSS attack"]
+    table = pq.read_table(report / "scores.parquet").to_pandas()
+    assert len(table) == 1797 and table["member"].sum() == 1797 // 2
+    np.testing.assert_array_equal(table["id"], np.arange(1797))
+    # The report's numbers are the ones its own scores give.
+    assert attack["AUC"] == pytest.approx(roc_auc(-table["loss"], table["member"]))
+    assert metrics["Data and model"]["train accuracy"] == pytest.approx(
+        table["correct"][table["member"]].mean())
+    assert metrics["Data and model"]["train accuracy"] > 0.99
+    html = (report / "index.html").read_text()
+    assert "roc.png" in html and "LOSS attack" in html and "TPR@1%FPR" in html
+    assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_score_info_export_with_the_audit_model(report, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["score", "--model", str(report / "model"), "--data", "digits", "--out",
+            str(store), "--batch-size", "64", "--chunk-size", "256", "--no-progress"]
+    assert main(args) == 0
+    scores = ScoreStore(store).read()
+    audit_scores = pq.read_table(report / "scores.parquet").to_pandas()
+    np.testing.assert_allclose(scores["loss"], audit_scores["loss"], rtol=1e-5, atol=1e-7)
+    assert main(["info", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "complete, 8/8 chunks" in out and "1797" in out
+    assert main(["export", str(store), str(tmp_path / "x.parquet")]) == 0
+    assert pq.read_table(tmp_path / "x.parquet").num_rows == 1797
+    # An existing store needs --resume; with it, nothing is recomputed.
+    assert main(args) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+
+
+def test_labels_out_of_range_are_refused(report, tmp_path, capsys):
+    data = digits().arrays
+    labels = data["label"].copy()
+    labels[5] = 12
+    np.savez(tmp_path / "bad.npz", image=data["image"], label=labels)
+    code = main(["score", "--model", str(report / "model"), "--data",
+                 str(tmp_path / "bad.npz"), "--out", str(tmp_path / "s"), "--no-progress",
+                 "--batch-size", "64"])
+    err = capsys.readouterr().err
+    assert code == 2 and "label" in err and "12" in err and "Traceback" not in err
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "memjax.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "nowhere"], "no manifest.json"),
+    (["export", "nowhere", "x.parquet"], "no manifest.json"),
+    (["score", "--model", "nowhere", "--out", "s"], "memjax_model.json"),
+    (["score", "--model", "m", "--data", "missing.npz", "--out", "s"], "missing.npz"),
+])
+def test_expected_errors_exit_nonzero_without_traceback(tmp_path, args, message):
+    (tmp_path / "m").mkdir()
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("memjax: error:") and message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_incomplete_store_is_not_exported(tmp_path, capsys):
+    store = ScoreStore(tmp_path / "s", chunk_size=16)
+    store.begin({"function": {"name": "f"}, "data": {"kind": "x"}, "batch_size": 16}, 40, 16)
+    store.release()
+    assert main(["export", str(tmp_path / "s"), str(tmp_path / "x.parquet")]) == 2
+    assert "incomplete (0/3 chunks done)" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()
+    assert main(["info", str(tmp_path / "s")]) == 0
+    assert "INCOMPLETE" in capsys.readouterr().out
+
+
+def test_kernels_install_as_memjax_kernels_only(tmp_path):
+    """kernels/ is importable as memjax.kernels and never as a bare top-level module."""
+    code = ("import importlib.util, memjax.kernels, pathlib;"
+            "spec = importlib.util.find_spec('kernels');"
+            "print(pathlib.Path(memjax.kernels.__file__).parent.name, "
+            "spec is None or 'memjax' not in str(spec.origin))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["kernels", "True"]
