@@ -253,3 +253,49 @@ def test_params_sharded_over_model_axis_stay_sharded():
     assert shardings["b"].spec == jax.P()
     with pytest.raises(InputError, match="positive divisor"):
         make_mesh(model=3)
+
+
+def test_text_fields_and_string_ids_stay_on_the_host(tmp_path):
+    """A JSONL source: the fn sees token ids only; string ids come back in order."""
+    from memjax.data import JsonlTextSource
+
+    rng = np.random.default_rng()
+    words = ["alpha", "beta", "gamma", "delta"]
+    lines = [{"text": " ".join(rng.choice(words, size=rng.integers(1, 9))), "name": f"doc-{i}"}
+             for i in range(37)]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    vocab = {w: i + 1 for i, w in enumerate(words)}
+    source = JsonlTextSource(path, tokenizer=lambda text: [vocab[w] for w in text.split()],
+                             max_length=8, id_field="name")
+    seen = []
+
+    def count_tokens(params, example):
+        seen.append(sorted(example))
+        return {"n": jnp.sum(example["attention_mask"]), "total": jnp.sum(example["input_ids"])}
+
+    result = score(count_tokens, {}, source, batch_size=8, progress=False)
+    assert seen[0] == ["attention_mask", "input_ids"]
+    assert result["id"].tolist() == [line["name"] for line in lines]
+    assert result["n"].tolist() == [len(line["text"].split()) for line in lines]
+    assert result["total"].tolist() == [sum(vocab[w] for w in line["text"].split())
+                                        for line in lines]
+    store = score(count_tokens, {}, source, batch_size=8, progress=False,
+                  store=str(tmp_path / "store"))
+    assert store.read()["id"].tolist() == result["id"].tolist()
+
+
+def test_validate_hook_sees_only_real_rows(data, params):
+    calls = []
+
+    def validate(fields, indices):
+        calls.append(indices.copy())
+        if (fields["label"] == 3).sum() > 100:
+            raise InputError("too many threes")
+
+    score(_workers.mlp_signals, params, data, batch_size=64, progress=False, validate=validate)
+    np.testing.assert_array_equal(np.concatenate(calls), np.arange(len(data["x"])))
+    data["label"][:] = 3
+    with pytest.raises(InputError, match="too many threes"):
+        score(_workers.mlp_signals, params, data, batch_size=128, progress=False,
+              validate=validate)

@@ -25,7 +25,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from memjax.data.base import ID_FIELD, Source, as_source
+from memjax.data.base import ID_FIELD, Source, as_source, example_ids
 from memjax.engine.fingerprint import run_fingerprint
 from memjax.engine.mesh import (
     DATA_AXIS,
@@ -155,8 +155,18 @@ def _device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _example_ids(source: Source, indices: np.ndarray) -> np.ndarray:
+    """Ids of examples ``indices``: the source's ``ids()``, else its ``id`` field, else index."""
     ids = getattr(source, "ids", None)
-    return np.asarray(ids(indices)) if callable(ids) else indices
+    ids = np.asarray(ids(indices)) if callable(ids) else example_ids(source.read(indices),
+                                                                       indices)
+    return _storable_ids(ids)
+
+
+def _storable_ids(ids: np.ndarray) -> np.ndarray:
+    # Object arrays (Python strings) would need pickle to store: use fixed-width text.
+    if ids.dtype == object:
+        return np.asarray([str(i) for i in ids.tolist()])
+    return ids
 
 
 def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: Mesh):
@@ -187,13 +197,20 @@ def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: 
 
 def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_finite: bool,
                   prefetch: int, validate: Validator | None
-                  ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """This process's rows of each batch in ``batches``, read ahead by grain threads."""
+                  ) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray | None]]:
+    """This process's rows of each batch in ``batches``, read ahead by grain threads.
 
-    def load(position: int) -> tuple[int, dict[str, np.ndarray]]:
+    Yields (batch, device fields, ids of the batch's real examples or None when this
+    process reads only part of each batch).
+    """
+    whole_batches = plan.lo == 0 and plan.hi == plan.batch_size
+
+    def load(position: int):
         batch = batches[position]
         indices, valid = plan.local_rows(batch)
-        fields = _device_fields(source.read(indices))
+        raw = source.read(indices)
+        ids = _storable_ids(example_ids(raw, indices)[valid]) if whole_batches else None
+        fields = _device_fields(raw)
         if not fields:
             raise InputError("data: the source has no numeric fields to score (fields are "
                              f"{sorted(source.read(indices[:1]))})")
@@ -201,7 +218,7 @@ def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_fin
             _check_finite_inputs(fields, valid, indices)
         if validate is not None:
             validate({k: v[valid] for k, v in fields.items()}, indices[valid])
-        return batch, fields
+        return batch, fields, ids
 
     if prefetch <= 0:
         yield from (load(i) for i in range(len(batches)))
@@ -222,10 +239,10 @@ class _Results:
         self.pending: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
         self.all: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
 
-    def add(self, batch: int, outputs: dict[str, np.ndarray]) -> None:
+    def add(self, batch: int, outputs: dict[str, np.ndarray], ids: np.ndarray | None) -> None:
         n = self.plan.n_valid(batch)
-        indices = self.plan.global_indices(batch)[:n]
-        ids = _example_ids(self.source, indices)
+        if ids is None:
+            ids = _example_ids(self.source, self.plan.global_indices(batch)[:n])
         fields = {k: v[:n] for k, v in outputs.items()}
         for name, value in outputs.items():
             if value.ndim == 0 or value.shape[0] != self.plan.batch_size:
@@ -342,7 +359,7 @@ def score(
         placed = place_params(params, param_shardings(params, mesh, param_rules))
         in_flight: list[tuple[int, Any]] = []
         step = None
-        for batch, fields in _load_batches(source, plan, todo, check_finite, prefetch,
+        for batch, fields, ids in _load_batches(source, plan, todo, check_finite, prefetch,
                                             validate):
             global_batch = {
                 k: jax.make_array_from_process_local_data(
@@ -351,13 +368,13 @@ def score(
                 for k, v in fields.items()
             }
             step = step or _compiled_step(fn, placed, global_batch, mesh)
-            in_flight.append((batch, step(placed, global_batch)))
+            in_flight.append((batch, step(placed, global_batch), ids))
             # Keep one batch in flight so the device computes while the host collects.
             if len(in_flight) > 1:
-                done_batch, out = in_flight.pop(0)
-                results.add(done_batch, _flatten_outputs(out))
-        for done_batch, out in in_flight:
-            results.add(done_batch, _flatten_outputs(out))
+                done_batch, out, done_ids = in_flight.pop(0)
+                results.add(done_batch, _flatten_outputs(out), done_ids)
+        for done_batch, out, done_ids in in_flight:
+            results.add(done_batch, _flatten_outputs(out), done_ids)
         bar.close()
         if store is None:
             return results.result()

@@ -115,7 +115,7 @@ def merge_stats(a: VocabStats, b: VocabStats) -> VocabStats:
     # Means relative to the new max; a set with no weight is left out (its shift may be -inf).
     ra = jnp.where(wa > 0, a.mean + shift_a, 0.0)
     rb = jnp.where(wb > 0, b.mean + shift_b, 0.0)
-    mean = ra + (rb - ra) * fb
+    mean = fa * ra + fb * rb
     delta = rb - ra
     # delta^2 wa wb / w grouped so a huge delta only ever meets a weight that is ~0.
     m2 = a.m2 * scale_a + b.m2 * scale_b + (delta * fa) * (delta * wb)
