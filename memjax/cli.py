@@ -43,7 +43,8 @@ def _classification_scorer(model_dir: str):
         if fields["image"].shape[1:] != tuple(config.input_shape):
             raise InputError(f"--data field 'image' has shape {fields['image'].shape[1:]} per "
                              f"example; the model expects {tuple(config.input_shape)}")
-        check_labels(fields["label"], config.num_classes)
+        check_labels(fields["label"], config.num_classes, name="--data field 'label'",
+                     indices=indices)
 
     return classification_signals, params, validate
 

@@ -288,6 +288,20 @@ def test_tokens_extreme_logits(rng, chunk_size):
     assert_fields(out, batched_ref(ref_tokens, logits, targets))
 
 
+def test_tokens_chunk_far_below_max(rng):
+    # A whole chunk ~40-60 below a near-deterministic one: its weight is tiny but not 0.
+    # The merged mean must not add and subtract the far chunk's offset (mu ~ 1e-12 here).
+    length, vocab = 4, 48
+    logits = -50 + 3 * rng.standard_normal((1, length, vocab))
+    logits[..., 16:32] = -30 + rng.standard_normal(16)
+    logits[..., 16 + rng.integers(16)] = 0.0
+    logits = logits.astype(np.float32)
+    targets = rng.integers(0, vocab, (1, length))
+    for chunk_size in (None, 16):
+        out = vjit(partial(tokens, chunk_size=chunk_size))(logits, targets=targets)
+        assert_fields(out, batched_ref(ref_tokens, logits, targets), atol=1e-9)
+
+
 @pytest.mark.parametrize("chunk_size", [None, 5, 8])
 def test_tokens_neg_inf_logits(rng, chunk_size):
     # -inf logits (masked-out vocabulary), including whole chunks of them, are weightless

@@ -97,13 +97,16 @@ def classification(logits: jax.Array, label: jax.Array) -> dict[str, jax.Array]:
     }
 
 
-def check_labels(labels: np.ndarray, num_classes: int, name: str = "label") -> None:
+def check_labels(labels: np.ndarray, num_classes: int, name: str = "label",
+                 indices: np.ndarray | None = None) -> None:
     """Host-side check that integer labels lie in ``[0, num_classes)``.
 
     Args:
         labels: array of labels, any shape, integer dtype.
         num_classes: number of classes C.
         name: field name used in the error message.
+        indices: [n] example indices of 1-D ``labels`` (a batch of a larger source), so the
+            message names the example rather than the position in the batch.
 
     Raises:
         InputError: naming ``name``, the first offending index and value and the expected
@@ -123,6 +126,8 @@ def check_labels(labels: np.ndarray, num_classes: int, name: str = "label") -> N
     if bad.any():
         where = np.argwhere(bad)[0]  # first in C order
         index = int(where[0]) if labels.ndim == 1 else tuple(int(i) for i in where)
+        if indices is not None and labels.ndim == 1:
+            index = int(np.asarray(indices)[where[0]])
         value = labels[tuple(where)]
         count = int(bad.sum())
         raise InputError(

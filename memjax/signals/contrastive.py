@@ -58,4 +58,4 @@ def _embedding(x: jax.Array, name: str) -> jax.Array:
 
 
 def _normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.linalg.norm(x)
+    return x / jnp.maximum(jnp.linalg.norm(x), EPS)
