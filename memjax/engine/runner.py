@@ -15,6 +15,7 @@ writes the store.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -44,7 +45,10 @@ ScoreFn = Callable[[Any, dict[str, jax.Array]], Any]
 # InputError for bad values that cannot be checked inside jit (e.g. labels out of range).
 Validator = Callable[[dict[str, np.ndarray], np.ndarray], None]
 
-_COMPILED: dict[Any, Any] = {}
+# Compiled executables by (function, shapes, shardings, mesh), least recently used first;
+# bounded so a long session scoring many functions does not keep every executable alive.
+_COMPILED: collections.OrderedDict[Any, Any] = collections.OrderedDict()
+_MAX_COMPILED = 64
 _CACHE_STATS = {"compiles": 0, "hits": 0}
 
 
@@ -177,6 +181,7 @@ def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: 
            mesh)
     if key in _COMPILED:
         _CACHE_STATS["hits"] += 1
+        _COMPILED.move_to_end(key)
         return _COMPILED[key]
 
     def step(p, b):
@@ -191,6 +196,8 @@ def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: 
     )
     compiled = jitted.lower(params, batch).compile()
     _COMPILED[key] = compiled
+    if len(_COMPILED) > _MAX_COMPILED:
+        _COMPILED.popitem(last=False)
     _CACHE_STATS["compiles"] += 1
     return compiled
 
