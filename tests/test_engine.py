@@ -300,3 +300,24 @@ def test_validate_hook_sees_only_real_rows(data, params):
     with pytest.raises(InputError, match="too many threes"):
         score(_workers.mlp_signals, params, data, batch_size=128, progress=False,
               validate=validate)
+
+
+def test_partition_rules_name_nnx_params_and_skip_uneven_dims():
+    """NNX variables are named without their '/value' leaf; uneven dims stay replicated."""
+    from flax import nnx
+
+    from memjax.engine import param_shardings
+
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.proj = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+            self.embed = nnx.Param(jnp.zeros((7, 4)))
+
+    state = nnx.split(Tiny())[1]
+    rules = [(r"proj/kernel$", jax.P(None, "model")), (r"^embed$", jax.P("model", None))]
+    shardings = param_shardings(state, make_mesh(model=2), rules)
+    specs = {name: s.spec for name, s in zip(
+        ["embed", "proj/bias", "proj/kernel"], jax.tree.leaves(
+            shardings, is_leaf=lambda x: hasattr(x, "spec")), strict=True)}
+    assert specs == {"embed": jax.P(None, None), "proj/bias": jax.P(),
+                     "proj/kernel": jax.P(None, "model")}

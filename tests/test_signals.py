@@ -208,7 +208,7 @@ def test_classification_low_precision_inputs_compute_in_float32(rng):
 def test_classification_out_of_range_label_is_nan_not_wrapped():
     logits = jnp.array([3.0, 1.0, 0.5])
     for label in (-1, 3):
-        out = classification(logits, label)
+        out = jax.jit(classification)(logits, label)
         for key in ("loss", "p_true", "phi", "hinge"):
             assert np.isnan(out[key]), (label, key)
         assert not bool(out["correct"])
@@ -289,17 +289,18 @@ def test_tokens_extreme_logits(rng, chunk_size):
 
 
 def test_tokens_chunk_far_below_max(rng):
-    # A whole chunk ~40-60 below a near-deterministic one: its weight is tiny but not 0.
-    # The merged mean must not add and subtract the far chunk's offset (mu ~ 1e-12 here).
-    length, vocab = 4, 48
-    logits = -50 + 3 * rng.standard_normal((1, length, vocab))
-    logits[..., 16:32] = -30 + rng.standard_normal(16)
-    logits[..., 16 + rng.integers(16)] = 0.0
+    # A whole chunk ~80 below a peaked one: its weight e^-80 is tiny but not 0 in float32.
+    # The merged mean must not add and subtract the far chunk's offset (ulp(80) ~ 8e-6,
+    # while mu ~ -1e-4 here).
+    length, vocab = 8, 48
+    logits = -80 + 0.5 * rng.standard_normal((1, length, vocab))
+    logits[..., 16:32] = -12 + rng.standard_normal((1, length, 16))
+    logits[0, np.arange(length), 16 + rng.integers(16, size=length)] = 0.0
     logits = logits.astype(np.float32)
     targets = rng.integers(0, vocab, (1, length))
     for chunk_size in (None, 16):
         out = vjit(partial(tokens, chunk_size=chunk_size))(logits, targets=targets)
-        assert_fields(out, batched_ref(ref_tokens, logits, targets), atol=1e-9)
+        assert_fields(out, batched_ref(ref_tokens, logits, targets))
 
 
 @pytest.mark.parametrize("chunk_size", [None, 5, 8])
@@ -335,7 +336,7 @@ def test_tokens_mu_sigma_definition(rng):
 
 def test_tokens_chunked_equals_unchunked_logits(rng):
     batch, length = 2, 6
-    for vocab, chunks in ((37, (5, 8, 36, 37, 64)), (1000, (128, 300, 999))):
+    for vocab, chunks in ((37, (5, 37, 64)), (1000, (300, 999))):
         logits = (3 * rng.standard_normal((batch, length, vocab))).astype(np.float32)
         targets = rng.integers(0, vocab, (batch, length))
         mask = random_mask(rng, batch, length)
@@ -374,7 +375,7 @@ def test_tokens_hidden_form(rng, use_bias):
 
     full = run(None)
     assert_fields(full, ref, atol=ATOL_MATMUL)
-    for chunk_size in (64, 100, 299, 512):
+    for chunk_size in (128, 512):
         out = run(chunk_size)
         assert_fields(out, ref, atol=ATOL_MATMUL)
         assert_fields(out, full, fields=TOKEN_FIELDS, atol=ATOL_MATMUL / 10)
@@ -394,12 +395,11 @@ def test_tokens_bf16_hidden_form(rng):
         c: vjit(partial(tokens, chunk_size=c))(
             hidden=hidden, unembedding=stack(weight), bias=stack(bias), targets=targets
         )
-        for c in (None, 50, 64)
+        for c in (None, 50)
     }
     for out in outs.values():
         assert_fields(out, ref, rtol=RTOL_BF16, atol=ATOL_BF16)
-    for c in (50, 64):
-        assert_fields(outs[c], outs[None], fields=TOKEN_FIELDS, atol=ATOL_MATMUL / 10)
+    assert_fields(outs[50], outs[None], fields=TOKEN_FIELDS, atol=ATOL_MATMUL / 10)
 
 
 def test_tokens_bf16_logits(rng):

@@ -49,7 +49,13 @@ def make_mesh(model: int = 1, *, devices: Sequence[jax.Device] | None = None) ->
 
 
 def path_name(path: tuple[Any, ...]) -> str:
-    """'a/b/0/kernel' from a pytree key path (dict keys, attributes and sequence indices)."""
+    """'a/b/0/kernel' from a pytree key path (dict keys, attributes and sequence indices).
+
+    A Flax NNX variable flattens to its ``value`` leaf; that last component is dropped so
+    rules and fingerprints name the parameter itself ('layers/0/c_fc/kernel').
+    """
+    if len(path) > 1 and getattr(path[-1], "name", getattr(path[-1], "key", None)) == "value":
+        path = path[:-1]
     parts = []
     for key in path:
         for attr in ("key", "name", "idx"):
@@ -62,7 +68,10 @@ def path_name(path: tuple[Any, ...]) -> str:
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: PartitionRules | None = None) -> Any:
-    """A pytree of ``NamedSharding`` for ``params``: by the first matching rule, else replicated."""
+    """A pytree of ``NamedSharding`` for ``params``: by the first matching rule, else replicated.
+
+    A dimension that the rule's mesh axes do not divide evenly stays replicated.
+    """
     compiled = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
 
     def sharding_for(path, leaf):
@@ -74,10 +83,22 @@ def param_shardings(params: Any, mesh: Mesh, rules: PartitionRules | None = None
                         f"partition rule {pattern.pattern!r} -> {spec} has more axes than "
                         f"parameter {name!r} of shape {np.shape(leaf)}"
                     )
-                return NamedSharding(mesh, spec)
+                return NamedSharding(mesh, _divisible(spec, np.shape(leaf), mesh))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(sharding_for, params)
+
+
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """``spec`` with dimensions that the named mesh axes do not divide left replicated
+    (e.g. GPT-2's 50,257-token vocabulary over an even ``model`` axis)."""
+    entries = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)),
+                         strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        entries.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*entries)
 
 
 def place_params(params: Any, shardings: Any) -> Any:
