@@ -13,8 +13,6 @@ from pathlib import Path
 
 from memjax.errors import InputError, MemjaxError
 
-SIGNAL_KINDS = ("classification",)
-
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from memjax.audit import run_audit
@@ -28,44 +26,52 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _classification_scorer(model_dir: str):
-    """(score fn, params, label validator) for a saved classifier."""
-    from memjax.signals import check_labels
-    from memjax.train import classification_signals, load_model
-
-    params, config = load_model(model_dir)
-
-    def validate(fields, indices):
-        for name in ("image", "label"):
-            if name not in fields:
-                raise InputError(f"--data: the classification signal needs a field {name!r}; "
-                                 f"the source has {sorted(fields)}")
-        if fields["image"].shape[1:] != tuple(config.input_shape):
-            raise InputError(f"--data field 'image' has shape {fields['image'].shape[1:]} per "
-                             f"example; the model expects {tuple(config.input_shape)}")
-        check_labels(fields["label"], config.num_classes, name="--data field 'label'",
-                     indices=indices)
-
-    return classification_signals, params, validate
+def _tokenizer(folder: str | None):
+    """A Hugging Face tokenizer from a local folder (never downloads), or None."""
+    if folder is None:
+        return None
+    if not Path(folder).is_dir():
+        raise InputError(f"--tokenizer {folder!r}: expected a local tokenizer folder")
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise InputError("--tokenizer needs the transformers package "
+                         "(pip install transformers)") from None
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     from memjax.data import open_source
-    from memjax.engine import ScoreStore, score
+    from memjax.engine import ScoreStore, make_mesh, score
+    from memjax.scoring import scorer
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise InputError(f"--out {str(out)!r} already holds a store; pass --resume to "
                          "continue it, or choose another folder")
-    if args.signal not in SIGNAL_KINDS:
-        raise InputError(f"--signal {args.signal!r}: expected one of {SIGNAL_KINDS}")
-    source = open_source(args.data)
-    fn, params, validate = _classification_scorer(args.model)
-    store = score(fn, params, source, batch_size=args.batch_size,
+    source = open_source(args.data, tokenizer=_tokenizer(args.tokenizer),
+                         max_length=args.max_length if args.tokenizer else None)
+    job = scorer(args.model, args.signal)
+    store = score(job.fn, job.params, source, batch_size=args.batch_size,
+                  mesh=make_mesh(model=args.model_parallel), param_rules=job.param_rules,
                   store=ScoreStore(out, chunk_size=args.chunk_size),
-                  progress=not args.no_progress, validate=validate)
+                  progress=not args.no_progress, validate=job.validate)
     info = store.info()
-    print(f"scored {info['n_examples']} examples into {out} ({info['n_chunks']} chunks)")
+    print(f"scored {info['n_examples']} examples of {job.description} into {out} "
+          f"({info['n_chunks']} chunks)")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import jax.numpy as jnp
+
+    from memjax.convert import load_pretrained, save
+
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    model, config = load_pretrained(args.src, dtype=dtype[args.dtype],
+                                    allow_pickle=args.allow_pickle)
+    save(model, config, args.dst)
+    print(f"converted {args.src} ({type(model).__name__}) -> {args.dst}")
     return 0
 
 
@@ -109,10 +115,17 @@ def build_parser() -> argparse.ArgumentParser:
     audit.set_defaults(run=cmd_audit)
 
     score = sub.add_parser("score", help="score every example of a data source into a store")
-    score.add_argument("--model", required=True, help="model folder (memjax_model.json)")
+    score.add_argument("--model", required=True, help="model folder: Hugging Face checkpoint, "
+                       "memjax convert output, or memjax audit's model/")
     score.add_argument("--data", default="digits", help="digits | FILE.npz | DIR of .npy | "
                        "tfds:NAME:SPLIT[@DIR] | images:DIR | jsonl:FILE")
-    score.add_argument("--signal", default="classification", help="signal kind")
+    score.add_argument("--tokenizer", help="tokenizer folder for jsonl: text (Hugging Face)")
+    score.add_argument("--max-length", type=int, default=128,
+                       help="tokens per text with --tokenizer (padded/truncated)")
+    score.add_argument("--signal", default="classification",
+                       help="classification | tokens | contrastive")
+    score.add_argument("--model-parallel", type=int, default=1,
+                       help="devices per model replica (params sharded over them)")
     score.add_argument("--out", required=True, help="score store folder")
     score.add_argument("--batch-size", type=int, default=256)
     score.add_argument("--chunk-size", type=int, default=None,
@@ -120,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--resume", action="store_true", help="continue an existing store")
     score.add_argument("--no-progress", action="store_true")
     score.set_defaults(run=cmd_score)
+
+    convert = sub.add_parser("convert", help="convert a Hugging Face checkpoint folder")
+    convert.add_argument("src", help="folder with config.json and *.safetensors")
+    convert.add_argument("dst", help="output folder (orbax checkpoint + memjax_model.json)")
+    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16",
+                                                                 "float16"])
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="accept .bin/.pt weights (torch.load(weights_only=True))")
+    convert.set_defaults(run=cmd_convert)
 
     info = sub.add_parser("info", help="describe a score store")
     info.add_argument("store")

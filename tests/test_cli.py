@@ -90,7 +90,10 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("args, message", [
     (["info", "nowhere"], "no manifest.json"),
     (["export", "nowhere", "x.parquet"], "no manifest.json"),
-    (["score", "--model", "nowhere", "--out", "s"], "memjax_model.json"),
+    (["score", "--model", "nowhere", "--out", "s"], "expected a model folder"),
+    (["score", "--model", "m", "--out", "s"], "no config.json"),
+    (["score", "--model", "m", "--signal", "loss", "--out", "s"], "expected one of"),
+    (["convert", "m", "out"], "no config.json"),
     (["score", "--model", "m", "--data", "missing.npz", "--out", "s"], "missing.npz"),
 ])
 def test_expected_errors_exit_nonzero_without_traceback(tmp_path, args, message):

@@ -20,8 +20,11 @@ FORMS = (
 )
 
 
-def open_source(spec: str | os.PathLike) -> Source:
+def open_source(spec: str | os.PathLike, *, tokenizer: Any = None,
+                max_length: int | None = None) -> Source:
     """The source a data argument names (see :data:`FORMS`).
+
+    ``tokenizer`` and ``max_length`` apply to JSONL text (see :class:`JsonlTextSource`).
 
     ``tfds:`` takes an optional version after the name (``tfds:mnist:3.0.1:train``) and
     any TFDS split (``tfds:mnist:train[:1000]``). A bare ``PATH.jsonl`` is read like
@@ -43,9 +46,11 @@ def open_source(spec: str | os.PathLike) -> Source:
     if text.startswith("images:"):
         return ImageFolderSource(_existing(text[len("images:"):], text))
     if text.startswith("jsonl:"):
-        return JsonlTextSource(_existing(text[len("jsonl:"):], text))
+        return JsonlTextSource(_existing(text[len("jsonl:"):], text), tokenizer=tokenizer,
+                               max_length=max_length)
     if text.endswith(".jsonl"):
-        return JsonlTextSource(_existing(text, text))
+        return JsonlTextSource(_existing(text, text), tokenizer=tokenizer,
+                               max_length=max_length)
     if text.endswith((".npz", ".npy")) or os.path.isdir(text):
         return memmap_source(_existing(text, text))
     if os.sep in text or os.path.exists(text):

@@ -1,0 +1,93 @@
+"""End to end: a Hugging Face GPT-2 folder scored with token signals from the CLI."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from memjax.cli import main
+from memjax.engine import ScoreStore
+
+
+def stdlib_texts(n: int) -> list[str]:
+    """Real English text: first paragraphs of standard-library docstrings."""
+    import collections
+    import functools
+    import json as json_module
+    import pathlib
+
+    texts = []
+    for module in (collections, functools, json_module, pathlib, textwrap, inspect):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc.split()) > 3:
+                texts.append(doc.split("\n\n")[0].replace("\n", " "))
+    return sorted(set(texts))[:n]
+
+
+@pytest.fixture(scope="module")
+def lm_folder(tmp_path_factory):
+    """A tiny random GPT-2 and a word-level tokenizer trained on the texts (offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("lm")
+    texts = stdlib_texts(40)
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]",
+                                                                                   "[PAD]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]",
+                                   pad_token="[PAD]")
+    fast.save_pretrained(root / "tokenizer")
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=fast.vocab_size, n_positions=64, n_embd=32, n_layer=2,
+                        n_head=4)
+    GPT2LMHeadModel(config).eval().save_pretrained(root / "hf")
+    (root / "texts.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    return root, texts, fast
+
+
+def torch_mean_losses(folder, texts, tokenizer, max_length):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    target = batch["input_ids"][:, 1:]
+    token_logp = logp.gather(-1, target[..., None])[..., 0]
+    mask = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).bool()
+    return ((-token_logp * mask).sum(1) / mask.sum(1)).numpy(), mask.sum(1).numpy()
+
+
+def test_token_signals_of_hf_and_converted_gpt2_match_pytorch(lm_folder, tmp_path):
+    root, texts, tokenizer = lm_folder
+    expected, n_tokens = torch_mean_losses(root / "hf", texts, tokenizer, 24)
+    assert main(["convert", str(root / "hf"), str(tmp_path / "converted")]) == 0
+    for model in (root / "hf", tmp_path / "converted"):
+        out = tmp_path / f"store-{model.name}"
+        assert main(["score", "--model", str(model), "--signal", "tokens", "--data",
+                     f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
+                     "--max-length", "24", "--batch-size", "8", "--out", str(out),
+                     "--no-progress"]) == 0
+        scores = ScoreStore(out).read()
+        assert scores["logp"].shape == (len(texts), 24)
+        np.testing.assert_array_equal(scores["n_tokens"], n_tokens)
+        np.testing.assert_allclose(scores["mean_loss"], expected, rtol=1e-5)
+
+
+def test_wrong_signal_for_the_model_is_refused(lm_folder, tmp_path, capsys):
+    root, _, _ = lm_folder
+    code = main(["score", "--model", str(root / "hf"), "--signal", "contrastive", "--data",
+                 f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
+                 "--out", str(tmp_path / "s"), "--no-progress", "--batch-size", "8"])
+    assert code == 2
+    assert "needs a CLIP model; GPT2LMHeadModel is not one" in capsys.readouterr().err
