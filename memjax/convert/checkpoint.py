@@ -130,6 +130,15 @@ class TensorReader:
         self.used.add(key)
         return self.tensors[key]
 
+    def key_of(self, value: Any) -> str | None:
+        """The checkpoint key an array (or a view of it, e.g. a transpose) came from."""
+        by_id = {id(array): key for key, array in self.tensors.items()}
+        while value is not None:
+            if id(value) in by_id:
+                return by_id[id(value)]
+            value = getattr(value, "base", None)
+        return None
+
     def unexpected(self) -> list[str]:
         import re
 

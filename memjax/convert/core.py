@@ -63,6 +63,9 @@ class Architecture:
       partition_rules: config -> [(regex over param path, PartitionSpec)] for ``model``
         axis sharding (empty: replicate).
       ignore: regexes of checkpoint keys that are buffers, not weights (e.g. causal masks).
+      config_class: the port's config dataclass (for save/restore and partition rules).
+      refine_config: (config, checkpoint keys) -> config, for structure that only the
+        weights tell (e.g. whether a BERT checkpoint has a pooler).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Architecture:
     partition_rules: Callable[[Any], list[tuple[str, PartitionSpec]]] = lambda config: []
     ignore: tuple[str, ...] = ()
     config_class: type | None = None
+    refine_config: Callable[[Any, frozenset[str]], Any] = lambda config, keys: config
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -141,8 +145,10 @@ def fill_params(model_abstract: nnx.Module, params: dict[ParamPath, np.ndarray],
     for path, var in expected.items():
         value = params.get(path)
         if value is not None and tuple(value.shape) != tuple(var.get_value().shape):
-            problems.append(f"{_path_str(path)}: checkpoint shape {tuple(value.shape)}, model "
-                            f"expects {tuple(var.get_value().shape)}")
+            source = reader.key_of(value)
+            origin = f" (checkpoint tensor {source})" if source else ""
+            problems.append(f"{_path_str(path)}{origin}: checkpoint shape "
+                            f"{tuple(value.shape)}, model expects {tuple(var.get_value().shape)}")
     if problems:
         raise InputError(f"{arch} checkpoint does not match the model: " + "; ".join(problems))
     for path, var in flat.items():
@@ -171,6 +177,7 @@ def load_pretrained(path: str | Path, *, dtype: Any = jnp.float32,
     arch = detect_architecture(hf_config)
     config = arch.from_hf_config(hf_config)
     reader = TensorReader(read_tensors(path, allow_pickle=allow_pickle), ignore=arch.ignore)
+    config = arch.refine_config(config, frozenset(reader.tensors))
     params = arch.convert(reader, config)
     abstract = nnx.eval_shape(lambda: arch.build(config, nnx.Rngs(0)))
     return fill_params(abstract, params, reader, dtype, arch.name), config
