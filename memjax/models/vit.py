@@ -436,7 +436,17 @@ def _build(config: ViTConfig, rngs: nnx.Rngs) -> nnx.Module:
     return ViTModel(config, rngs=rngs)
 
 
+def refine_config(config: ViTConfig, keys: frozenset[str]) -> ViTConfig:
+    """A bare ViT has a pooler exactly when the checkpoint holds its weights (HF's
+    ``ViTModel(config, add_pooling_layer=False)`` saves none, and config.json omits it)."""
+    if not config.add_pooling_layer:
+        return config
+    return dataclasses.replace(config, add_pooling_layer=any(
+        k.endswith(("pooler.dense.weight", "pooler.dense.bias")) for k in keys))
+
+
 ARCH = register(Architecture(
     name="vit", model_types=("vit",), from_hf_config=from_hf_config, build=_build,
     convert=convert, partition_rules=partition_rules, config_class=ViTConfig,
+    refine_config=refine_config,
 ))
