@@ -34,7 +34,6 @@ NEUTRAL_CONFIG_KEYS = frozenset({
     "id2label", "label2id", "num_labels", "bos_token_id", "eos_token_id", "pad_token_id",
     "sep_token_id", "decoder_start_token_id", "tokenizer_class", "prefix", "task_specific_params",
     "return_dict", "output_hidden_states", "output_attentions", "use_cache", "torchscript",
-    "is_encoder_decoder", "is_decoder", "add_cross_attention", "tie_encoder_decoder",
     "chunk_size_feed_forward", "problem_type", "finetuning_task", "initializer_range",
     "initializer_factor", "gradient_checkpointing", "use_return_dict", "max_length",
     "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
@@ -46,6 +45,12 @@ NEUTRAL_CONFIG_KEYS = frozenset({
     "cross_attention_hidden_size", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings",
     "output_router_logits", "classifier_dropout", "transformers.js_config",
 })
+
+
+# Attributes every HF config may carry that change the computation (decoder masks,
+# cross-attention); no port implements them, so only their defaults are accepted.
+COMMON_DEFAULTS = {"is_decoder": False, "add_cross_attention": False,
+                   "is_encoder_decoder": False, "tie_encoder_decoder": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +103,7 @@ def check_config(hf_config: dict[str, Any], implemented: set[str] | frozenset[st
         present with another value raises, naming it. Unknown attributes also raise.
     """
     problems = []
+    defaults = {**COMMON_DEFAULTS, **defaults}
     for key, value in hf_config.items():
         if key in implemented or key in NEUTRAL_CONFIG_KEYS:
             continue

@@ -62,6 +62,11 @@ def _config_from_json(cls: type, value: dict[str, Any]) -> Any:
     return cls(**converted)
 
 
+def _key(path: tuple) -> tuple[str, ...]:
+    """A pytree path as strings (orbax metadata names list indices by strings)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
 def is_converted(directory: str | Path) -> bool:
     return (Path(directory) / MODEL_FILE).is_file()
 
@@ -84,8 +89,15 @@ def restore(directory: str | Path, *, dtype: Any = None) -> tuple[nnx.Module, An
     config = _config_from_json(arch.config_class, meta["config"])
     abstract = nnx.eval_shape(lambda: arch.build(config, nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype),
-                          nnx.to_pure_dict(state))
+    # The abstract model is float32; the checkpoint's own dtypes (e.g. bfloat16 from
+    # memjax convert --dtype) are kept by restoring to its stored metadata.
+    stored = ocp.StandardCheckpointer().metadata(directory / "params").item_metadata
+    stored = stored.tree if hasattr(stored, "tree") else stored
+    dtypes = {_key(path): meta.dtype
+              for path, meta in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    target = jax.tree_util.tree_map_with_path(
+        lambda path, v: jax.ShapeDtypeStruct(v.shape, dtypes.get(_key(path), v.dtype)),
+        nnx.to_pure_dict(state))
     restored = ocp.StandardCheckpointer().restore(directory / "params", target)
     nnx.replace_by_pure_dict(state, restored)
     model = nnx.merge(graphdef, state)
