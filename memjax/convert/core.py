@@ -135,7 +135,9 @@ def fill_params(model_abstract: nnx.Module, params: dict[ParamPath, np.ndarray],
     """Put converted arrays into an abstract module; report every mismatch at once."""
     graphdef, state = nnx.split(model_abstract)
     flat = dict(nnx.to_flat_state(state))
-    expected = {path: var for path, var in flat.items() if isinstance(var, nnx.Param)}
+    # Weights and BatchNorm running statistics both come from the checkpoint, checked alike.
+    expected = {path: var for path, var in flat.items()
+                if isinstance(var, (nnx.Param, nnx.BatchStat))}
     problems = []
     if reader.missing:
         problems.append(f"missing tensors: {sorted(set(reader.missing))}")

@@ -91,6 +91,8 @@ def check(config: CifarResNetConfig) -> CifarResNetConfig:
     if len(config.widths) != len(config.depths) or not config.widths:
         raise InputError(f"CifarResNetConfig: widths {config.widths} and depths "
                          f"{config.depths} must be non-empty and of equal length")
+    if config.arch == "resnet18" and min(config.depths) < 1:
+        raise InputError(f"CifarResNetConfig: resnet18 depths {config.depths} must be >= 1")
     return config
 
 
@@ -186,21 +188,32 @@ class CifarResNet(nnx.Module):
         return self.classifier(pooled) * self.config.logit_scale
 
 
+def resnet9_config(num_classes: int | None = 10, *, in_channels: int = 3) -> CifarResNetConfig:
+    """Page's DAWNBench ResNet-9: prep 64; layers 128/256/512; residuals on 1 and 3."""
+    return CifarResNetConfig(arch="resnet9", num_classes=num_classes, stem_width=64,
+                             widths=(128, 256, 512), depths=(1, 0, 1),
+                             in_channels=in_channels, logit_scale=0.125)
+
+
+def resnet18_config(num_classes: int | None = 10, *,
+                    in_channels: int = 3) -> CifarResNetConfig:
+    """CIFAR ResNet-18: 3x3 stride-1 stem, no max-pool, BasicBlocks [2, 2, 2, 2]."""
+    return CifarResNetConfig(arch="resnet18", num_classes=num_classes,
+                             in_channels=in_channels)
+
+
 def resnet9(num_classes: int | None = 10, *, in_channels: int = 3,
             rngs: nnx.Rngs | None = None) -> CifarResNet:
-    """Page's DAWNBench ResNet-9 (prep 64; layers 128/256/512; residuals on 1 and 3)."""
-    config = CifarResNetConfig(arch="resnet9", num_classes=num_classes, stem_width=64,
-                               widths=(128, 256, 512), depths=(1, 0, 1),
-                               in_channels=in_channels, logit_scale=0.125)
-    return CifarResNet(config, rngs=rngs or nnx.Rngs(0))
+    """A randomly initialised :func:`resnet9_config` model (``rngs`` default: seed 0)."""
+    return CifarResNet(resnet9_config(num_classes, in_channels=in_channels),
+                       rngs=rngs or nnx.Rngs(0))
 
 
 def resnet18(num_classes: int | None = 10, *, in_channels: int = 3,
              rngs: nnx.Rngs | None = None) -> CifarResNet:
-    """CIFAR ResNet-18 (3x3 stride-1 stem, no max-pool, BasicBlocks [2, 2, 2, 2])."""
-    config = CifarResNetConfig(arch="resnet18", num_classes=num_classes,
-                               in_channels=in_channels)
-    return CifarResNet(config, rngs=rngs or nnx.Rngs(0))
+    """A randomly initialised :func:`resnet18_config` model (``rngs`` default: seed 0)."""
+    return CifarResNet(resnet18_config(num_classes, in_channels=in_channels),
+                       rngs=rngs or nnx.Rngs(0))
 
 
 # --------------------------------------------------------------------------- PyTorch weights

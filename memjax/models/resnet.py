@@ -14,8 +14,9 @@ optimisers leave them alone).
 
 ``__call__`` returns logits ``[B, num_labels]`` for ``ResNetForImageClassification``
 checkpoints and the pooled features ``[B, C]`` (HF's ``pooler_output`` flattened) for
-``ResNetModel`` / ``ResNetBackbone`` checkpoints; :meth:`ResNet.features` returns the
-pooled features of either. The last feature map (HF's ``last_hidden_state``, NHWC) is the
+``ResNetModel`` / ``ResNetBackbone`` checkpoints (the weights decide: a classifier exactly
+when ``classifier.1.weight`` exists); :meth:`ResNet.features` returns the pooled features
+of either. The last feature map (HF's ``last_hidden_state``, NHWC) is the
 ``stages.{n-1}.out`` tap.
 
 Taps (see :mod:`memjax.models.taps`), in call order:
