@@ -294,7 +294,9 @@ def test_missing_extra_and_misshaped_tensors_are_named(family, tmp_path):
                      "0.attention.query_key_value.weight")
     _edit_weights(folder, lambda t: t.update({qkv: t[qkv][:, :-4].copy()}))
     path = "layers.0.c_attn.kernel" if family is GPT2 else "layers.0.query_key_value.kernel"
-    with pytest.raises(InputError, match=re.escape(path) + r": checkpoint shape"):
+    # Named by both the model's parameter path and the checkpoint tensor it came from.
+    with pytest.raises(InputError, match=re.escape(f"{path} (checkpoint tensor {qkv}): "
+                                                   "checkpoint shape")):
         load_pretrained(folder)
 
 

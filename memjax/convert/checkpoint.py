@@ -132,11 +132,12 @@ class TensorReader:
 
     def key_of(self, value: Any) -> str | None:
         """The checkpoint key an array (or a view of it, e.g. a transpose) came from."""
-        by_id = {id(array): key for key, array in self.tensors.items()}
-        while value is not None:
-            if id(value) in by_id:
-                return by_id[id(value)]
-            value = getattr(value, "base", None)
+        if not isinstance(value, np.ndarray):
+            return None
+        # Views (transposes, reshapes) share the tensor's memory; only used for messages.
+        for key, array in self.tensors.items():
+            if array.size == value.size and np.may_share_memory(array, value):
+                return key
         return None
 
     def unexpected(self) -> list[str]:

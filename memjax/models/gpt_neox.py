@@ -246,7 +246,8 @@ def convert(reader, config: GPTNeoXConfig) -> dict[tuple, np.ndarray]:
     """HF GPT-NeoX keys -> param paths; Linear weights [out, in] are transposed to [in, out]."""
     prefix = "gpt_neox." if any(k.startswith("gpt_neox.") for k in reader.tensors) else ""
     take = lambda key: reader.take(prefix + key)
-    transpose = lambda w: None if w is None else np.ascontiguousarray(w.T)
+    # A view, not a copy: fill_params traces it back to its checkpoint key for messages.
+    transpose = lambda w: None if w is None else w.T
     params = {("embed_in",): take("embed_in.weight"),
               ("final_layer_norm", "scale"): take("final_layer_norm.weight"),
               ("final_layer_norm", "bias"): take("final_layer_norm.bias")}
