@@ -42,8 +42,11 @@ def audit_batch_size(mesh, target: int = 256) -> int:
 
 
 def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 600,
-              progress: bool = True) -> Path:
-    """Run the audit and write its report folder; returns the folder."""
+              progress: bool = True, models: bool = True) -> Path:
+    """Run the audit and write its report folder; returns the folder.
+
+    ``models=False`` leaves out the open-weight model section (see memjax.audit_models).
+    """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
     check_labels(labels, 10)
@@ -65,6 +68,11 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     # The loss saturates at 0 in float32 for confidently fitted examples (ties at the top
     # of the ranking); LiRA's logit-scaled confidence φ keeps ranking them.
     phi_attack = signals["phi"]
+    extra_sections = []
+    if models:
+        from memjax.audit_models import models_section
+
+        extra_sections.append(models_section(progress=progress))
 
     def build(folder: Path) -> list[Section]:
         plot_roc({"LOSS": (loss_attack, keep), "confidence φ": (phi_attack, keep)},
@@ -105,6 +113,7 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
                 files=[("scores.parquet", "every example's signals and membership"),
                        ("model", "the trained model (memjax score --model)")],
             ),
+            *extra_sections,
         ]
 
     return write_report(out_dir, "memjax audit", build)

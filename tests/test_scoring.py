@@ -2,32 +2,15 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-import textwrap
 
 import numpy as np
 import pytest
 import torch
 
 from memjax.cli import main
+from memjax.data import stdlib_docstrings
 from memjax.engine import ScoreStore
-
-
-def stdlib_texts(n: int) -> list[str]:
-    """Real English text: first paragraphs of standard-library docstrings."""
-    import collections
-    import functools
-    import json as json_module
-    import pathlib
-
-    texts = []
-    for module in (collections, functools, json_module, pathlib, textwrap, inspect):
-        for _, obj in inspect.getmembers(module):
-            doc = inspect.getdoc(obj)
-            if doc and len(doc.split()) > 3:
-                texts.append(doc.split("\n\n")[0].replace("\n", " "))
-    return sorted(set(texts))[:n]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +20,7 @@ def lm_folder(tmp_path_factory):
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     root = tmp_path_factory.mktemp("lm")
-    texts = stdlib_texts(40)
+    texts = stdlib_docstrings(40)
     tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["[UNK]",

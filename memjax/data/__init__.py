@@ -20,7 +20,7 @@ from memjax.data.base import (
 )
 from memjax.data.images import IMAGE_EXTENSIONS, ImageFolderSource
 from memjax.data.open import FORMS, grain_source, open_source
-from memjax.data.text import JsonlTextSource
+from memjax.data.text import JsonlTextSource, stdlib_docstrings
 from memjax.data.tfds_source import TFDSSource
 
 __all__ = [
@@ -41,4 +41,5 @@ __all__ = [
     "memmap_source",
     "open_source",
     "stack_records",
+    "stdlib_docstrings",
 ]

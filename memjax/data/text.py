@@ -245,3 +245,22 @@ def _tokenizer_spec(tokenizer: Tokenizer) -> dict[str, Any]:
     elif hasattr(tokenizer, "get_vocab"):
         spec["vocab_hash"] = hash_json(sorted(tokenizer.get_vocab().items()))
     return spec
+
+
+def stdlib_docstrings(n: int | None = None) -> list[str]:
+    """Real English text bundled with Python: first paragraphs of standard-library
+    docstrings (sorted, unique, more than three words), the first ``n`` of them."""
+    import collections
+    import functools
+    import inspect
+    import json as json_module
+    import pathlib
+    import textwrap
+
+    texts = set()
+    for module in (collections, functools, json_module, pathlib, textwrap, inspect):
+        for _, obj in inspect.getmembers(module):
+            doc = inspect.getdoc(obj)
+            if doc and len(doc.split()) > 3:
+                texts.add(doc.split("\n\n")[0].replace("\n", " "))
+    return sorted(texts)[:n]
