@@ -321,3 +321,13 @@ def test_partition_rules_name_nnx_params_and_skip_uneven_dims():
             shardings, is_leaf=lambda x: hasattr(x, "spec")), strict=True)}
     assert specs == {"embed": jax.P(None, None), "proj/bias": jax.P(),
                      "proj/kernel": jax.P(None, "model")}
+
+
+def test_grain_read_ahead_gives_the_same_scores(data, params):
+    """prefetch > 0 reads batches in grain threads; order and values are unchanged."""
+    inline = score(_workers.mlp_signals, params, data, batch_size=32, progress=False,
+                   prefetch=0)
+    threaded = score(_workers.mlp_signals, params, data, batch_size=32, progress=False,
+                     prefetch=3)
+    for key in inline:
+        np.testing.assert_array_equal(threaded[key], inline[key])

@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from memjax.data.base import ID_FIELD, Source, as_source, example_ids
+from memjax.data.base import ID_FIELD, ArraySource, Source, as_source, example_ids
 from memjax.engine.fingerprint import run_fingerprint
 from memjax.engine.mesh import (
     DATA_AXIS,
@@ -202,6 +202,11 @@ def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: 
     return compiled
 
 
+def _in_memory(source: Source) -> bool:
+    return isinstance(source, ArraySource) and not any(
+        isinstance(a, np.memmap) for a in source.arrays.values())
+
+
 def _global_batch(fields: dict[str, np.ndarray], sharding: NamedSharding,
                   batch_size: int) -> dict[str, jax.Array]:
     """This process's rows of a batch -> global arrays sharded over the data axis."""
@@ -305,7 +310,7 @@ def score(
     param_rules: PartitionRules | None = None,
     check_finite: bool = True,
     params_fingerprint: str | None = None,
-    prefetch: int = 2,
+    prefetch: int | None = None,
     validate: Validator | None = None,
 ) -> dict[str, np.ndarray] | ScoreStore:
     """Score every example of ``source`` with ``fn(params, example)``.
@@ -326,7 +331,9 @@ def score(
       param_rules: ``[(regex over param path, PartitionSpec), ...]`` (first match wins).
       check_finite: refuse NaN/Inf in float inputs and in the scores, naming the example.
       params_fingerprint: a string identifying the params, instead of hashing them.
-      prefetch: grain reader threads reading batches ahead (0: read inline).
+      prefetch: grain reader threads reading batches ahead (0: read inline). Default: 0
+        for arrays already in memory (a thread costs more than slicing them; measured in
+        bench/engine_overhead.py), 2 for every other source (files, memmaps, decoding).
       validate: ``validate(fields, indices)`` called on the host for each batch's real
         rows before scoring; raise ``InputError`` to refuse bad values.
 
@@ -342,6 +349,8 @@ def score(
         raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
     batch_size = int(batch_size)
     source = as_source(source)
+    if prefetch is None:
+        prefetch = 0 if _in_memory(source) else 2
     mesh = make_mesh() if mesh is None else mesh
     n_data = mesh.shape[DATA_AXIS]
     if batch_size % n_data:
