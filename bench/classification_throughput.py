@@ -15,9 +15,10 @@ computed by:
 
 Diagnostics (MLP only; cheap) split the engine overhead: a raw loop fed host NumPy
 batches, the engine without the NaN/Inf input and output checks, without prefetch, and a
-one-batch call (the fixed cost of a ``score`` call).
+one-batch call (the fixed cost of a ``score`` call); plus PyTorch batched on 1 thread.
 
-Outputs of memjax and torch_batched are checked to agree (≤ 1e-4) before timing. Run
+Logits (first batch) and all outputs of memjax, the raw loop and torch_batched (first two
+batches, the warm-up) are checked to agree within 1e-4 before timing. Run
 ``python -m bench.classification_throughput [--quick]``; writes
 ``bench/results/classification_throughput.json``.
 """
@@ -131,6 +132,16 @@ def run_torch_batch1(apply, tparams, images: torch.Tensor, labels: torch.Tensor,
     return {k: np.asarray(v) for k, v in out.items()}
 
 
+def run_torch_batched_threads(threads: int, *args) -> dict[str, np.ndarray]:
+    """:func:`run_torch_batched` with ``threads`` intra-op threads, then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return run_torch_batched(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_jax_loop(step, params, batches, n: int) -> dict[str, np.ndarray]:
     """The jitted vmapped function over ``batches`` (device or host), fetched to NumPy."""
     outs = [step(params, b) for b in batches]  # async dispatch: all queued, then fetched
@@ -162,7 +173,7 @@ def check_agreement(reference: dict, other: dict, fields=FIELDS, tol: float = TO
 
 
 def bench_model(name: str, *, jax_logits, torch_logits, params: dict, data: dict, batch: int,
-                flops_per_example: int, repeats: int, batch1_n: int, machine: dict,
+                flops_per_example: int, repeats: int, batch1_n: int,
                 diagnostics: bool) -> dict:
     """All rows for one model (see module docstring); timings interleaved round-robin."""
     n = len(data["label"])
@@ -170,60 +181,78 @@ def bench_model(name: str, *, jax_logits, torch_logits, params: dict, data: dict
     fn = lambda p, ex: memjax.signals.classification(jax_logits(p, ex["image"]), ex["label"])
     device_params = jax.device_put(params)
     tparams = models.to_torch(params)
-    # int64 labels: what cross_entropy and gather take (converted once, outside timing).
-    timages = torch.from_numpy(data["image"])
-    tlabels = torch.from_numpy(data["label"].astype(np.int64))
-    host_batches = padded_batches(data, batch)
-    device_batches = jax.device_put(host_batches)
     step = jax.jit(jax.vmap(fn, in_axes=(None, 0)))
 
+    def make_runs(d: dict) -> tuple[dict, dict]:
+        """Row -> callable over the data ``d`` and row -> examples it scores.
+
+        Inputs are prepared here, outside the timing: padded device batches for the raw
+        loop, int64 label tensors for PyTorch (what ``cross_entropy`` takes).
+        """
+        m = len(d["label"])
+        host_batches = padded_batches(d, batch)
+        device_batches = jax.device_put(host_batches)
+        timages = torch.from_numpy(d["image"])
+        tlabels = torch.from_numpy(d["label"].astype(np.int64))
+        b1 = min(batch1_n, m)
+        runs = {
+            "memjax": lambda: run_memjax(fn, device_params, d, batch),
+            "jax_raw_jit": lambda: run_jax_loop(step, device_params, device_batches, m),
+            "torch_batched": lambda: run_torch_batched(torch_logits, tparams, timages,
+                                                       tlabels, batch),
+            "torch_batch1": lambda: run_torch_batch1(torch_logits, tparams, timages, tlabels,
+                                                     b1),
+        }
+        examples = {"memjax": m, "jax_raw_jit": m, "torch_batched": m, "torch_batch1": b1}
+        if diagnostics:
+            one_batch = {k: v[:batch] for k, v in d.items()}
+            runs |= {
+                "jax_loop_host_batches": lambda: run_jax_loop(step, device_params,
+                                                              host_batches, m),
+                "memjax_check_finite_off": lambda: run_memjax(fn, device_params, d, batch,
+                                                              check_finite=False),
+                "memjax_prefetch_0": lambda: run_memjax(fn, device_params, d, batch,
+                                                        prefetch=0),
+                "memjax_one_batch_call": lambda: run_memjax(fn, device_params, one_batch,
+                                                            batch),
+                "jax_raw_one_batch": lambda: run_jax_loop(step, device_params,
+                                                          device_batches[:1], batch),
+                # OpenMP threads spin-wait: on a busy shared machine 2 threads can lose to 1.
+                "torch_batched_1_thread": lambda: run_torch_batched_threads(
+                    1, torch_logits, tparams, timages, tlabels, batch),
+            }
+            examples |= {"jax_loop_host_batches": m, "memjax_check_finite_off": m,
+                         "memjax_prefetch_0": m, "memjax_one_batch_call": batch,
+                         "jax_raw_one_batch": batch, "torch_batched_1_thread": m}
+        return runs, examples
+
     # Same weights, same math: logits within 1e-4 on the first batch, then every signal.
+    first = {k: v[:batch] for k, v in data.items()}
     logits_jax = np.asarray(jax.jit(jax.vmap(jax_logits, (None, 0)))(
-        device_params, device_batches[0]["image"]))
+        device_params, first["image"]))
     with torch.inference_mode():
-        logits_torch = torch_logits(tparams, timages[:batch]).numpy()
-    logit_diff = max_abs_diff(logits_jax[: min(batch, n)], logits_torch)
+        logits_torch = torch_logits(tparams, torch.from_numpy(first["image"])).numpy()
+    logit_diff = max_abs_diff(logits_jax, logits_torch)
     assert logit_diff <= TOLERANCE, f"{name}: JAX and PyTorch logits differ by {logit_diff}"
 
-    runs = {
-        "memjax": lambda: run_memjax(fn, device_params, data, batch),
-        "jax_raw_jit": lambda: run_jax_loop(step, device_params, device_batches, n),
-        "torch_batched": lambda: run_torch_batched(torch_logits, tparams, timages, tlabels,
-                                                   batch),
-        "torch_batch1": lambda: run_torch_batch1(torch_logits, tparams, timages, tlabels,
-                                                 batch1_n),
-    }
-    examples = {"memjax": n, "jax_raw_jit": n, "torch_batched": n, "torch_batch1": batch1_n}
-    if diagnostics:
-        one_batch = {k: v[:batch] for k, v in data.items()}
-        runs |= {
-            "jax_loop_host_batches": lambda: run_jax_loop(step, device_params, host_batches, n),
-            "memjax_check_finite_off": lambda: run_memjax(fn, device_params, data, batch,
-                                                          check_finite=False),
-            "memjax_prefetch_0": lambda: run_memjax(fn, device_params, data, batch,
-                                                    prefetch=0),
-            "memjax_one_batch_call": lambda: run_memjax(fn, device_params, one_batch, batch),
-            "jax_raw_one_batch": lambda: run_jax_loop(step, device_params,
-                                                      device_batches[:1], batch),
-        }
-        examples |= {"jax_loop_host_batches": n, "memjax_check_finite_off": n,
-                     "memjax_prefetch_0": n, "memjax_one_batch_call": batch,
-                     "jax_raw_one_batch": batch}
-
-    # Warm-up: compiles (the engine caches its executable per fn), first-touch allocations.
-    outputs = {name_: run() for name_, run in runs.items()}
+    # Warm-up on two batches (same batch shape, so it compiles every executable the timed
+    # runs use: the engine caches its executable per fn), and the agreement check on them.
+    warm, _ = make_runs({k: v[:2 * batch] for k, v in data.items()})
+    outputs = {row: run() for row, run in warm.items()}
+    b1 = len(outputs["torch_batch1"]["loss"])
     agreement = {
+        "checked_examples": len(outputs["memjax"]["loss"]),
         "logits_max_abs_diff": logit_diff,
         "memjax_vs_torch_batched": check_agreement(outputs["torch_batched"],
                                                    outputs["memjax"]),
         "jax_raw_vs_memjax": check_agreement(outputs["memjax"], outputs["jax_raw_jit"]),
         "torch_batch1_vs_batched_loss": max_abs_diff(
-            outputs["torch_batch1"]["loss"], outputs["torch_batched"]["loss"][:batch1_n]),
+            outputs["torch_batch1"]["loss"], outputs["torch_batched"]["loss"][:b1]),
     }
-    del outputs
+    del outputs, warm
 
+    runs, examples = make_runs(data)
     times = common.time_interleaved(runs, repeats)
-    peak = machine["peak"]["peak_flops"]
     rows = {}
     for row, ts in times.items():
         stats = common.summarize(ts)
@@ -232,19 +261,17 @@ def bench_model(name: str, *, jax_logits, torch_logits, params: dict, data: dict
             "examples": examples[row],
             "examples_per_s": rate,
             "flops_per_s": rate * flops_per_example,
-            "fraction_of_peak": rate * flops_per_example / peak,
             **stats,
         }
     torch_rate = rows["torch_batched"]["examples_per_s"]
     for row in rows.values():
         row["ratio_vs_torch_batched"] = row["examples_per_s"] / torch_rate
     # Paired per-repeat ratios: each pair ran back to back, so machine drift mostly cancels.
-    paired = [t / m for t, m in zip(times["torch_batched"], times["memjax"], strict=True)]
+    paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b],
+                                                                   strict=True))
 
     param_bytes = 4 * models.param_count(params)
     compulsory_bytes = data["image"].nbytes + data["label"].nbytes + param_bytes + n * 6 * 4
-    floor_s = max(n * flops_per_example / peak,
-                  compulsory_bytes / machine["bandwidth"]["bandwidth_bytes_per_s"])
     engine_overhead_s = rows["memjax"]["median_s"] - rows["jax_raw_jit"]["median_s"]
     return {
         "model": name,
@@ -256,13 +283,24 @@ def bench_model(name: str, *, jax_logits, torch_logits, params: dict, data: dict
         "agreement": agreement,
         "rows": rows,
         "memjax_over_torch_batched": rows["memjax"]["ratio_vs_torch_batched"],
-        "memjax_over_torch_batched_paired_median": statistics.median(paired),
+        "memjax_over_torch_batched_paired_median": paired("torch_batched", "memjax"),
+        "memjax_time_over_raw_jit_paired_median": paired("memjax", "jax_raw_jit"),
         "goal_1p5x_met": rows["memjax"]["ratio_vs_torch_batched"] >= 1.5,
-        "floor_s": floor_s,
-        "memjax_time_over_floor": rows["memjax"]["median_s"] / floor_s,
+        "total_flops": n * flops_per_example,
+        "compulsory_bytes": compulsory_bytes,
         "engine_overhead_s": engine_overhead_s,
         "engine_overhead_per_batch_ms": 1e3 * engine_overhead_s / n_batches,
     }
+
+
+def add_ceiling_fractions(result: dict, machine: dict) -> None:
+    """Fractions of the measured peak and the floor, once the run's peak is final."""
+    peak = machine["peak_flops"]
+    for row in result["rows"].values():
+        row["fraction_of_peak"] = row["flops_per_s"] / peak
+    result["floor_s"] = max(result["total_flops"] / peak, result["compulsory_bytes"]
+                            / machine["bandwidth"]["bandwidth_bytes_per_s"])
+    result["memjax_time_over_floor"] = result["rows"]["memjax"]["median_s"] / result["floor_s"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -272,13 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
 
     torch_threads = common.set_torch_threads()
-    machine = {
-        "info": common.machine_info(),
-        "torch_threads_note": f"torch.set_num_threads({torch_threads}) = cores JAX uses",
-        "peak": common.measure_matmul_peak(1024 if args.quick else 2048),
-        "bandwidth": common.measure_bandwidth(64 if args.quick else 512),
-    }
-    print(f"peak {machine['peak']['peak_flops'] / 1e9:.1f} GFLOP/s, bandwidth "
+    machine = common.machine_ceilings(args.quick)
+    machine["torch_threads_note"] = f"torch.set_num_threads({torch_threads}) = cores JAX uses"
+    print(f"peak {machine['peak_start']['peak_flops'] / 1e9:.1f} GFLOP/s, bandwidth "
           f"{machine['bandwidth']['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
 
     results = []
@@ -291,12 +325,10 @@ def main(argv: list[str] | None = None) -> dict:
         data=digits_data(tiles),
         batch=256,
         flops_per_example=models.mlp_flops(MLP_SIZES),
-        repeats=3 if args.quick else 7,
+        repeats=3 if args.quick else 15,  # cheap, and the noisiest rows
         batch1_n=128 if args.quick else 512,
-        machine=machine,
         diagnostics=True,
     ))
-    print_model(results[-1])
 
     cfg = models.ViTConfig(depth=2) if args.quick else models.ViTConfig()
     results.append(bench_model(
@@ -309,11 +341,13 @@ def main(argv: list[str] | None = None) -> dict:
         flops_per_example=models.vit_flops(cfg),
         repeats=2 if args.quick else 3,
         batch1_n=16 if args.quick else 64,
-        machine=machine,
         diagnostics=False,
     ))
     results[-1]["config"] = vars(cfg)
-    print_model(results[-1])
+    common.finish_ceilings(machine, args.quick)
+    for result in results:
+        add_ceiling_fractions(result, machine)
+        print_model(result)
 
     payload = {
         "benchmark": "classification_throughput",
@@ -330,11 +364,13 @@ def main(argv: list[str] | None = None) -> dict:
             "flops": "analytic matmul FLOPs (2mnk) of the forward pass, see bench/models.py",
             "floor": "max(FLOPs / measured matmul peak, compulsory bytes / measured copy "
                      "bandwidth); compulsory bytes = inputs + params + outputs, read once",
+            "peak": "matmul peak measured at the start and at the end of the run; the better "
+                    "median is used",
         },
         "models": results,
         "wall_s": time.perf_counter() - start,
     }
-    path = common.write_json("classification_throughput", payload)
+    path = common.write_json(common.result_name("classification_throughput", args.quick), payload)
     print(f"wrote {path} in {payload['wall_s']:.0f} s")
     return payload
 
@@ -345,8 +381,9 @@ def print_model(result: dict) -> None:
     for row, r in result["rows"].items():
         print(f"  {row:26s} {r['examples_per_s']:12.0f} ex/s  x{r['ratio_vs_torch_batched']:.2f}"
               f"  {100 * r['fraction_of_peak']:6.2f}% peak  spread {100 * r['spread']:.0f}%")
-    print(f"  engine overhead {result['engine_overhead_per_batch_ms']:.2f} ms/batch; "
-          f"memjax time / floor {result['memjax_time_over_floor']:.1f}", flush=True)
+    print(f"  engine overhead {result['engine_overhead_per_batch_ms']:.2f} ms/batch (memjax / "
+          f"raw, paired: {result['memjax_time_over_raw_jit_paired_median']:.2f}); memjax "
+          f"time / floor {result['memjax_time_over_floor']:.1f}", flush=True)
 
 
 if __name__ == "__main__":

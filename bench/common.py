@@ -97,6 +97,27 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 7) -> dict[str, float]:
     }
 
 
+def machine_ceilings(quick: bool) -> dict:
+    """Machine info plus the matmul peak and copy bandwidth measured now (see below)."""
+    return {
+        "info": machine_info(),
+        "peak_start": measure_matmul_peak(1024 if quick else 2048),
+        "bandwidth": measure_bandwidth(64 if quick else 512),
+    }
+
+
+def finish_ceilings(machine: dict, quick: bool) -> float:
+    """Measure the peak again at the end of the run and keep the better median.
+
+    Other jobs come and go within a run; a peak measured during a busy spell would make
+    every fraction-of-peak look better than it is. Returns the peak used, in FLOP/s.
+    """
+    machine["peak_end"] = measure_matmul_peak(1024 if quick else 2048)
+    machine["peak_flops"] = max(machine["peak_start"]["peak_flops"],
+                                machine["peak_end"]["peak_flops"])
+    return machine["peak_flops"]
+
+
 def measure_bandwidth(mib: int = 512, repeats: int = 7) -> dict[str, float]:
     """Memory bandwidth from a large float32 array copy (bytes read + bytes written).
 
@@ -152,6 +173,7 @@ def machine_info() -> dict[str, object]:
         "jaxlib": getattr(__import__("jaxlib"), "__version__", "unknown"),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "numpy": np.__version__,
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -165,12 +187,19 @@ def rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """Peak RSS since start or since the last :func:`reset_peak_rss` (``ru_maxrss``)."""
+    """Peak RSS since start or since the last :func:`reset_peak_rss` (``VmHWM``)."""
+    return _status_kib("VmHWM") * 1024
+
+
+def ru_maxrss_bytes() -> int:
+    """``getrusage`` peak RSS. Not reliably reset by :func:`reset_peak_rss`: Linux folds
+    the high-water mark into it whenever a thread exits, so it may keep an earlier peak
+    (e.g. the compiler's)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False if not permitted.
+    """Reset the kernel's RSS high-water mark ``VmHWM`` (Linux >= 4.0); False if refused.
 
     Lets a worker drop the peak left by JAX's compiler before the run it measures.
     """
@@ -186,6 +215,11 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def result_name(name: str, quick: bool) -> str:
+    """``name``, or ``name_quick`` for --quick runs, so they never overwrite real results."""
+    return f"{name}_quick" if quick else name
 
 
 def write_json(name: str, payload: dict) -> Path:
