@@ -331,3 +331,14 @@ def test_grain_read_ahead_gives_the_same_scores(data, params):
                      prefetch=3)
     for key in inline:
         np.testing.assert_array_equal(threaded[key], inline[key])
+
+
+def test_batch_of_one_scores_like_larger_batches(data, params):
+    """batch_size=1 traces the function unbatched (no size-1 vmap); same scores."""
+    small = {k: v[:21] for k, v in data.items()}
+    one = score(_workers.mlp_signals, params, small, batch_size=1, progress=False,
+                mesh=make_mesh(devices=jax.devices()[:1]))
+    eight = score(_workers.mlp_signals, params, small, batch_size=8, progress=False)
+    for key in one:
+        assert one[key].shape == eight[key].shape
+        np.testing.assert_allclose(one[key], eight[key], rtol=1e-6, atol=1e-6)
