@@ -153,7 +153,7 @@ def test_store_round_trip_and_exports(tmp_path, data, params):
 
 def test_store_from_another_configuration_is_refused(tmp_path, data, params):
     path = tmp_path / "s"
-    score(_workers.mlp_signals, params, data, batch_size=16, store=str(path), progress=False)
+    score(_workers.mlp_signals, params, data, batch_size=16, store=path, progress=False)
     params["w1"][0, 0] += 1.0
     with pytest.raises(StoreError, match=r"different run \(differs in: params\)"):
         score(_workers.mlp_signals, params, data, batch_size=16, store=str(path),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -311,7 +312,7 @@ def score(
     *,
     batch_size: int,
     mesh: Mesh | None = None,
-    store: ScoreStore | str | None = None,
+    store: ScoreStore | str | os.PathLike | None = None,
     progress: bool = True,
     param_rules: PartitionRules | None = None,
     check_finite: bool = True,
@@ -368,7 +369,7 @@ def score(
     is_writer = jax.process_index() == 0
     todo = list(range(plan.n_batches))
 
-    if isinstance(store, str):
+    if isinstance(store, (str, os.PathLike)):
         store = ScoreStore(store)
     chunk_size = 0
     if store is not None:
