@@ -75,6 +75,48 @@ def tpr_at_fpr(scores: ArrayLike, is_member: ArrayLike, fpr: float) -> float:
     return float(curve_tpr[curve_fpr <= fpr].max())
 
 
+def balanced_accuracy(scores: ArrayLike, is_member: ArrayLike) -> float:
+    """Best balanced accuracy over thresholds: max_t (TPR(t) + 1 − FPR(t)) / 2.
+
+    Thresholds range over every ROC point (ties never split), including "nobody is a
+    member" and "everybody is", so the value is at least 0.5.
+    """
+    fpr, tpr, _ = roc_curve(scores, is_member)
+    return float(np.max((tpr + 1.0 - fpr) / 2.0))
+
+
+def advantage(scores: ArrayLike, is_member: ArrayLike) -> float:
+    """Membership advantage max_t TPR(t) − FPR(t) (Yeom et al. 2018) = 2·balanced − 1."""
+    fpr, tpr, _ = roc_curve(scores, is_member)
+    return float(np.max(tpr - fpr))
+
+
+def auc_confidence_interval(scores: ArrayLike, is_member: ArrayLike, *, level: float = 0.95,
+                            n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the AUC, resampling members and non-members
+    separately (stratified, so every resample has both classes); deterministic by seed.
+
+    Returns:
+      (low, high) at the given confidence ``level``.
+    """
+    from scipy.stats import rankdata
+
+    scores, labels = _validated(scores, is_member)
+    if not 0.0 < level < 1.0 or n_boot < 1:
+        raise InputError(f"level={level}, n_boot={n_boot}: expected 0 < level < 1 and "
+                         "n_boot >= 1")
+    rng = np.random.default_rng(seed)
+    pos, neg = scores[labels], scores[~labels]
+    pos_draw = pos[rng.integers(0, len(pos), (n_boot, len(pos)))]
+    neg_draw = neg[rng.integers(0, len(neg), (n_boot, len(neg)))]
+    # Mann–Whitney per resample, all at once: average ranks within each resampled row.
+    ranks = rankdata(np.concatenate([pos_draw, neg_draw], axis=1), axis=1)
+    n_pos, n_neg = len(pos), len(neg)
+    aucs = (ranks[:, :n_pos].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    tail = (1.0 - level) / 2.0
+    return float(np.quantile(aucs, tail)), float(np.quantile(aucs, 1.0 - tail))
+
+
 def plot_roc(curves: Mapping[str, tuple[ArrayLike, ArrayLike]], path, *,
              title: str = "Membership inference ROC") -> None:
     """Log-log ROC plot of several attacks: ``{name: (scores, is_member)}`` -> PNG."""

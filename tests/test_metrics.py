@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from memjax.errors import InputError
-from memjax.metrics import plot_roc, roc_auc, roc_curve, tpr_at_fpr
+from memjax.metrics import (
+    advantage,
+    auc_confidence_interval,
+    balanced_accuracy,
+    plot_roc,
+    roc_auc,
+    roc_curve,
+    tpr_at_fpr,
+)
 
 
 def brute_auc(scores, labels) -> float:
@@ -90,3 +98,45 @@ def test_plot_roc_writes_png(tmp_path, case):
     scores, labels = case
     plot_roc({"a": (scores, labels), "b": (-scores, labels)}, tmp_path / "roc.png")
     assert (tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def brute_best_balanced(scores, labels) -> tuple[float, float]:
+    """(max balanced accuracy, max TPR − FPR) over every threshold, by brute force."""
+    best_bal, best_adv = 0.0, -1.0
+    for t in np.r_[np.inf, np.unique(scores), -np.inf]:
+        predicted = scores >= t
+        tpr, fpr = predicted[labels].mean(), predicted[~labels].mean()
+        best_bal, best_adv = max(best_bal, (tpr + 1 - fpr) / 2), max(best_adv, tpr - fpr)
+    return best_bal, best_adv
+
+
+def test_balanced_accuracy_and_advantage(case):
+    scores, labels = case
+    bal, adv = brute_best_balanced(scores, labels)
+    assert balanced_accuracy(scores, labels) == pytest.approx(bal, abs=1e-12)
+    assert advantage(scores, labels) == pytest.approx(adv, abs=1e-12)
+    assert advantage(scores, labels) == pytest.approx(2 * bal - 1, abs=1e-12)
+
+
+def test_auc_bootstrap_interval(case):
+    scores, labels = case
+    low, high = auc_confidence_interval(scores, labels, n_boot=400, seed=3)
+    assert low <= roc_auc(scores, labels) <= high
+    assert (low, high) == auc_confidence_interval(scores, labels, n_boot=400, seed=3)
+    # Against a plain loop of stratified resamples with the same generator draws.
+    rng = np.random.default_rng(3)
+    pos, neg = scores[labels], scores[~labels]
+    pos_draw = pos[rng.integers(0, len(pos), (400, len(pos)))]
+    neg_draw = neg[rng.integers(0, len(neg), (400, len(neg)))]
+    aucs = [brute_auc(np.r_[p, n], np.r_[np.ones(len(p), bool), np.zeros(len(n), bool)])
+            for p, n in zip(pos_draw, neg_draw, strict=True)]
+    assert (low, high) == pytest.approx((np.quantile(aucs, 0.025), np.quantile(aucs, 0.975)),
+                                        abs=1e-12)
+
+
+def test_bootstrap_interval_excludes_chance_for_a_real_signal():
+    rng = np.random.default_rng(0)
+    labels = rng.random(600) < 0.5
+    scores = rng.normal(size=600) + 0.5 * labels
+    low, _ = auc_confidence_interval(scores, labels)
+    assert low > 0.5
