@@ -1,0 +1,97 @@
+"""Many small models at once: reference (shadow) models for membership inference.
+
+``train_mlps`` trains M MLP classifiers in one ``jax.vmap`` over (key, keep mask), each on
+its own subset of the data (keep [M, N]); ``balanced_keep`` draws the masks the way LiRA's
+reference code does, so every example is IN for exactly half of the models.
+
+Saved layout (``save_models`` / ``load_models``)::
+
+    models/
+      models.json    {"kind": "mlp_classifier", config..., "n_models": M, "n_examples": N,
+                      "training": {steps, learning_rate, seed}}
+      keep.npy       [M, N] bool: keep[m, n] = model m trained on example n
+      params/        orbax checkpoint of the stacked params (leading axis M)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from memjax.errors import InputError
+from memjax.train.classifier import MLPConfig, fit_mlp, init_mlp
+
+MODELS_FILE = "models.json"
+
+
+def balanced_keep(n_models: int, n_examples: int, seed: int) -> np.ndarray:
+    """[M, N] bool: each example IN for exactly ⌊M/2⌋ models, at random (Carlini et al. 2022)."""
+    if n_models < 2 or n_models % 2:
+        raise InputError(f"n_models={n_models}: expected an even number >= 2 (each example is "
+                         "IN for half of the models)")
+    order = np.argsort(np.random.default_rng(seed).random((n_models, n_examples)), axis=0)
+    return order < n_models // 2
+
+
+def check_keep(keep: Any, n_examples: int) -> np.ndarray:
+    keep = np.asarray(keep)
+    if keep.dtype != bool:
+        raise InputError(f"keep: expected a boolean mask [M, N], got dtype {keep.dtype}")
+    if keep.ndim != 2 or keep.shape[1] != n_examples:
+        raise InputError(f"keep: expected shape [M, {n_examples}], got {keep.shape}")
+    return keep
+
+
+def train_mlps(key: jax.Array, images: np.ndarray, labels: np.ndarray, keep: np.ndarray, *,
+               config: MLPConfig, steps: int = 300, learning_rate: float = 1e-3) -> Any:
+    """Train one MLP per row of ``keep`` [M, N], all in one vmapped, jitted program.
+
+    Returns:
+      Stacked params: every leaf has a leading axis of size M. Model m is initialised from
+      ``jax.random.split(key, M)[m]``, so the result equals M separate ``fit_mlp`` calls.
+    """
+    keep = check_keep(keep, len(labels))
+    keys = jax.random.split(key, keep.shape[0])
+    fit = functools.partial(fit_mlp, config=config, steps=steps, learning_rate=learning_rate)
+    trained = jax.jit(jax.vmap(fit, in_axes=(0, None, None, 0)))(keys, images, labels, keep)
+    return jax.tree.map(np.asarray, trained)
+
+
+def save_models(directory: str | Path, params: Any, keep: np.ndarray, config: MLPConfig, *,
+                training: dict[str, Any]) -> Path:
+    """Write stacked params, keep mask and config in the layout of the module docstring."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "keep.npy", keep)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    meta = {**config.to_json(), "n_models": int(keep.shape[0]),
+            "n_examples": int(keep.shape[1]), "training": training}
+    (directory / MODELS_FILE).write_text(json.dumps(meta, indent=1))
+    return directory
+
+
+def load_models(directory: str | Path) -> tuple[Any, np.ndarray, MLPConfig, dict[str, Any]]:
+    """(stacked params, keep [M, N], config, metadata) saved by :func:`save_models`."""
+    import orbax.checkpoint as ocp
+
+    directory = Path(directory).absolute()
+    if not (directory / MODELS_FILE).is_file():
+        raise InputError(f"{str(directory)!r}: expected a folder written by "
+                         f"memjax.train.save_models (with {MODELS_FILE})")
+    meta = json.loads((directory / MODELS_FILE).read_text())
+    config = MLPConfig.from_json(meta)
+    keep = check_keep(np.load(directory / "keep.npy"), meta["n_examples"])
+    one = init_mlp(jax.random.key(0), config)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((keep.shape[0], *a.shape),
+                                                           np.float32), one)
+    params = ocp.StandardCheckpointer().restore(directory / "params", abstract)
+    return jax.tree.map(np.asarray, params), keep, config, meta
