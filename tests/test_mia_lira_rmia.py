@@ -1,0 +1,367 @@
+"""LiRA and RMIA against independent float64 NumPy loops, ties, edge cases and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from memjax.errors import InputError
+from memjax.mia.lira import lira
+from memjax.mia.rmia import choose_a, rmia
+
+FLOOR = 1e-30
+
+
+# ----------------------------------------------------------------------------- LiRA
+
+
+def naive_lira(target, ref, ref_in, *, online=True, fixed_variance=False, estimator="mean",
+               offline_test="one_sided"):
+    target = np.asarray(target, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if target.ndim == 1:
+        target, ref = target[:, None], ref[..., None]
+    m, n, n_aug = ref.shape
+    loc = np.mean if estimator == "mean" else np.median
+    all_in = [ref[i, j, k] for i in range(m) for j in range(n) for k in range(n_aug)
+              if ref_in[i, j]]
+    all_out = [ref[i, j, k] for i in range(m) for j in range(n) for k in range(n_aug)
+               if not ref_in[i, j]]
+    scores = np.zeros(n)
+    for j in range(n):
+        per_aug = []
+        for k in range(n_aug):
+            xin = np.array([ref[i, j, k] for i in range(m) if ref_in[i, j]])
+            xout = np.array([ref[i, j, k] for i in range(m) if not ref_in[i, j]])
+            sd_out = max(np.std(all_out) if fixed_variance else np.std(xout), FLOOR)
+            t = target[j, k]
+            if online:
+                sd_in = max(np.std(all_in) if fixed_variance else np.std(xin), FLOOR)
+                s = norm.logpdf(t, loc(xin), sd_in) - norm.logpdf(t, loc(xout), sd_out)
+            elif offline_test == "one_sided":
+                s = norm.logcdf(t, loc(xout), sd_out)
+            else:
+                s = -norm.logpdf(t, loc(xout), sd_out)
+            per_aug.append(s)
+        scores[j] = np.mean(per_aug)
+    return scores
+
+
+def random_membership(rng, m, n, *, min_in=1, min_out=1):
+    """[M, N] bool with at least min_in IN and min_out OUT models per example."""
+    while True:
+        ref_in = rng.random((m, n)) < 0.5
+        if (ref_in.sum(0) >= min_in).all() and ((~ref_in).sum(0) >= min_out).all():
+            return ref_in
+
+
+def lira_case(rng, m=8, n=40, n_aug=None):
+    ref_in = random_membership(rng, m, n)
+    shape = (n,) if n_aug is None else (n, n_aug)
+    base = rng.normal(size=shape)
+    extra = (1,) * (len(shape) - 1)
+    ref = base + rng.normal(size=(m, *shape)) + 1.5 * ref_in.reshape(m, n, *extra)
+    target = base + rng.normal(size=shape) + rng.integers(0, 2, size=(n, *extra))
+    return target, ref, ref_in
+
+
+@pytest.mark.parametrize("online", [True, False])
+@pytest.mark.parametrize("fixed_variance", [False, True])
+@pytest.mark.parametrize("estimator", ["mean", "median"])
+@pytest.mark.parametrize("n_aug", [None, 1, 3])
+def test_lira_matches_loops(online, fixed_variance, estimator, n_aug):
+    rng = np.random.default_rng()
+    target, ref, ref_in = lira_case(rng, m=int(rng.integers(4, 10)), n_aug=n_aug)
+    got = lira(target, ref, ref_in, online=online, fixed_variance=fixed_variance,
+               estimator=estimator)
+    want = naive_lira(target, ref, ref_in, online=online, fixed_variance=fixed_variance,
+                      estimator=estimator)
+    assert got.shape == (target.shape[0],) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("estimator", ["mean", "median"])
+def test_lira_offline_density_variant(estimator):
+    rng = np.random.default_rng()
+    target, ref, ref_in = lira_case(rng, n_aug=2)
+    got = lira(target, ref, ref_in, online=False, offline_test="density", estimator=estimator)
+    want = naive_lira(target, ref, ref_in, online=False, offline_test="density",
+                      estimator=estimator)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_lira_one_in_one_out_model_is_finite_and_floored():
+    rng = np.random.default_rng()
+    n = 12
+    ref_in = np.zeros((2, n), bool)
+    ref_in[rng.integers(0, 2, n), np.arange(n)] = True  # exactly one IN and one OUT each
+    ref = rng.normal(size=(2, n))
+    target = rng.normal(size=n)
+    for online in (True, False):
+        got = lira(target, ref, ref_in, online=online)
+        assert np.isfinite(got).all()
+        want = naive_lira(target, ref, ref_in, online=online)
+        np.testing.assert_allclose(got, want, rtol=1e-9)
+    # Closer to the single IN value than to the single OUT value -> positive online score.
+    closer_in = (np.abs(target - ref[ref_in.argmax(0), np.arange(n)])
+                 < np.abs(target - ref[(~ref_in).argmax(0), np.arange(n)]))
+    np.testing.assert_array_equal(lira(target, ref, ref_in) > 0, closer_in)
+
+
+def test_lira_few_models_ragged_counts_with_median():
+    rng = np.random.default_rng()
+    m, n = 5, 30
+    ref_in = np.zeros((m, n), bool)
+    # 1..4 IN models per example, rest OUT: odd and even counts for the median.
+    for j in range(n):
+        ref_in[rng.permutation(m)[: 1 + j % 4], j] = True
+    ref = rng.normal(size=(m, n, 2))
+    target = rng.normal(size=(n, 2))
+    for online in (True, False):
+        got = lira(target, ref, ref_in, online=online, estimator="median")
+        want = naive_lira(target, ref, ref_in, online=online, estimator="median")
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_lira_ties_and_identical_reference_values():
+    m, n = 4, 3
+    ref_in = np.array([[1, 0, 1], [1, 0, 0], [0, 1, 1], [0, 1, 0]], bool)
+    ref = np.ones((m, n))  # every reference value coincides: σ hits the floor
+    target = np.array([1.0, 1.0, 2.0])
+    got = lira(target, ref, ref_in)
+    # IN and OUT Gaussians coincide: the likelihood ratio is exactly 0, never NaN.
+    np.testing.assert_array_equal(got, [0.0, 0.0, 0.0])
+    off = lira(target, ref, ref_in, online=False)
+    assert np.isfinite(off).all()
+    assert off[0] == off[1] == np.log(0.5) and off[2] == 0.0  # at μ_out: log Φ(0); above: 0
+    # Two identical examples get identical scores (ties stay ties).
+    rng = np.random.default_rng()
+    t, r, ri = lira_case(rng)
+    t[1], r[:, 1], ri[:, 1] = t[0], r[:, 0], ri[:, 0]
+    s = lira(t, r, ri)
+    assert s[0] == s[1]
+
+
+def test_lira_direction_members_score_higher():
+    rng = np.random.default_rng()
+    m, n = 16, 400
+    ref_in = random_membership(rng, m, n, min_in=2, min_out=2)
+    base = rng.normal(size=n)
+    ref = base + 0.3 * rng.normal(size=(m, n)) + 2.0 * ref_in
+    is_member = rng.random(n) < 0.5
+    target = base + 0.3 * rng.normal(size=n) + 2.0 * is_member
+    for online in (True, False):
+        s = lira(target, ref, ref_in, online=online)
+        assert s[is_member].mean() > s[~is_member].mean()
+
+
+def test_lira_errors():
+    rng = np.random.default_rng()
+    target, ref, ref_in = lira_case(rng, m=4, n=6)
+    with pytest.raises(InputError, match="ref_in: dtype"):
+        lira(target, ref, ref_in.astype(int))
+    with pytest.raises(InputError, match=r"ref \("):
+        lira(target, ref[:, :5], ref_in)
+    with pytest.raises(InputError, match=r"ref_in \("):
+        lira(target, ref, ref_in[:, :5])
+    with pytest.raises(InputError, match="target"):
+        lira(np.zeros((6, 2, 2)), ref, ref_in)
+    bad = ref.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(InputError, match="ref: 1 NaN/Inf"):
+        lira(target, bad, ref_in)
+    with pytest.raises(InputError, match="target: 1 NaN/Inf"):
+        lira(np.r_[np.inf, target[1:]], ref, ref_in)
+    no_out = ref_in.copy()
+    no_out[:, [2, 4]] = True
+    with pytest.raises(InputError, match=r"2 examples have no OUT .*first: index 2"):
+        lira(target, ref, no_out, online=False)
+    no_in = ref_in.copy()
+    no_in[:, 3] = False
+    with pytest.raises(InputError, match=r"1 examples have no IN .*first: index 3"):
+        lira(target, ref, no_in)
+    assert np.isfinite(lira(target, ref, no_in, online=False)).all()  # offline needs no IN
+    with pytest.raises(InputError, match="estimator"):
+        lira(target, ref, ref_in, estimator="mode")
+    with pytest.raises(InputError, match="offline_test"):
+        lira(target, ref, ref_in, online=False, offline_test="two")
+
+
+# ----------------------------------------------------------------------------- RMIA
+
+
+def naive_rmia(target_p, ref_p, ref_in, pop_target_p, pop_ref_p, *, a=1.0, gamma=1.0,
+               online=False):
+    m, n = ref_p.shape
+    z = pop_target_p.shape[0]
+    p_x = np.zeros(n)
+    for j in range(n):
+        if online:
+            p_x[j] = np.mean(ref_p[:, j])
+        else:
+            outs = [ref_p[i, j] for i in range(m) if not ref_in[i, j]]
+            p_x[j] = (1 + a) / 2 * np.mean(outs) + (1 - a) / 2
+    p_z = np.array([np.mean(pop_ref_p[:, k]) for k in range(z)])
+    if not online:
+        p_z = (1 + a) / 2 * p_z + (1 - a) / 2
+    ratio_x = target_p / p_x
+    ratio_z = pop_target_p / p_z
+    wins = ratio_x[:, None] > gamma * ratio_z[None, :]  # the N x Z matrix
+    return wins.mean(1), ratio_x, ratio_z
+
+
+def rmia_case(rng, m=6, n=50, z=80):
+    ref_in = random_membership(rng, m, n, min_in=0)
+    ref_p = rng.uniform(0.01, 1.0, size=(m, n))
+    target_p = rng.uniform(0.01, 1.0, size=n)
+    pop_ref_p = rng.uniform(0.01, 1.0, size=(m, z))
+    pop_target_p = rng.uniform(0.01, 1.0, size=z)
+    return target_p, ref_p, ref_in, pop_target_p, pop_ref_p
+
+
+@pytest.mark.parametrize("online", [False, True])
+@pytest.mark.parametrize("a,gamma", [(1.0, 1.0), (0.3, 1.0), (0.0, 2.0), (0.7, 0.5)])
+def test_rmia_matches_naive_matrix(online, a, gamma):
+    rng = np.random.default_rng()
+    args = rmia_case(rng)
+    got = rmia(*args, a=a, gamma=gamma, online=online)
+    want, _, _ = naive_rmia(*args, a=a, gamma=gamma, online=online)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_rmia_ties_are_not_counted():
+    rng = np.random.default_rng()
+    m, n, z = 3, 40, 60
+    ref_in = random_membership(rng, m, n, min_in=0)
+    # Dyadic probabilities with p(x) = p(z) = 1/2 make many ratios exactly equal.
+    ref_p = np.full((m, n), 0.5)
+    pop_ref_p = np.full((m, z), 0.5)
+    levels = np.arange(1, 9) / 8
+    target_p = rng.choice(levels, n)
+    pop_target_p = rng.choice(levels, z)
+    for gamma in (1.0, 2.0, 0.5):
+        got = rmia(target_p, ref_p, ref_in, pop_target_p, pop_ref_p, gamma=gamma)
+        want, rx, rz = naive_rmia(target_p, ref_p, ref_in, pop_target_p, pop_ref_p,
+                                  gamma=gamma)
+        assert (rx[:, None] == gamma * rz[None, :]).any()  # the case really has ties
+        np.testing.assert_array_equal(got, want)
+        # Division form of the definition agrees on these exact ties.
+        np.testing.assert_array_equal(got, (rx[:, None] / rz[None, :] > gamma).mean(1))
+    # All ratios equal: nobody is strictly greater.
+    flat = rmia(np.full(n, 0.25), ref_p, ref_in, np.full(z, 0.25), pop_ref_p)
+    np.testing.assert_array_equal(flat, np.zeros(n))
+
+
+def test_rmia_zero_probabilities_follow_the_strict_definition():
+    rng = np.random.default_rng()
+    target_p, ref_p, ref_in, pop_target_p, pop_ref_p = rmia_case(rng, n=10, z=20)
+    target_p[:3] = 0.0
+    pop_target_p[:5] = 0.0
+    got = rmia(target_p, ref_p, ref_in, pop_target_p, pop_ref_p, a=0.5)
+    want, _, _ = naive_rmia(target_p, ref_p, ref_in, pop_target_p, pop_ref_p, a=0.5)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got[:3], 0.0)  # 0 > γ·ratio_z never holds
+    assert (got[3:] >= 5 / 20).all()  # positive ratios beat the five zero ratio_z
+
+
+def test_rmia_errors():
+    rng = np.random.default_rng()
+    t, r, ri, pt, pr = rmia_case(rng, m=4, n=6, z=5)
+    with pytest.raises(InputError, match="ref_in: dtype"):
+        rmia(t, r, ri.astype(np.int8), pt, pr)
+    with pytest.raises(InputError, match=r"ref_p \("):
+        rmia(t, r[:, :5], ri, pt, pr)
+    with pytest.raises(InputError, match=r"ref_in \("):
+        rmia(t, r, ri[:3], pt, pr)
+    with pytest.raises(InputError, match=r"pop_ref_p \("):
+        rmia(t, r, ri, pt, pr[:, :4])
+    with pytest.raises(InputError, match="target_p: 1 NaN/Inf"):
+        rmia(np.r_[np.nan, t[1:]], r, ri, pt, pr)
+    with pytest.raises(InputError, match="pop_target_p: values outside"):
+        rmia(t, r, ri, np.r_[1.5, pt[1:]], pr)
+    no_out = ri.copy()
+    no_out[:, 1] = True
+    with pytest.raises(InputError, match=r"1 examples have no OUT .*first: index 1"):
+        rmia(t, r, no_out, pt, pr)
+    assert np.isfinite(rmia(t, r, no_out, pt, pr, online=True)).all()
+    with pytest.raises(InputError, match="a="):
+        rmia(t, r, ri, pt, pr, a=1.5)
+    with pytest.raises(InputError, match="gamma="):
+        rmia(t, r, ri, pt, pr, gamma=0.0)
+    zero = r.copy()
+    zero[:, 2] = 0.0
+    with pytest.raises(InputError, match=r"ref_p: the reference probability p is 0 .*index 2"):
+        rmia(t, zero, ri, pt, pr, a=1.0)
+    assert np.isfinite(rmia(t, zero, ri, pt, pr, a=0.9)).all()  # (1 − a)/2 keeps p > 0
+
+
+# ----------------------------------------------------------------------------- choose_a
+
+
+def naive_twice_u(scores, labels):
+    """2 × the Mann–Whitney U (ties 1/2): an integer, so equal AUCs compare equal."""
+    pos, neg = scores[labels], scores[~labels]
+    return sum(2 * int(p > q) + int(p == q) for p in pos for q in neg)
+
+
+def test_choose_a_returns_the_naive_argmax():
+    rng = np.random.default_rng()
+    m, n, z = 5, 60, 50
+    ref_in = random_membership(rng, m, n, min_in=0, min_out=2)
+    difficulty = rng.uniform(0.05, 0.9, n)
+    ref_p = np.clip(difficulty + 0.3 * ref_in + 0.05 * rng.normal(size=(m, n)), 0.01, 1)
+    pop_ref_p = rng.uniform(0.05, 0.95, (m, z))
+    k = int(rng.integers(0, m))
+    grid = np.linspace(0, 1, 11)
+    rest = np.arange(m) != k
+    aucs = [naive_twice_u(naive_rmia(ref_p[k], ref_p[rest], ref_in[rest], pop_ref_p[k],
+                                 pop_ref_p[rest], a=a)[0], ref_in[k]) for a in grid]
+    best = grid[int(np.argmax(aucs))]
+    assert choose_a(ref_p, ref_in, pop_ref_p, target_index=k, grid=grid) == best
+    # The default grid is 0, 0.1, ..., 1 (the reference code's).
+    assert choose_a(ref_p, ref_in, pop_ref_p, target_index=k) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("members_easy", [True, False])
+def test_choose_a_constructed(members_easy):
+    # Members and non-members differ in how likely the OUT models find them: a = 0 ignores
+    # the reference models and a = 1 trusts them fully, so one end of the grid wins.
+    rng = np.random.default_rng()
+    m, n, z = 4, 40, 200
+    is_member = np.arange(n) < n // 2
+    ref_in = np.zeros((m, n), bool)
+    ref_in[0] = is_member  # model 0 plays the target; models 1..3 are OUT everywhere
+    hi_t, hi_out, lo_t, lo_out = 0.9, 0.85, 0.5, 0.2
+    if members_easy:  # members: high p but also high OUT p -> only a = 0 ranks them first
+        t = np.where(is_member, hi_t, lo_t)
+        out = np.where(is_member, hi_out, lo_out)
+    else:
+        t = np.where(is_member, lo_t, hi_t)
+        out = np.where(is_member, lo_out, hi_out)
+    ref_p = np.vstack([t, np.tile(out, (m - 1, 1))]) + rng.uniform(0, 1e-3, (m, n))
+    pop_ref_p = np.full((m, z), 0.5)
+    pop_ref_p[0] = np.linspace(0.01, 0.99, z)
+    a = choose_a(ref_p, ref_in, pop_ref_p, grid=[0.0, 1.0])
+    assert a == (0.0 if members_easy else 1.0)
+    # Not a tie: the chosen end separates members perfectly, the other end inverts them.
+    twice_u = [naive_twice_u(naive_rmia(ref_p[0], ref_p[1:], ref_in[1:], pop_ref_p[0],
+                                        pop_ref_p[1:], a=x)[0], is_member) for x in (a, 1 - a)]
+    assert twice_u == [2 * (n // 2) ** 2, 0]
+
+
+def test_choose_a_errors():
+    rng = np.random.default_rng()
+    _, r, ri, _, pr = rmia_case(rng, m=3, n=8, z=5)
+    with pytest.raises(InputError, match="M >= 2"):
+        choose_a(r[:1], ri[:1], pr[:1])
+    with pytest.raises(InputError, match="target_index"):
+        choose_a(r, ri, pr, target_index=3)
+    with pytest.raises(InputError, match="grid"):
+        choose_a(r, ri, pr, grid=[0.5, 2.0])
+    all_in = ri.copy()
+    all_in[0] = True
+    with pytest.raises(InputError, match="members and non-members"):
+        choose_a(r, all_in, pr)
+    with pytest.raises(InputError, match="ref_in: dtype"):
+        choose_a(r, ri.astype(int), pr)
