@@ -42,10 +42,12 @@ def audit_batch_size(mesh, target: int = 256) -> int:
 
 
 def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 600,
-              progress: bool = True, models: bool = True) -> Path:
+              progress: bool = True, models: bool = True, references: int = 16,
+              reference_steps: int = 300) -> Path:
     """Run the audit and write its report folder; returns the folder.
 
-    ``models=False`` leaves out the open-weight model section (see memjax.audit_models).
+    ``models=False`` leaves out the open-weight model section (see memjax.audit_models);
+    ``references=0`` the reference-model attacks (see memjax.audit_mia).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -68,6 +70,14 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     # The loss saturates at 0 in float32 for confidently fitted examples (ties at the top
     # of the ranking); LiRA's logit-scaled confidence φ keeps ranking them.
     phi_attack = signals["phi"]
+    reference_section = None
+    if references:
+        from memjax.audit_mia import membership_section
+
+        reference_section = functools.partial(
+            membership_section, images, labels, seed=seed, n_refs=references,
+            steps=reference_steps, batch_size=audit_batch_size(mesh), mesh=mesh,
+            progress=progress)
     extra_sections = []
     if models:
         from memjax.audit_models import models_section
@@ -113,6 +123,7 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
                 files=[("scores.parquet", "every example's signals and membership"),
                        ("model", "the trained model (memjax score --model)")],
             ),
+            *([reference_section(folder)] if reference_section else []),
             *extra_sections,
         ]
 

@@ -18,7 +18,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from memjax.audit import run_audit
 
     folder = run_audit(args.out, seed=args.seed, steps=args.steps,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, references=args.references)
     metrics = json.loads((folder / "metrics.json").read_text())
     attack = metrics["Membership inference: LOSS attack"]
     print(f"report: {folder / 'index.html'}")
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--out", default="memjax-report", help="report folder")
     audit.add_argument("--seed", type=int, default=0)
     audit.add_argument("--steps", type=int, default=600, help="training steps")
+    audit.add_argument("--references", type=int, default=16,
+                       help="reference models for LiRA/RMIA (even; 0 to skip)")
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(run=cmd_audit)
 

@@ -46,6 +46,14 @@ def test_audit_writes_a_complete_report(report):
     html = (report / "index.html").read_text()
     assert "roc.png" in html and "LOSS attack" in html and "TPR@1%FPR" in html
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # LiRA (Carlini et al. 2022) and RMIA beat the LOSS attack with 16 vmapped references.
+    reference = metrics["Membership inference with reference models: LOSS vs LiRA vs RMIA"]
+    rmia_auc = next(v for k, v in reference.items() if k.startswith("RMIA") and
+                    k.endswith(" AUC"))
+    assert reference["reference models (trained with the target in one vmapped program)"] == 16
+    assert reference["LiRA online AUC"] > reference["LOSS AUC"] + 0.05
+    assert rmia_auc > reference["LOSS AUC"] + 0.03
+    assert (report / "roc_reference.png").read_bytes()[:4] == b"\x89PNG"
     # The test environment has the real all-MiniLM-L6-v2 weights: the model section runs.
     models = metrics["Open-weight model: all-MiniLM-L6-v2 sentence embeddings"]
     assert models["parameters"] == 22_713_216 and models["embedding dim"] == 384
