@@ -75,6 +75,56 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mia(args: argparse.Namespace) -> int:
+    """Attack one of a set of saved models with the others as its reference models."""
+    from memjax.audit_mia import all_model_signals, attack_metrics, attack_suite
+    from memjax.data import open_source
+    from memjax.engine import score
+    from memjax.metrics import plot_roc
+    from memjax.report import Section, write_report
+    from memjax.signals import check_labels
+    from memjax.train import load_models
+
+    params, keep, config, _ = load_models(args.models)
+    source = open_source(args.data)
+    if len(source) != keep.shape[1]:
+        raise InputError(f"--data has {len(source)} examples; the models' keep mask covers "
+                         f"{keep.shape[1]}: expected the data the models were trained on")
+    if not 0 <= args.target < keep.shape[0]:
+        raise InputError(f"--target {args.target}: expected a model index in "
+                         f"[0, {keep.shape[0]})")
+
+    def validate(fields, indices):
+        if fields["image"].shape[1:] != tuple(config.input_shape):
+            raise InputError(f"--data field 'image' has shape {fields['image'].shape[1:]}; "
+                             f"the models expect {tuple(config.input_shape)}")
+        check_labels(fields["label"], config.num_classes, name="--data field 'label'",
+                     indices=indices)
+
+    signals = score(all_model_signals, params, source, batch_size=args.batch_size,
+                    progress=not args.no_progress, validate=validate)
+    population = ~keep.any(axis=0)
+    attacks, is_member = attack_suite(signals, keep, population, target=args.target)
+    metrics = [("models", int(keep.shape[0])), ("target model", args.target),
+               ("evaluation examples", int(len(is_member))),
+               ("population examples", int(population.sum()))] + attack_metrics(attacks,
+                                                                                 is_member)
+
+    def build(folder: Path) -> list[Section]:
+        plot_roc({name: (s, is_member) for name, s in attacks.items()}, folder / "roc.png",
+                 title=f"Model {args.target} against {keep.shape[0] - 1} reference models")
+        return [Section("Membership inference", "LOSS, LiRA and RMIA (when some examples "
+                        "are in no model's training set) against the target model.", metrics,
+                        figures=[("roc.png", "Log-log ROC")])]
+
+    folder = write_report(args.out, "memjax mia", build)
+    for name, value in metrics:
+        if name.endswith("AUC"):
+            print(f"{name}: {value:.4f}")
+    print(f"report: {folder / 'index.html'} (metrics.json, roc.png)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from memjax.engine import ScoreStore
 
@@ -144,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-pickle", action="store_true",
                          help="accept .bin/.pt weights (torch.load(weights_only=True))")
     convert.set_defaults(run=cmd_convert)
+
+    mia = sub.add_parser("mia", help="attack a saved model with its reference models")
+    mia.add_argument("--models", required=True, help="folder written by memjax.train."
+                     "save_models (e.g. memjax-report/reference_models)")
+    mia.add_argument("--data", default="digits", help="the data the models were trained on")
+    mia.add_argument("--target", type=int, default=0, help="index of the attacked model")
+    mia.add_argument("--out", default="memjax-mia", help="report folder")
+    mia.add_argument("--batch-size", type=int, default=256)
+    mia.add_argument("--no-progress", action="store_true")
+    mia.set_defaults(run=cmd_mia)
 
     info = sub.add_parser("info", help="describe a score store")
     info.add_argument("store")

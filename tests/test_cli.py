@@ -159,3 +159,32 @@ def test_setup_cfg_lists_every_subpackage():
     on_disk = {".".join(p.parent.relative_to(REPO).parts)
                for p in (REPO / "memjax").rglob("__init__.py")}
     assert on_disk | {"memjax.kernels"} == listed
+
+
+def test_mia_cli_reruns_the_audit_attacks_from_saved_models(report, tmp_path, capsys):
+    """memjax mia on the audit's saved target + reference models gives the same metrics."""
+    out = tmp_path / "mia"
+    assert main(["mia", "--models", str(report / "reference_models"), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert "LiRA online AUC" in capsys.readouterr().out
+    rerun = json.loads((out / "metrics.json").read_text())["Membership inference"]
+    audit = json.loads((report / "metrics.json").read_text())[
+        "Membership inference with reference models: LOSS vs LiRA vs RMIA"]
+    shared = [k for k in rerun if k.endswith(("AUC", "FPR"))]
+    assert len(shared) == 15
+    for key in shared:
+        assert rerun[key] == pytest.approx(audit[key], abs=1e-9), key
+    assert (out / "roc.png").is_file()
+    # Attacking a reference model instead of the target also works.
+    assert main(["mia", "--models", str(report / "reference_models"), "--target", "3",
+                 "--out", str(tmp_path / "mia3"), "--no-progress"]) == 0
+
+
+def test_mia_cli_refuses_data_of_another_size(report, tmp_path, capsys):
+    data = digits().arrays
+    np.savez(tmp_path / "small.npz", image=data["image"][:100], label=data["label"][:100])
+    assert main(["mia", "--models", str(report / "reference_models"), "--data",
+                 str(tmp_path / "small.npz"), "--out", str(tmp_path / "m"),
+                 "--no-progress"]) == 2
+    assert "--data has 100 examples; the models' keep mask covers 1797" in \
+        capsys.readouterr().err
