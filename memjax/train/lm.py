@@ -1,0 +1,68 @@
+"""A tiny GPT-2 trained on a keep-mask subset of texts (membership demonstrations).
+
+Texts are byte-tokenised (vocabulary 256, no tokenizer files needed): ``byte_tokens``.
+``fit_gpt2`` is a pure function of (key, data, keep mask): full-batch Adam on the masked
+next-token loss of the kept texts, deterministic by key, vmappable over (key, keep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from memjax.errors import InputError
+from memjax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+
+def byte_tokens(texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids [N, length] int32, attention_mask [N, length] int32) of UTF-8 bytes,
+    truncated or zero-padded to ``length``."""
+    if length < 2:
+        raise InputError(f"length={length}: expected at least 2 tokens")
+    ids = np.zeros((len(texts), length), np.int32)
+    mask = np.zeros((len(texts), length), np.int32)
+    for row, text in enumerate(texts):
+        data = np.frombuffer(text.encode("utf-8")[:length], np.uint8)
+        ids[row, :len(data)], mask[row, :len(data)] = data, 1
+    return ids, mask
+
+
+def next_token_loss(model: GPT2LMHeadModel, ids: jax.Array, mask: jax.Array,
+                    weight: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over real (mask) positions of weighted texts."""
+    logp = jax.nn.log_softmax(model(ids, mask)[:, :-1].astype(jnp.float32))
+    token_logp = jnp.take_along_axis(logp, ids[:, 1:, None], -1)[..., 0]
+    scored = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32) * weight[:, None]
+    return -(token_logp * scored).sum() / jnp.maximum(scored.sum(), 1.0)
+
+
+def fit_gpt2(key: jax.Array, ids: jax.Array, mask: jax.Array, keep: jax.Array, *,
+             config: GPT2Config, steps: int = 200, learning_rate: float = 3e-3) -> nnx.State:
+    """Train a GPT-2 on the texts with ``keep`` = 1; returns its NNX state (params).
+
+    Build the model back with ``nnx.merge(nnx.split(GPT2LMHeadModel(config, ...))[0],
+    state)``; :func:`gpt2_graph` gives that graph without training.
+    """
+    graph, params = nnx.split(GPT2LMHeadModel(config, rngs=nnx.Rngs(params=key)))
+    optimizer = optax.adam(learning_rate)
+    weight = keep.astype(jnp.float32)
+
+    def step(carry, _):
+        p, state = carry
+        grads = jax.grad(lambda q: next_token_loss(nnx.merge(graph, q), ids, mask,
+                                                   weight))(p)
+        updates, state = optimizer.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
+    return params
+
+
+def gpt2_graph(config: GPT2Config):
+    """The NNX graph definition that :func:`fit_gpt2`'s params merge into."""
+    return nnx.split(nnx.eval_shape(lambda: GPT2LMHeadModel(config, rngs=nnx.Rngs(0))))[0]
