@@ -82,7 +82,7 @@ def cmd_mia(args: argparse.Namespace) -> int:
     from memjax.engine import score
     from memjax.metrics import plot_roc
     from memjax.report import Section, write_report
-    from memjax.signals import check_labels
+    from memjax.scoring import mlp_validator
     from memjax.train import load_models
 
     params, keep, config, _ = load_models(args.models)
@@ -94,15 +94,8 @@ def cmd_mia(args: argparse.Namespace) -> int:
         raise InputError(f"--target {args.target}: expected a model index in "
                          f"[0, {keep.shape[0]})")
 
-    def validate(fields, indices):
-        if fields["image"].shape[1:] != tuple(config.input_shape):
-            raise InputError(f"--data field 'image' has shape {fields['image'].shape[1:]}; "
-                             f"the models expect {tuple(config.input_shape)}")
-        check_labels(fields["label"], config.num_classes, name="--data field 'label'",
-                     indices=indices)
-
     signals = score(all_model_signals, params, source, batch_size=args.batch_size,
-                    progress=not args.no_progress, validate=validate)
+                    progress=not args.no_progress, validate=mlp_validator(config))
     population = ~keep.any(axis=0)
     attacks, is_member = attack_suite(signals, keep, population, target=args.target)
     metrics = [("models", int(keep.shape[0])), ("target model", args.target),

@@ -51,23 +51,28 @@ def _require(fields: dict[str, np.ndarray], names: tuple[str, ...], signal: str)
 
 
 def _mlp_scorer(path: Path, signal: str) -> Scorer:
-    from memjax.signals import check_labels
     from memjax.train import classification_signals, load_model
 
     if signal != "classification":
         raise InputError(f"--signal {signal!r}: an MLP classifier supports only "
                          "'classification'")
     params, config = load_model(path)
+    return Scorer(classification_signals, params, [], mlp_validator(config), "mlp_classifier")
+
+
+def mlp_validator(config) -> Callable[[dict[str, np.ndarray], np.ndarray], None]:
+    """Host check of a batch for MLP classifiers: fields, image shape, label range."""
+    from memjax.signals import check_labels
 
     def validate(fields, indices):
-        _require(fields, ("image", "label"), signal)
+        _require(fields, ("image", "label"), "classification")
         if fields["image"].shape[1:] != tuple(config.input_shape):
             raise InputError(f"--data field 'image' has shape {fields['image'].shape[1:]} per "
                              f"example; the model expects {tuple(config.input_shape)}")
         check_labels(fields["label"], config.num_classes, name="--data field 'label'",
                      indices=indices)
 
-    return Scorer(classification_signals, params, [], validate, "mlp_classifier")
+    return validate
 
 
 def _nnx_scorer(path: Path, signal: str) -> Scorer:
@@ -96,9 +101,10 @@ def _nnx_scorer(path: Path, signal: str) -> Scorer:
             return tokens(hidden=hidden, unembedding=lm.unembedding(), targets=targets,
                           mask=scored, chunk_size=TOKEN_CHUNK)
 
+        vocab = int(model.unembedding().shape[1])  # once, not per batch
+
         def validate(fields, indices):
             _require(fields, ("input_ids", "attention_mask"), signal)
-            vocab = int(model.unembedding().shape[1])
             check_labels(fields["input_ids"], vocab, name="--data field 'input_ids'")
 
     elif signal == "contrastive":

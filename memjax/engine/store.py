@@ -128,8 +128,8 @@ class ScoreStore:
         m = self.manifest()
         return -(-m["n_examples"] // m["chunk_size"])
 
-    def chunk_rows(self, index: int) -> int:
-        m = self.manifest()
+    def chunk_rows(self, index: int, manifest: dict[str, Any] | None = None) -> int:
+        m = manifest or self.manifest()
         return min(m["chunk_size"], m["n_examples"] - index * m["chunk_size"])
 
     # ---- writing (used by the engine) ----------------------------------------------
@@ -215,18 +215,25 @@ class ScoreStore:
     def _record_file(self, index: int) -> Path:
         return self.chunk_dir / f"{index:06d}.json"
 
-    def chunk_is_valid(self, index: int) -> bool:
-        """True iff the chunk's record exists and its file matches it byte for byte."""
+    def _verified_bytes(self, index: int, manifest: dict[str, Any]) -> bytes | None:
+        """The chunk file's bytes iff its record exists and matches them, else None."""
         try:
             record = json.loads(self._record_file(index).read_text())
             data = self._chunk_file(index).read_bytes()
         except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            return False
-        return (record.get("rows") == self.chunk_rows(index) and len(data) == record["bytes"]
-                and _sha256(data) == record["sha256"])
+            return None
+        valid = (record.get("rows") == self.chunk_rows(index, manifest)
+                 and len(data) == record["bytes"] and _sha256(data) == record["sha256"])
+        return data if valid else None
+
+    def chunk_is_valid(self, index: int) -> bool:
+        """True iff the chunk's record exists and its file matches it byte for byte."""
+        return self._verified_bytes(index, self.manifest()) is not None
 
     def done_chunks(self) -> set[int]:
-        return {i for i in range(self.n_chunks) if self.chunk_is_valid(i)}
+        manifest = self.manifest()
+        return {i for i in range(self.n_chunks)
+                if self._verified_bytes(i, manifest) is not None}
 
     def _remove_temporaries(self) -> None:
         for folder in (self.path, self.chunk_dir):
@@ -258,11 +265,10 @@ class ScoreStore:
     def iter_chunks(self) -> Iterator[dict[str, np.ndarray]]:
         """Verified chunks of a complete store in example order: {'id': ..., field: ...}."""
         self._require_complete()
+        manifest = self.manifest()
         for index in range(self.n_chunks):
-            data = self._chunk_file(index).read_bytes() if self._chunk_file(index).exists() \
-                else b""
-            record_ok = self.chunk_is_valid(index)
-            if not record_ok:
+            data = self._verified_bytes(index, manifest)  # read once: checked, then parsed
+            if data is None:
                 raise StoreError(f"score store {str(self.path)!r}: chunk {index} is missing "
                                  "or corrupt; rerun with --resume to recompute it")
             with np.load(io.BytesIO(data)) as npz:
