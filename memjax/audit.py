@@ -23,7 +23,7 @@ from memjax.engine.store import write_parquet
 from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
 from memjax.report import Section, write_report
 from memjax.signals import check_labels
-from memjax.train import MLPConfig, classification_signals, fit_mlp, save_model
+from memjax.train import MLPConfig, classification_signals, fit_classifier, save_model
 
 DEFAULT_OUT = "memjax-report"
 
@@ -43,11 +43,13 @@ def audit_batch_size(mesh, target: int = 256) -> int:
 
 def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 600,
               progress: bool = True, models: bool = True, references: int = 16,
-              reference_steps: int = 300) -> Path:
+              reference_steps: int = 300, demos: bool = True) -> Path:
     """Run the audit and write its report folder; returns the folder.
 
     ``models=False`` leaves out the open-weight model section (see memjax.audit_models);
-    ``references=0`` the reference-model attacks (see memjax.audit_mia).
+    ``references=0`` the reference-model attacks (see memjax.audit_mia); ``demos=False``
+    the CLIP and language-model membership demonstrations (memjax.audit_clip,
+    memjax.audit_text).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -56,7 +58,7 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     config = MLPConfig(input_shape=images.shape[1:], num_classes=10, hidden=(256, 256))
 
     start = time.perf_counter()
-    train = jax.jit(functools.partial(fit_mlp, config=config, steps=steps,
+    train = jax.jit(functools.partial(fit_classifier, config=config, steps=steps,
                                       learning_rate=1e-3))
     params = jax.block_until_ready(train(jax.random.key(seed), images, labels, keep))
     train_seconds = time.perf_counter() - start
@@ -78,6 +80,11 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
             membership_section, images, labels, seed=seed, n_refs=references,
             steps=reference_steps, batch_size=audit_batch_size(mesh), mesh=mesh,
             progress=progress)
+    demo_sections = []
+    if demos:
+        from memjax.audit_clip import clip_section
+
+        demo_sections.append(functools.partial(clip_section, seed=seed, progress=progress))
     extra_sections = []
     if models:
         from memjax.audit_models import models_section
@@ -124,6 +131,7 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
                        ("model", "the trained model (memjax score --model)")],
             ),
             *([reference_section(folder)] if reference_section else []),
+            *(section(folder) for section in demo_sections),
             *extra_sections,
         ]
 

@@ -20,7 +20,7 @@ from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
 from memjax.mia import choose_a, lira, rmia
 from memjax.report import Section
 from memjax.signals import classification
-from memjax.train import MLPConfig, balanced_keep, mlp_logits, save_models, train_mlps
+from memjax.train import MLPConfig, balanced_keep, classifier_logits, save_models, train_classifiers
 
 TITLE = "Membership inference with reference models: LOSS vs LiRA vs RMIA"
 
@@ -39,7 +39,7 @@ def split_population(n: int, seed: int, fraction: float = 0.2) -> tuple[np.ndarr
 
 def all_model_signals(params, example):
     """Classification signals of one example under every stacked model: fields [M+1]."""
-    return jax.vmap(lambda p: classification(mlp_logits(p, example["image"]),
+    return jax.vmap(lambda p: classification(classifier_logits(p, example["image"]),
                                              example["label"]))(params)
 
 
@@ -104,7 +104,7 @@ def membership_section(images: np.ndarray, labels: np.ndarray, folder: Path, *, 
     config = MLPConfig(input_shape=images.shape[1:], num_classes=10, hidden=(128,))
 
     start = time.perf_counter()
-    params = train_mlps(jax.random.key(seed), images, labels, keep, config=config,
+    params = train_classifiers(jax.random.key(seed), images, labels, keep, config=config,
                         steps=steps, learning_rate=2e-3)
     train_seconds = time.perf_counter() - start
     save_models(folder / "reference_models", params, keep, config,

@@ -18,7 +18,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from memjax.audit import run_audit
 
     folder = run_audit(args.out, seed=args.seed, steps=args.steps,
-                       progress=not args.no_progress, references=args.references)
+                       progress=not args.no_progress, references=args.references,
+                       demos=not args.no_demos)
     metrics = json.loads((folder / "metrics.json").read_text())
     attack = metrics["Membership inference: LOSS attack"]
     print(f"report: {folder / 'index.html'}")
@@ -76,13 +77,36 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_mia(args: argparse.Namespace) -> int:
-    """Attack one of a set of saved models with the others as its reference models."""
+    """Attack a model: from its stored signals (--scores), or a saved model with the
+    reference models trained beside it (--models)."""
+    from memjax.metrics import plot_roc
+    from memjax.report import Section, write_report
+
+    if (args.models is None) == (args.scores is None):
+        raise InputError("memjax mia: give exactly one of --models (saved reference models) "
+                         "or --scores (a score store, with --members)")
+    run = _mia_from_scores if args.scores else _mia_from_models
+    title, text, attacks, is_member, metrics = run(args)
+
+    def build(folder: Path) -> list[Section]:
+        plot_roc({name: (s, is_member) for name, s in attacks.items()}, folder / "roc.png",
+                 title=title)
+        return [Section("Membership inference", text, metrics,
+                        figures=[("roc.png", "Log-log ROC")])]
+
+    folder = write_report(args.out, "memjax mia", build)
+    for name, value in metrics:
+        if name.endswith("AUC"):
+            print(f"{name}: {value:.4f}")
+    print(f"report: {folder / 'index.html'} (metrics.json, roc.png)")
+    return 0
+
+
+def _mia_from_models(args: argparse.Namespace):
     from memjax.audit_mia import all_model_signals, attack_metrics, attack_suite
     from memjax.data import open_source
     from memjax.engine import score
-    from memjax.metrics import plot_roc
-    from memjax.report import Section, write_report
-    from memjax.scoring import mlp_validator
+    from memjax.scoring import classifier_validator
     from memjax.train import load_models
 
     params, keep, config, _ = load_models(args.models)
@@ -93,29 +117,39 @@ def cmd_mia(args: argparse.Namespace) -> int:
     if not 0 <= args.target < keep.shape[0]:
         raise InputError(f"--target {args.target}: expected a model index in "
                          f"[0, {keep.shape[0]})")
-
     signals = score(all_model_signals, params, source, batch_size=args.batch_size,
-                    progress=not args.no_progress, validate=mlp_validator(config))
+                    progress=not args.no_progress, validate=classifier_validator(config))
     population = ~keep.any(axis=0)
     attacks, is_member = attack_suite(signals, keep, population, target=args.target)
     metrics = [("models", int(keep.shape[0])), ("target model", args.target),
                ("evaluation examples", int(len(is_member))),
                ("population examples", int(population.sum()))] + attack_metrics(attacks,
                                                                                  is_member)
+    return (f"Model {args.target} against {keep.shape[0] - 1} reference models",
+            "LOSS, LiRA and RMIA (when some examples are in no model's training set) "
+            "against the target model.", attacks, is_member, metrics)
 
-    def build(folder: Path) -> list[Section]:
-        plot_roc({name: (s, is_member) for name, s in attacks.items()}, folder / "roc.png",
-                 title=f"Model {args.target} against {keep.shape[0] - 1} reference models")
-        return [Section("Membership inference", "LOSS, LiRA and RMIA (when some examples "
-                        "are in no model's training set) against the target model.", metrics,
-                        figures=[("roc.png", "Log-log ROC")])]
 
-    folder = write_report(args.out, "memjax mia", build)
-    for name, value in metrics:
-        if name.endswith("AUC"):
-            print(f"{name}: {value:.4f}")
-    print(f"report: {folder / 'index.html'} (metrics.json, roc.png)")
-    return 0
+def _mia_from_scores(args: argparse.Namespace):
+    from memjax.audit_mia import attack_metrics
+    from memjax.engine import ScoreStore
+    from memjax.mia.stored import attacks_from_signals, jsonl_texts, member_flags
+
+    if args.members is None:
+        raise InputError("--scores needs --members (a .npy bool mask by example id, or the "
+                         "member ids)")
+    signals = ScoreStore(args.scores).read()
+    is_member = member_flags(args.members, signals["id"])
+    if is_member.all() or not is_member.any():
+        raise InputError(f"--members: {int(is_member.sum())} of {is_member.size} stored "
+                         "examples are members; expected both members and non-members")
+    texts = jsonl_texts(args.texts, signals["id"]) if args.texts else None
+    attacks = attacks_from_signals(signals, k=args.k, texts=texts)
+    metrics = [("examples", int(is_member.size)), ("members", int(is_member.sum()))]
+    metrics += attack_metrics(attacks, is_member)
+    return ("Attacks on stored signals", "Attacks that need no reference models, on the "
+            f"signals stored in {args.scores} (see memjax.mia.stored).", attacks, is_member,
+            metrics)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -156,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--steps", type=int, default=600, help="training steps")
     audit.add_argument("--references", type=int, default=16,
                        help="reference models for LiRA/RMIA (even; 0 to skip)")
+    audit.add_argument("--no-demos", action="store_true", help="leave out the tiny CLIP and "
+                       "GPT-2 membership demonstrations")
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(run=cmd_audit)
 
@@ -188,11 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="accept .bin/.pt weights (torch.load(weights_only=True))")
     convert.set_defaults(run=cmd_convert)
 
-    mia = sub.add_parser("mia", help="attack a saved model with its reference models")
-    mia.add_argument("--models", required=True, help="folder written by memjax.train."
-                     "save_models (e.g. memjax-report/reference_models)")
-    mia.add_argument("--data", default="digits", help="the data the models were trained on")
-    mia.add_argument("--target", type=int, default=0, help="index of the attacked model")
+    mia = sub.add_parser("mia", help="attack a model: stored signals (--scores) or saved "
+                         "reference models (--models)")
+    mia.add_argument("--models", help="folder written by memjax.train.save_models (e.g. the "
+                     "audit's reference_models)")
+    mia.add_argument("--data", default="digits", help="with --models: the data the models "
+                     "were trained on")
+    mia.add_argument("--target", type=int, default=0, help="with --models: the attacked model")
+    mia.add_argument("--scores", help="a score store written by memjax score")
+    mia.add_argument("--members", help="with --scores: .npy bool mask by example id, or "
+                     "member ids")
+    mia.add_argument("--texts", help="with --scores: JSONL whose 'text' field, line i = "
+                     "example id i, enables the zlib attack")
+    mia.add_argument("--k", type=float, default=0.2, help="Min-K%% / Min-K%%++ fraction")
     mia.add_argument("--out", default="memjax-mia", help="report folder")
     mia.add_argument("--batch-size", type=int, default=256)
     mia.add_argument("--no-progress", action="store_true")

@@ -6,7 +6,7 @@ folders are Hugging Face checkpoints (config.json + safetensors), folders writte
 ``memjax convert``, or classifiers written by ``memjax audit`` / ``memjax.train``.
 
 Signals:
-  classification  image classifiers (ViT, ResNet, the MLP): fields ``image`` [H, W, C]
+  classification  image classifiers (ViT, ResNet, memjax.train MLP/CNN): fields ``image`` [H, W, C]
                   and ``label``.
   tokens          causal LMs (GPT-2, GPT-NeoX): fields ``input_ids`` [T] and
                   ``attention_mask`` [T]; position t scores token t+1, through the
@@ -50,18 +50,19 @@ def _require(fields: dict[str, np.ndarray], names: tuple[str, ...], signal: str)
                          f"has {sorted(fields)}")
 
 
-def _mlp_scorer(path: Path, signal: str) -> Scorer:
+def _classifier_scorer(path: Path, signal: str) -> Scorer:
     from memjax.train import classification_signals, load_model
 
     if signal != "classification":
-        raise InputError(f"--signal {signal!r}: an MLP classifier supports only "
+        raise InputError(f"--signal {signal!r}: a memjax.train classifier supports only "
                          "'classification'")
     params, config = load_model(path)
-    return Scorer(classification_signals, params, [], mlp_validator(config), "mlp_classifier")
+    return Scorer(classification_signals, params, [], classifier_validator(config),
+                  config.kind)
 
 
-def mlp_validator(config) -> Callable[[dict[str, np.ndarray], np.ndarray], None]:
-    """Host check of a batch for MLP classifiers: fields, image shape, label range."""
+def classifier_validator(config) -> Callable[[dict[str, np.ndarray], np.ndarray], None]:
+    """Host check of a batch for memjax.train classifiers: fields, image shape, labels."""
     from memjax.signals import check_labels
 
     def validate(fields, indices):
@@ -98,8 +99,9 @@ def _nnx_scorer(path: Path, signal: str) -> Scorer:
             targets = jnp.roll(ids, -1)
             scored = (mask != 0) & (jnp.roll(mask, -1) != 0) & (jnp.arange(ids.shape[0])
                                                                 < ids.shape[0] - 1)
-            return tokens(hidden=hidden, unembedding=lm.unembedding(), targets=targets,
-                          mask=scored, chunk_size=TOKEN_CHUNK)
+            # The scored mask is stored too: Min-K% needs it (memjax mia --scores).
+            return {**tokens(hidden=hidden, unembedding=lm.unembedding(), targets=targets,
+                             mask=scored, chunk_size=TOKEN_CHUNK), "scored": scored}
 
         vocab = int(model.unembedding().shape[1])  # once, not per batch
 
@@ -148,8 +150,10 @@ def scorer(model_path: str | Path, signal: str) -> Scorer:
     if signal not in SIGNAL_KINDS:
         raise InputError(f"--signal {signal!r}: expected one of {SIGNAL_KINDS}")
     meta = path / "memjax_model.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("kind") == "mlp_classifier":
-        return _mlp_scorer(path, signal)
+    from memjax.train.classifier import CONFIG_KINDS
+
+    if meta.is_file() and json.loads(meta.read_text()).get("kind") in CONFIG_KINDS:
+        return _classifier_scorer(path, signal)
     if not path.is_dir():
         raise InputError(f"--model {str(path)!r}: expected a model folder (Hugging Face "
                          "checkpoint, memjax convert output, or memjax audit's model/)")

@@ -188,3 +188,23 @@ def test_mia_cli_refuses_data_of_another_size(report, tmp_path, capsys):
                  "--no-progress"]) == 2
     assert "--data has 100 examples; the models' keep mask covers 1797" in \
         capsys.readouterr().err
+
+
+def test_mia_cli_on_stored_classification_signals(report, tmp_path, capsys):
+    """memjax score on the audit's model, then memjax mia --scores: the audit's LOSS AUC."""
+    import pyarrow.parquet as pq
+
+    store = tmp_path / "store"
+    assert main(["score", "--model", str(report / "model"), "--out", str(store),
+                 "--no-progress"]) == 0
+    member = pq.read_table(report / "scores.parquet")["member"].to_numpy()
+    np.save(tmp_path / "member_ids.npy", np.flatnonzero(member))  # ids form, not a mask
+    out = tmp_path / "mia"
+    assert main(["mia", "--scores", str(store), "--members", str(tmp_path / "member_ids.npy"),
+                 "--out", str(out)]) == 0
+    rerun = json.loads((out / "metrics.json").read_text())["Membership inference"]
+    audit = json.loads((report / "metrics.json").read_text())[
+        "Membership inference: LOSS attack"]
+    assert rerun["LOSS AUC"] == pytest.approx(audit["AUC"], abs=1e-9)
+    assert rerun["confidence φ AUC"] == pytest.approx(audit["confidence φ attack AUC"],
+                                                      abs=1e-9)

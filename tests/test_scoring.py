@@ -74,3 +74,61 @@ def test_wrong_signal_for_the_model_is_refused(lm_folder, tmp_path, capsys):
                  "--out", str(tmp_path / "s"), "--no-progress", "--batch-size", "8"])
     assert code == 2
     assert "needs a CLIP model; GPT2LMHeadModel is not one" in capsys.readouterr().err
+
+
+def test_mia_on_stored_token_signals(lm_folder, tmp_path, capsys):
+    """memjax mia --scores runs LOSS, Min-K%, Min-K%++ and zlib on a token store; the
+    stored scored mask equals the PyTorch reference's, and the AUCs equal direct calls."""
+    from memjax.metrics import roc_auc
+    from memjax.mia import loss, min_k, min_k_plus_plus, zlib
+
+    root, texts, tokenizer = lm_folder
+    store = tmp_path / "store"
+    assert main(["score", "--model", str(root / "hf"), "--signal", "tokens", "--data",
+                 f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
+                 "--max-length", "24", "--batch-size", "8", "--out", str(store),
+                 "--no-progress"]) == 0
+    signals = ScoreStore(store).read()
+    batch = tokenizer(texts, padding="max_length", truncation=True, max_length=24,
+                      return_tensors="np")
+    mask = (batch["attention_mask"][:, 1:] * batch["attention_mask"][:, :-1]).astype(bool)
+    np.testing.assert_array_equal(signals["scored"][:, :-1], mask)
+    assert not signals["scored"][:, -1].any()
+
+    members = np.zeros(len(texts), bool)
+    members[::3] = True
+    np.save(tmp_path / "members.npy", members)
+    out = tmp_path / "mia"
+    assert main(["mia", "--scores", str(store), "--members", str(tmp_path / "members.npy"),
+                 "--texts", str(root / "texts.jsonl"), "--k", "0.3", "--out", str(out)]) == 0
+    assert "Min-K%++ (k=0.3) AUC" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())["Membership inference"]
+    logp, full = signals["logp"], np.pad(mask, ((0, 0), (0, 1)))
+    expected = {"LOSS": loss(signals["mean_loss"]), "Min-K% (k=0.3)": min_k(logp, full, 0.3),
+                "Min-K%++ (k=0.3)": min_k_plus_plus(logp, signals["mu"], signals["sigma"],
+                                                    full, 0.3),
+                "zlib": zlib(signals["mean_loss"], texts)}
+    for name, scores in expected.items():
+        assert metrics[f"{name} AUC"] == pytest.approx(roc_auc(scores, members), abs=1e-12)
+
+
+def test_mia_on_stored_signals_refuses_bad_members(lm_folder, tmp_path, capsys):
+    root, texts, _ = lm_folder
+    store = tmp_path / "store"
+    assert main(["score", "--model", str(root / "hf"), "--signal", "tokens", "--data",
+                 f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
+                 "--max-length", "16", "--batch-size", "8", "--out", str(store),
+                 "--no-progress"]) == 0
+    np.save(tmp_path / "short.npy", np.ones(5, bool))
+    np.save(tmp_path / "floats.npy", np.ones(len(texts)))
+    np.save(tmp_path / "all.npy", np.ones(len(texts), bool))
+    for name, message in (("short", "does not cover example ids"),
+                          ("floats", "expected a 1-D bool mask or integer ids"),
+                          ("all", "expected both members and non-members")):
+        assert main(["mia", "--scores", str(store), "--members",
+                     str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / name)]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["mia", "--scores", str(store), "--out", str(tmp_path / "x")]) == 2
+    assert "--scores needs --members" in capsys.readouterr().err
+    assert main(["mia", "--out", str(tmp_path / "y")]) == 2
+    assert "exactly one of --models" in capsys.readouterr().err

@@ -1,31 +1,35 @@
 """Training small models for demonstrations and reference models (vmappable, optax)."""
 
 from memjax.train.classifier import (
+    CNNConfig,
     MLPConfig,
     classification_signals,
-    fit_mlp,
-    init_mlp,
+    classifier_logits,
+    config_from_json,
+    fit_classifier,
     load_model,
-    mlp_logits,
     save_model,
 )
 from memjax.train.reference import (
     balanced_keep,
+    check_keep,
     load_models,
     save_models,
-    train_mlps,
+    train_classifiers,
 )
 
 __all__ = [
+    "CNNConfig",
     "MLPConfig",
     "balanced_keep",
+    "check_keep",
     "classification_signals",
-    "fit_mlp",
-    "init_mlp",
+    "classifier_logits",
+    "config_from_json",
+    "fit_classifier",
     "load_model",
     "load_models",
-    "mlp_logits",
     "save_model",
     "save_models",
-    "train_mlps",
+    "train_classifiers",
 ]

@@ -1,9 +1,14 @@
-"""An MLP image classifier trained with optax on a keep-mask subset of the data.
+"""Small image classifiers (an MLP and a CNN) trained with optax on a keep-mask subset.
 
-``fit_mlp`` is a pure function of (key, data, keep mask): deterministic for a key, and
-``jax.vmap`` over keys and masks trains many models at once (reference models for
-membership inference). Training is full-batch Adam on the weighted mean loss, where the
-keep mask [N] (0/1) selects the training examples.
+``fit_classifier`` is a pure function of (key, data, weights): deterministic for a key, and
+``jax.vmap`` over keys and weights trains many models at once (reference models for
+membership inference; :func:`memjax.train.train_classifiers`). Training is full-batch
+Adam on the weighted mean loss, where the weights [N] (0/1: a keep mask) select the
+training examples.
+
+Params are self-describing pytrees, so one :func:`classifier_logits` runs both kinds:
+``{"convs": [{"w": [3, 3, C_in, C_out], "b": [C_out]}, ...],   # CNN only
+  "layers": [{"w": [in, out], "b": [out]}, ...]}``
 """
 
 from __future__ import annotations
@@ -31,36 +36,113 @@ class MLPConfig:
     input_shape: tuple[int, ...]
     num_classes: int
     hidden: tuple[int, ...] = (256, 256)
+    kind = "mlp_classifier"
 
     @property
     def input_dim(self) -> int:
         return int(np.prod(self.input_shape))
 
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        return {"layers": dense_layers(key, [self.input_dim, *self.hidden, self.num_classes])}
+
+    def describe(self) -> str:
+        return f"MLP {self.input_dim}-{'-'.join(map(str, self.hidden))}-{self.num_classes}"
+
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "mlp_classifier", "input_shape": list(self.input_shape),
+        return {"kind": self.kind, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "hidden": list(self.hidden)}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> MLPConfig:
-        if value.get("kind") != "mlp_classifier":
-            raise InputError(f"model kind {value.get('kind')!r}: expected 'mlp_classifier'")
         return cls(tuple(value["input_shape"]), int(value["num_classes"]),
                    tuple(value["hidden"]))
 
 
-def init_mlp(key: jax.Array, config: MLPConfig) -> dict[str, Any]:
-    """He-initialised params ``{"layers": [{"w": [in, out], "b": [out]}, ...]}``."""
-    sizes = [config.input_dim, *config.hidden, config.num_classes]
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    """A small CNN: [3x3 conv (SAME) -> ReLU -> 2x2 average pool] per entry of
+    ``channels``, then flatten -> hidden dense layers (ReLU) -> logits."""
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    channels: tuple[int, ...] = (16, 32)
+    hidden: tuple[int, ...] = (64,)
+    kind = "cnn_classifier"
+
+    def __post_init__(self):
+        height, width, _ = self.input_shape
+        if height % 2 ** len(self.channels) or width % 2 ** len(self.channels):
+            raise InputError(f"CNNConfig: input {self.input_shape[:2]} is not divisible by "
+                             f"2^{len(self.channels)} (one 2x2 pool per conv layer)")
+
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        height, width, channels_in = self.input_shape
+        k_conv, k_dense = jax.random.split(key)
+        widths = [channels_in, *self.channels]
+        convs = [{"w": jax.random.normal(k, (3, 3, c_in, c_out)) * jnp.sqrt(2.0 / (9 * c_in)),
+                  "b": jnp.zeros(c_out)}
+                 for k, c_in, c_out in zip(jax.random.split(k_conv, len(self.channels)),
+                                           widths[:-1], widths[1:], strict=True)]
+        flat = (height * width // 4 ** len(self.channels)) * widths[-1]
+        return {"convs": convs,
+                "layers": dense_layers(k_dense, [flat, *self.hidden, self.num_classes])}
+
+    def describe(self) -> str:
+        return (f"CNN conv{'-'.join(map(str, self.channels))} "
+                f"dense{'-'.join(map(str, self.hidden))}-{self.num_classes}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "input_shape": list(self.input_shape),
+                "num_classes": self.num_classes, "channels": list(self.channels),
+                "hidden": list(self.hidden)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> CNNConfig:
+        return cls(tuple(value["input_shape"]), int(value["num_classes"]),
+                   tuple(value["channels"]), tuple(value["hidden"]))
+
+
+CONFIG_KINDS = {config.kind: config for config in (MLPConfig, CNNConfig)}
+
+
+def config_from_json(value: dict[str, Any]) -> MLPConfig | CNNConfig:
+    """The classifier config saved by ``to_json`` (kind ``mlp_classifier`` or
+    ``cnn_classifier``); names the kind when it is neither."""
+    kind = value.get("kind")
+    if kind not in CONFIG_KINDS:
+        raise InputError(f"model kind {kind!r}: expected one of {sorted(CONFIG_KINDS)}")
+    return CONFIG_KINDS[kind].from_json(value)
+
+
+def dense_layers(key: jax.Array, sizes: list[int]) -> list[dict[str, jax.Array]]:
+    """He-initialised dense layers ``[{"w": [m, n], "b": [n]}]`` for consecutive sizes."""
     keys = jax.random.split(key, len(sizes) - 1)
-    return {"layers": [
-        {"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
-        for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)
-    ]}
+    return [{"w": jax.random.normal(k, (m, n)) * jnp.sqrt(2.0 / m), "b": jnp.zeros(n)}
+            for k, m, n in zip(keys, sizes[:-1], sizes[1:], strict=True)]
 
 
-def mlp_logits(params: dict[str, Any], image: jax.Array) -> jax.Array:
-    """Logits [C] of one example (any shape; flattened)."""
-    h = jnp.ravel(image).astype(jnp.float32)
+def conv3x3_same(image: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[H, W, C_in] * [3, 3, C_in, C_out] -> [H, W, C_out], zero padding ("SAME").
+
+    Written as nine shifted slices and one matmul (im2col) rather than ``lax.conv``: under
+    ``vmap`` over models the kernel is batched, which XLA:CPU runs as a grouped
+    convolution many times slower than the batched matmul this becomes.
+    """
+    height, width, _ = image.shape
+    padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([padded[i:i + height, j:j + width]
+                               for i in range(3) for j in range(3)], axis=-1)
+    return patches @ kernel.reshape(-1, kernel.shape[-1])
+
+
+def classifier_logits(params: dict[str, Any], image: jax.Array) -> jax.Array:
+    """Logits [C] of one example [H, W, C_in] (an MLP flattens any shape)."""
+    h = jnp.asarray(image, jnp.float32)
+    for conv in params.get("convs", ()):
+        h = jax.nn.relu(conv3x3_same(h, conv["w"]) + conv["b"])
+        height, width, channels = h.shape
+        h = h.reshape(height // 2, 2, width // 2, 2, channels).mean(axis=(1, 3))
+    h = jnp.ravel(h)
     *hidden, last = params["layers"]
     for layer in hidden:
         h = jax.nn.relu(h @ layer["w"] + layer["b"])
@@ -69,27 +151,27 @@ def mlp_logits(params: dict[str, Any], image: jax.Array) -> jax.Array:
 
 def classification_signals(params: dict[str, Any], example: dict[str, jax.Array]):
     """The engine's score function: the classification signal bundle of one example."""
-    return classification(mlp_logits(params, example["image"]), example["label"])
+    return classification(classifier_logits(params, example["image"]), example["label"])
 
 
-def fit_mlp(key: jax.Array, images: jax.Array, labels: jax.Array, keep: jax.Array, *,
-            config: MLPConfig, steps: int = 400, learning_rate: float = 1e-3,
-            weight_decay: float = 0.0) -> dict[str, Any]:
-    """Train an MLP on the examples with ``keep`` = 1 (full-batch Adam), deterministically.
+def fit_classifier(key: jax.Array, images: jax.Array, labels: jax.Array, keep: jax.Array, *,
+                   config: MLPConfig | CNNConfig, steps: int = 400,
+                   learning_rate: float = 1e-3, weight_decay: float = 0.0) -> dict[str, Any]:
+    """Train a classifier on the examples with ``keep`` = 1 (full-batch Adam).
 
     Args:
       key: PRNG key for initialisation.
-      images: [N, ...] float inputs; labels: [N] int; keep: [N] 0/1 training mask.
+      images: [N, ...] float inputs; labels: [N] int; keep: [N] 0/1 training weights.
 
     Returns:
       The trained params. Pure: vmap over (key, keep) to train many models at once.
     """
-    params = init_mlp(key, config)
+    params = config.init(key)
     optimizer = optax.adamw(learning_rate, weight_decay=weight_decay)
     keep = keep.astype(jnp.float32)
 
     def loss(p):
-        logits = jax.vmap(mlp_logits, in_axes=(None, 0))(p, images)
+        logits = jax.vmap(classifier_logits, in_axes=(None, 0))(p, images)
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.sum(per_example * keep) / jnp.maximum(jnp.sum(keep), 1.0)
 
@@ -103,7 +185,8 @@ def fit_mlp(key: jax.Array, images: jax.Array, labels: jax.Array, keep: jax.Arra
     return params
 
 
-def save_model(directory: str | Path, params: dict[str, Any], config: MLPConfig) -> Path:
+def save_model(directory: str | Path, params: dict[str, Any],
+               config: MLPConfig | CNNConfig) -> Path:
     """Save params (orbax) and the config (memjax_model.json) into ``directory``."""
     import orbax.checkpoint as ocp
 
@@ -116,7 +199,7 @@ def save_model(directory: str | Path, params: dict[str, Any], config: MLPConfig)
     return directory
 
 
-def load_model(directory: str | Path) -> tuple[dict[str, Any], MLPConfig]:
+def load_model(directory: str | Path) -> tuple[dict[str, Any], MLPConfig | CNNConfig]:
     """Load a model saved by :func:`save_model`; names the folder if it is not one."""
     import orbax.checkpoint as ocp
 
@@ -124,8 +207,7 @@ def load_model(directory: str | Path) -> tuple[dict[str, Any], MLPConfig]:
     if not (directory / MODEL_FILE).is_file():
         raise InputError(f"--model {str(directory)!r}: expected a folder with {MODEL_FILE} "
                          "(written by memjax audit or memjax.train.save_model)")
-    config = MLPConfig.from_json(json.loads((directory / MODEL_FILE).read_text()))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32),
-                            init_mlp(jax.random.key(0), config))
+    config = config_from_json(json.loads((directory / MODEL_FILE).read_text()))
+    abstract = jax.eval_shape(config.init, jax.random.key(0))
     params = ocp.StandardCheckpointer().restore(directory / "params", abstract)
     return jax.tree.map(np.asarray, params), config
