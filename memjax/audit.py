@@ -83,8 +83,10 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     demo_sections = []
     if demos:
         from memjax.audit_clip import clip_section
+        from memjax.audit_text import text_section
 
-        demo_sections.append(functools.partial(clip_section, seed=seed, progress=progress))
+        demo_sections += [functools.partial(section, seed=seed, progress=progress)
+                          for section in (clip_section, text_section)]
     extra_sections = []
     if models:
         from memjax.audit_models import models_section

@@ -45,6 +45,14 @@ def test_audit_writes_a_complete_report(report):
     assert metrics["Data and model"]["train accuracy"] > 0.99
     html = (report / "index.html").read_text()
     assert "roc.png" in html and "LOSS attack" in html and "TPR@1%FPR" in html
+    # The membership demonstrations on a tiny CLIP and a tiny GPT-2 (tested in depth in
+    # test_mia_clip_demo / test_mia_demos) are in the report with their figures.
+    from memjax.audit_clip import TITLE as CLIP_TITLE
+    from memjax.audit_text import TITLE as TEXT_TITLE
+
+    assert metrics[CLIP_TITLE]["CSA AUC"] > 0.5 and metrics[TEXT_TITLE]["LOSS AUC"] > 0.5
+    assert {"roc_clip.png", "roc_text.png", "dataset_inference.png"} <= {
+        p.name for p in report.iterdir()}
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # LiRA (Carlini et al. 2022) and RMIA beat the LOSS attack with 16 vmapped references.
     reference = metrics["Membership inference with reference models: LOSS vs LiRA vs RMIA"]

@@ -1,56 +1,81 @@
-"""Membership inference on real data: a tiny GPT-2 trained on half of real texts."""
+"""Membership and dataset inference on real data: a tiny GPT-2 trained on real texts.
+
+One module-scoped model (memjax.audit_text): a byte-level GPT-2 trained on 500 random
+first paragraphs of standard-library docstrings; the rest of the corpus are non-members.
+"""
 
 from __future__ import annotations
 
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from memjax.data import stdlib_docstrings
-from memjax.engine import score
+from memjax.audit_text import (
+    MEMBERS,
+    TITLE,
+    demo_section,
+    di_features,
+    run_dataset_inference,
+    run_text_demo,
+    text_attacks,
+)
+from memjax.errors import InputError
 from memjax.metrics import auc_confidence_interval, roc_auc
-from memjax.mia import loss, min_k_plus_plus
 from memjax.models.gpt2 import GPT2Config
-from memjax.signals import tokens
-from memjax.train.lm import byte_tokens, fit_gpt2, gpt2_graph
-
-LENGTH = 48
+from memjax.train.lm import byte_tokens, fit_gpt2, train_gpt2s
 
 
 @pytest.fixture(scope="module")
-def trained_lm():
-    """A 2-layer GPT-2 trained on a random half of the standard library's docstrings."""
-    texts = stdlib_docstrings()
-    ids, mask = byte_tokens(texts, LENGTH)
-    member = np.zeros(len(texts), bool)
-    member[np.random.default_rng(0).permutation(len(texts))[: len(texts) // 2]] = True
-    config = GPT2Config(vocab_size=256, n_positions=LENGTH, n_embd=32, n_layer=2, n_head=4)
-    train = jax.jit(functools.partial(fit_gpt2, config=config, steps=150))
-    params = train(jax.random.key(0), ids, mask, member)
-    return texts, ids, mask, member, config, params
+def text_demo():
+    """The audit's text demo at seed 0: texts, is_member, params, engine signals."""
+    return run_text_demo(seed=0)
 
 
-def token_signals(graph, params, example):
-    """The engine's per-example token signals: position t scores byte t+1."""
-    lm = nnx.merge(graph, params)
-    ids, mask = example["input_ids"], example["attention_mask"]
-    hidden = lm.hidden_states(ids[None], mask[None])[0]
-    scored = (mask != 0) & (jnp.roll(mask, -1) != 0) & (jnp.arange(ids.shape[0]) < LENGTH - 1)
-    return {**tokens(hidden=hidden, unembedding=lm.unembedding(), targets=jnp.roll(ids, -1),
-                     mask=scored, chunk_size=64), "scored": scored}
+def test_loss_and_min_k_plus_plus_detect_training_texts(text_demo):
+    attacks = text_attacks(text_demo["signals"], text_demo["texts"])
+    is_member = text_demo["is_member"]
+    for name in ("LOSS", "Min-K%++ (k=0.2)"):
+        low, high = auc_confidence_interval(attacks[name], is_member)
+        assert roc_auc(attacks[name], is_member) > 0.5 and low > 0.5, (name, low, high)
 
 
-def test_loss_and_min_k_plus_plus_detect_training_texts(trained_lm):
-    texts, ids, mask, member, config, params = trained_lm
-    signals = score(functools.partial(token_signals, gpt2_graph(config)), params,
-                    {"input_ids": ids, "attention_mask": mask}, batch_size=16, progress=False)
-    attacks = {"LOSS": loss(signals["mean_loss"]),
-               "Min-K%++": min_k_plus_plus(signals["logp"], signals["mu"], signals["sigma"],
-                                           signals["scored"].astype(bool), k=0.2)}
-    for name, scores in attacks.items():
-        low, high = auc_confidence_interval(scores, member)
-        assert roc_auc(scores, member) > 0.5 and low > 0.5, (name, low, high)
+def test_dataset_inference_on_real_mia_features(text_demo):
+    """Maini et al. 2024: members vs non-members is detected (p < 0.01); two halves of the
+    non-members are not (p > 0.05), with DI seed 0 fixed in advance."""
+    is_member = text_demo["is_member"]
+    features, names = di_features(text_demo["signals"], text_demo["texts"])
+    assert is_member.sum() == MEMBERS >= 500 and (~is_member).sum() >= 500
+    assert features.shape == (len(is_member), len(names)) and np.isfinite(features).all()
+    members_vs_rest, false_positive = run_dataset_inference(features, is_member, seed=0)
+    assert members_vs_rest.p_value < 0.01, members_vs_rest.p_value
+    assert false_positive.p_value > 0.05, false_positive.p_value
+
+
+def test_train_gpt2s_equals_separate_fits():
+    texts = ["first text of the tiny corpus", "second one, a bit longer than that",
+             "third", "a fourth text for the fourth row"]
+    ids, mask = byte_tokens(texts, 16)
+    config = GPT2Config(vocab_size=256, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    keep = np.array([[True, False, True, True], [False, True, True, False]])
+    stacked = train_gpt2s(jax.random.key(3), ids, mask, keep, config=config, steps=3)
+    fit = jax.jit(functools.partial(fit_gpt2, config=config, steps=3))
+    for m, key in enumerate(jax.random.split(jax.random.key(3), 2)):
+        alone = fit(key, ids, mask, keep[m])
+        jax.tree.map(lambda a, b, m=m: np.testing.assert_allclose(a[m], b, atol=1e-5),
+                     stacked, alone)
+    with pytest.raises(InputError, match="boolean"):
+        train_gpt2s(jax.random.key(0), ids, mask, keep.astype(np.int32), config=config,
+                    steps=1)
+
+
+def test_text_section_reports_attacks_and_dataset_inference(text_demo, tmp_path):
+    section = demo_section(tmp_path, text_demo, seed=0)
+    metrics = dict(section.metrics)
+    assert section.title == TITLE and metrics["texts (standard-library docstrings)"] > 1000
+    for attack in ("LOSS", "Min-K% (k=0.2)", "Min-K%++ (k=0.2)", "zlib"):
+        assert 0.0 <= metrics[f"{attack} TPR@0.1%FPR"] <= metrics[f"{attack} TPR@1%FPR"]
+        assert 0.0 <= metrics[f"{attack} AUC"] <= 1.0
+    for file, _ in section.figures:
+        assert (tmp_path / file).stat().st_size > 0

@@ -7,6 +7,7 @@ next-token loss of the kept texts, deterministic by key, vmappable over (key, ke
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -17,6 +18,7 @@ from flax import nnx
 
 from memjax.errors import InputError
 from memjax.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from memjax.train.reference import check_keep
 
 
 def byte_tokens(texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,3 +68,24 @@ def fit_gpt2(key: jax.Array, ids: jax.Array, mask: jax.Array, keep: jax.Array, *
 def gpt2_graph(config: GPT2Config):
     """The NNX graph definition that :func:`fit_gpt2`'s params merge into."""
     return nnx.split(nnx.eval_shape(lambda: GPT2LMHeadModel(config, rngs=nnx.Rngs(0))))[0]
+
+
+def train_gpt2s(key: jax.Array, ids: np.ndarray, mask: np.ndarray, keep: np.ndarray, *,
+                config: GPT2Config, steps: int = 200,
+                learning_rate: float = 3e-3) -> nnx.State:
+    """Train one GPT-2 per row of ``keep`` [M, N] bool, all in one vmapped, jitted program.
+
+    Args:
+      key: model m is initialised from ``jax.random.split(key, M)[m]``, so the result
+        equals M separate :func:`fit_gpt2` calls with those keys.
+      ids, mask: [N, L] int32 token ids and attention mask (:func:`byte_tokens`).
+      keep: [M, N] bool, which texts each model trains on.
+
+    Returns:
+      The stacked NNX state: every leaf has a leading axis of size M (host arrays).
+    """
+    keep = check_keep(keep, len(ids))
+    keys = jax.random.split(key, keep.shape[0])
+    fit = functools.partial(fit_gpt2, config=config, steps=steps, learning_rate=learning_rate)
+    trained = jax.jit(jax.vmap(fit, in_axes=(0, None, None, 0)))(keys, ids, mask, keep)
+    return jax.tree.map(np.asarray, trained)
