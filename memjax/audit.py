@@ -48,8 +48,8 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
 
     ``models=False`` leaves out the open-weight model section (see memjax.audit_models);
     ``references=0`` the reference-model attacks (see memjax.audit_mia); ``demos=False``
-    the CLIP and language-model membership demonstrations (memjax.audit_clip,
-    memjax.audit_text).
+    the CLIP and language-model membership demonstrations and the influence section
+    (memjax.audit_clip, memjax.audit_text, memjax.audit_influence).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -83,10 +83,11 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     demo_sections = []
     if demos:
         from memjax.audit_clip import clip_section
+        from memjax.audit_influence import influence_section
         from memjax.audit_text import text_section
 
         demo_sections += [functools.partial(section, seed=seed, progress=progress)
-                          for section in (clip_section, text_section)]
+                          for section in (clip_section, text_section, influence_section)]
     extra_sections = []
     if models:
         from memjax.audit_models import models_section

@@ -48,10 +48,17 @@ def test_audit_writes_a_complete_report(report):
     # The membership demonstrations on a tiny CLIP and a tiny GPT-2 (tested in depth in
     # test_mia_clip_demo / test_mia_demos) are in the report with their figures.
     from memjax.audit_clip import TITLE as CLIP_TITLE
+    from memjax.audit_influence import TITLE as INFLUENCE_TITLE
     from memjax.audit_text import TITLE as TEXT_TITLE
 
     assert metrics[CLIP_TITLE]["CSA AUC"] > 0.5 and metrics[TEXT_TITLE]["LOSS AUC"] > 0.5
-    assert {"roc_clip.png", "roc_text.png", "dataset_inference.png"} <= {
+    influence = metrics[INFLUENCE_TITLE]
+    assert influence["mislabeled AUROC: Forward-INF self-influence"] >= 0.9
+    assert influence["leakage: source in top-5 (first order, relative: gradient cosine)"] >= 0.9
+    assert influence[
+        "GPT-2 tracing: source in top-5 (first order, relative: gradient cosine)"] >= 0.8
+    assert {"roc_clip.png", "roc_text.png", "dataset_inference.png",
+            "self_influence.png"} <= {
         p.name for p in report.iterdir()}
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # LiRA (Carlini et al. 2022) and RMIA beat the LOSS attack with 16 vmapped references.
@@ -216,3 +223,49 @@ def test_mia_cli_on_stored_classification_signals(report, tmp_path, capsys):
     assert rerun["LOSS AUC"] == pytest.approx(audit["AUC"], abs=1e-9)
     assert rerun["confidence φ AUC"] == pytest.approx(audit["confidence φ attack AUC"],
                                                       abs=1e-9)
+
+
+def test_influence_cli(report, tmp_path, capsys):
+    """memjax influence on the audit's model: self-influence, Forward-INF scores, leakage
+    (a test set of training duplicates finds its sources) and LAVA values."""
+    import pyarrow.parquet as pq
+
+    from memjax.audit_influence import classifier_loss
+    from memjax.influence import self_influence
+    from memjax.train import load_model
+
+    data = digits().arrays
+    np.savez(tmp_path / "train.npz", image=data["image"][:300], label=data["label"][:300])
+    np.savez(tmp_path / "test.npz", image=data["image"][:300:50], label=data["label"][:300:50])
+    np.savez(tmp_path / "val.npz", image=data["image"][1500:], label=data["label"][1500:])
+    model, train = str(report / "model"), str(tmp_path / "train.npz")
+    common = ["--model", model, "--train", train, "--no-progress", "--batch-size", "64"]
+
+    flagged = np.zeros(300, bool)
+    flagged[:30] = True
+    np.save(tmp_path / "flagged.npy", flagged)
+    assert main(["influence", "self", *common, "--out", str(tmp_path / "self.parquet"),
+                 "--flagged", str(tmp_path / "flagged.npy")]) == 0
+    assert "AUROC of self_influence for the flagged examples" in capsys.readouterr().out
+    table = pq.read_table(tmp_path / "self.parquet").to_pandas()
+    params, _ = load_model(model)
+    expected = self_influence(classifier_loss, params, {"image": data["image"][:300],
+                                                        "label": data["label"][:300]}, lr=0.1)
+    np.testing.assert_allclose(table["self_influence"], expected, rtol=1e-6)
+
+    assert main(["influence", "scores", *common, "--test", str(tmp_path / "test.npz"),
+                 "--out", str(tmp_path / "store")]) == 0
+    from memjax.engine import ScoreStore
+
+    assert ScoreStore(tmp_path / "store").read()["score"].shape == (300, 6)
+
+    assert main(["influence", "leakage", *common, "--test", str(tmp_path / "test.npz"),
+                 "--out", str(tmp_path / "leak.json")]) == 0
+    leak = json.loads((tmp_path / "leak.json").read_text())["leakage"]
+    assert [row["sources"][0] for row in leak] == list(range(0, 300, 50))  # exact copies
+
+    assert main(["influence", "lava", "--train", train, "--val", str(tmp_path / "val.npz"),
+                 "--out", str(tmp_path / "lava.parquet")]) == 0
+    assert len(pq.read_table(tmp_path / "lava.parquet")) == 300
+    assert main(["influence", "self", "--train", train, "--out", str(tmp_path / "x")]) == 2
+    assert "needs --model" in capsys.readouterr().err

@@ -1,6 +1,24 @@
-"""Influence of training examples on predictions: Forward-INF and exact LOO ground truth."""
+"""Influence of training examples on predictions (DESIGN.md, "Forward-INF", "LAVA").
 
+- :func:`forward_inf` (Ko et al. 2024): mirrored influence from forward passes, finite or
+  first order; :func:`self_influence`, :func:`relative_influence`, :func:`top_sources`,
+  :func:`hit_rates` for its applications.
+- Baselines and ground truth: :func:`grad_dot` / :func:`tracin` (Pruthi et al. 2020, with
+  a blockwise random projection), exact :func:`loo_influence` / :func:`dual_loo_influence`
+  for L2-regularised logistic regression, :func:`lds` (Park et al. 2023), :func:`pearson`,
+  :func:`spearman`.
+- :func:`lava_values` (Just et al. 2023): data values from class-wise optimal transport.
+"""
+
+from memjax.influence.applications import (
+    hit_rates,
+    relative_influence,
+    self_influence,
+    top_sources,
+)
 from memjax.influence.forward_inf import forward_inf, make_optimizer, trainable_mask
+from memjax.influence.gradients import grad_dot, per_example_grads, project, tracin
+from memjax.influence.lava import lava, lava_values
 from memjax.influence.loo import (
     dual_loo_influence,
     fit_logistic,
@@ -8,14 +26,28 @@ from memjax.influence.loo import (
     loo_influence,
     refit_logistic,
 )
+from memjax.influence.stats import lds, pearson, spearman
 
 __all__ = [
     "dual_loo_influence",
     "fit_logistic",
     "forward_inf",
+    "grad_dot",
+    "hit_rates",
+    "lava",
+    "lava_values",
+    "lds",
     "logistic_loss",
     "loo_influence",
     "make_optimizer",
+    "pearson",
+    "per_example_grads",
+    "project",
     "refit_logistic",
+    "relative_influence",
+    "self_influence",
+    "spearman",
+    "top_sources",
+    "tracin",
     "trainable_mask",
 ]

@@ -101,16 +101,25 @@ def trainable_mask(params: Any, trainable: Any = None) -> list[bool]:
     return mask
 
 
-def _select(leaves: list, mask: list[bool]) -> list:
+def select_trainable(leaves: list, mask: tuple[bool, ...]) -> list:
+    """The trainable leaves (``mask`` from :func:`trainable_mask`), in order."""
     return [leaf for leaf, m in zip(leaves, mask, strict=True) if m]
 
 
-def _merge(leaves: list, mask: list[bool], train: list) -> list:
+def merge_trainable(leaves: list, mask: tuple[bool, ...], train: list) -> list:
+    """All leaves, with the trainable ones replaced by ``train`` (in order)."""
     it = iter(train)
     return [next(it) if m else leaf for leaf, m in zip(leaves, mask, strict=True)]
 
 
 # ---- the update on test examples (pure) ---------------------------------------------
+
+def loss_at(loss_fn: LossFn, treedef: Any, leaves: list, mask: tuple[bool, ...],
+            train: list, example: dict[str, jax.Array]) -> jax.Array:
+    """``loss_fn`` of one example at the parameters ``leaves`` with the trainable ones
+    replaced by ``train``."""
+    return loss_fn(jax.tree.unflatten(treedef, merge_trainable(leaves, mask, train)), example)
+
 
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     """SGD, Adam (fresh state per test example) or the sign step θ ← θ − lr·sign(g)."""
@@ -133,7 +142,8 @@ def update_params(objective: Callable[[list], jax.Array], train: list,
     return w
 
 
-def _tangent(grad: list, optimizer: str, lr: float, steps: int) -> list:
+def small_step_tangent(grad: list, optimizer: str, lr: float, steps: int) -> list:
+    """The direction of ``steps`` small optimizer steps from θ, as a list of leaves."""
     # The small-step limit of `steps` steps from θ: every step moves along the first one.
     # Adam's first step is lr·g/(|g|+eps): a sign step up to eps.
     if optimizer == "sgd":
@@ -162,7 +172,7 @@ def _finite_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], scor
         base = loss_fn(jax.tree.unflatten(treedef, leaves), example)
 
         def updated_loss(train):
-            return loss_fn(jax.tree.unflatten(treedef, _merge(leaves, mask, train)), example)
+            return loss_at(loss_fn, treedef, leaves, mask, train, example)
 
         delta = jax.vmap(updated_loss)(stacked) - base
         return _finish(delta, score, orient, is_delta=True)
@@ -177,11 +187,11 @@ def _first_order_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...],
         leaves, tangents = p  # tangents: [Tc, ...] per trainable leaf
 
         def loss_of(train):
-            return loss_fn(jax.tree.unflatten(treedef, _merge(leaves, mask, train)), example)
+            return loss_at(loss_fn, treedef, leaves, mask, train, example)
 
         # One linearization per training example, applied to all Tc tangents: g_i·v_t
         # without ever forming g_i.
-        _, jvp = jax.linearize(loss_of, _select(leaves, mask))
+        _, jvp = jax.linearize(loss_of, select_trainable(leaves, mask))
         return _finish(jax.vmap(jvp)(tangents), score, orient, is_delta=False)
 
     return fn
@@ -252,6 +262,14 @@ def _check_positive(name: str, value: Any, integer: bool) -> None:
         raise InputError(f"{name}={value!r}: expected a positive finite {kind}")
 
 
+def check_settings(*, mode: str, optimizer: str, lr: Any, steps: Any) -> None:
+    """InputError unless mode, optimizer, lr > 0 and steps >= 1 are valid."""
+    _choice("mode", mode, MODES)
+    _choice("optimizer", optimizer, OPTIMIZERS)
+    _check_positive("lr", lr, integer=False)
+    _check_positive("steps", steps, integer=True)
+
+
 # ---- entry point --------------------------------------------------------------------
 
 def forward_inf(
@@ -317,12 +335,9 @@ def forward_inf(
     Returns:
       float32 [T, N] (or [N] with ``group=True``), or the completed store.
     """
-    mode = _choice("mode", mode, MODES)
+    check_settings(mode=mode, optimizer=optimizer, lr=lr, steps=steps)
     direction = _choice("direction", direction, DIRECTIONS)
-    optimizer = _choice("optimizer", optimizer, OPTIMIZERS)
     score = _choice("score", score, SCORES)
-    _check_positive("lr", lr, integer=False)
-    _check_positive("steps", steps, integer=True)
     _check_positive("memory_budget", memory_budget, integer=True)
     test = _check_test(test)
     source = as_source(train, name="train")
@@ -337,7 +352,7 @@ def forward_inf(
 
     n_test = next(iter(test.values())).shape[0]
     n_copies = 1 if group else n_test
-    copy_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in _select(leaves, mask))
+    copy_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in select_trainable(leaves, mask))
     chunk = max(1, min(n_copies, memory_budget // max(copy_bytes, 1)))
     if store is not None and chunk < n_copies:
         raise InputError(f"store: the {n_copies} updated parameter copies ({copy_bytes} bytes "
@@ -379,7 +394,7 @@ def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: st
     leading axis of 1. Jitted here, at the entry point.
     """
     def loss_on(leaves, train, example):
-        return loss_fn(jax.tree.unflatten(treedef, _merge(leaves, mask, train)), example)
+        return loss_at(loss_fn, treedef, leaves, mask, train, example)
 
     def test_loss(leaves, train, examples):
         if group:
@@ -388,10 +403,10 @@ def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: st
         return loss_on(leaves, train, examples)
 
     def one(leaves, examples):
-        train0 = _select(leaves, mask)
+        train0 = select_trainable(leaves, mask)
         if mode == "first_order":
             grad = jax.grad(test_loss, argnums=1)(leaves, train0, examples)
-            return _tangent(grad, optimizer, lr, steps)
+            return small_step_tangent(grad, optimizer, lr, steps)
         # Ascent maximizes the test loss: minimize orient·(−loss) = −loss.
         objective = lambda w: -orient * test_loss(leaves, w, examples)  # noqa: E731
         return update_params(objective, train0, make_optimizer(optimizer, lr), steps)
