@@ -113,6 +113,44 @@ def leakage_detection(seed: int = 0, n_leaked: int = 50, noise: float = 0.05) ->
             "self_influence": influence, "images": images[train], "labels": labels[train]}
 
 
+def datamodeling_check(seed: int = 0, n_subsets: int = 32, n_test: int = 20) -> dict:
+    """Linear datamodeling score (Park et al. 2023) of Forward-INF and grad-dot on digits.
+
+    ``n_subsets`` MLPs with the full model's recipe are trained at once (vmap) on random
+    halves of the 1,300 training digits; each subset model's output on a test example is
+    its negative loss (higher = better supported). The LDS of a method is the Spearman
+    correlation, over subsets, between that output and the sum of the method's scores
+    over the subset, averaged over the test examples.
+    """
+    from memjax.influence import grad_dot, lds
+    from memjax.train import balanced_keep, train_classifiers
+
+    data = digits().arrays
+    images, labels = data["image"], data["label"]
+    order = np.random.default_rng(seed).permutation(len(labels))
+    train, test_rows = order[:1300], order[1300:1300 + n_test]
+    train_set = {"image": images[train], "label": labels[train]}
+    test = {"image": images[test_rows], "label": labels[test_rows]}
+    params = train_digits(images[train], labels[train], seed)
+    subsets = balanced_keep(n_subsets, len(train), seed + 2)
+    config = MLPConfig(images.shape[1:], 10, hidden=(128,))
+    stacked = train_classifiers(jax.random.key(seed + 3), images[train], labels[train],
+                                subsets, config=config, steps=300, learning_rate=2e-3)
+    outputs = -np.asarray(jax.vmap(lambda p: jax.vmap(classifier_loss, in_axes=(None, 0))(
+        p, test))(stacked))  # [S, T]
+    methods = {
+        "Forward-INF (finite, one SGD ascent step)": forward_inf(classifier_loss, params, test,
+                                                                 train_set, **TRACING),
+        "Forward-INF (first order)": forward_inf(classifier_loss, params, test, train_set,
+                                                 **RANKING),
+        "grad-dot (TracIn, final checkpoint)": np.asarray(grad_dot(classifier_loss, params,
+                                                                   test, train_set)),
+    }
+    return {"lds": {name: float(lds(scores, subsets, outputs).mean)
+                    for name, scores in methods.items()},
+            "n_subsets": n_subsets, "n_test": n_test}
+
+
 def text_tracing(seed: int = 0, n_texts: int = 128, n_queries: int = 32,
                  corrupt: float = 0.15) -> dict:
     """A tiny GPT-2 on real texts; queries are training texts with ``corrupt`` of their
@@ -176,6 +214,7 @@ def influence_section(folder: Path, *, seed: int = 0, progress: bool = False) ->
     mislabeled = mislabeled_detection(seed)
     leakage = leakage_detection(seed)
     tracing = text_tracing(seed)
+    datamodels = datamodeling_check(seed)
     plot_most_influential(leakage["images"], leakage["labels"], leakage["self_influence"],
                           folder / "self_influence.png")
     flipped = mislabeled["flipped"]
@@ -195,6 +234,8 @@ def influence_section(folder: Path, *, seed: int = 0, progress: bool = False) ->
          leakage["relative_hits"][1]),
         ("leakage: source in top-5 (first order, relative: gradient cosine)",
          leakage["relative_hits"][5]),
+        *((f"LDS ({datamodels['n_subsets']} half-data MLPs, {datamodels['n_test']} test "
+           f"digits): {name}", value) for name, value in datamodels["lds"].items()),
         ("GPT-2 tracing: corrupted training texts queried", tracing["n_queries"]),
         ("GPT-2 tracing: source is top-1 (raw Forward-INF)", tracing["hits"][1]),
         ("GPT-2 tracing: source in top-5 (raw Forward-INF)", tracing["hits"][5]),
@@ -219,7 +260,11 @@ def influence_section(folder: Path, *, seed: int = 0, progress: bool = False) ->
         "(RelatIF-style, Barshan et al. 2020: the cosine of the two loss gradients, which "
         "stops examples with large gradients from topping every ranking). Tracing: a tiny byte "
         f"GPT-2 trained on {tracing['n_texts']} docstrings, queried with copies of its "
-        f"training texts with {tracing['corrupt']:.0%} of their bytes replaced at random."
+        f"training texts with {tracing['corrupt']:.0%} of their bytes replaced at random. "
+        "Ground truth for attribution: the linear datamodeling score (LDS, Park et al. "
+        f"2023), from {datamodels['n_subsets']} MLPs trained at once with vmap on random "
+        "halves of the training digits: how well the summed scores of a subset rank the "
+        "test loss of the model trained on it."
     )
     return Section(TITLE, text, metrics,
                    figures=[("self_influence.png", "The most self-influential digits of a "

@@ -57,6 +57,11 @@ def test_audit_writes_a_complete_report(report):
     assert influence["leakage: source in top-5 (first order, relative: gradient cosine)"] >= 0.9
     assert influence[
         "GPT-2 tracing: source in top-5 (first order, relative: gradient cosine)"] >= 0.8
+    lds = {k.split(": ", 1)[1]: v for k, v in influence.items() if k.startswith("LDS")}
+    # First-order Forward-INF is lr·g_i·g_t: the same ranking, so the same LDS, as grad-dot.
+    assert lds["Forward-INF (first order)"] == pytest.approx(
+        lds["grad-dot (TracIn, final checkpoint)"], abs=1e-6)
+    assert min(lds.values()) > 0.05
     assert {"roc_clip.png", "roc_text.png", "dataset_inference.png",
             "self_influence.png"} <= {
         p.name for p in report.iterdir()}

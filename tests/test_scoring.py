@@ -76,6 +76,15 @@ def test_wrong_signal_for_the_model_is_refused(lm_folder, tmp_path, capsys):
     assert "needs a CLIP model; GPT2LMHeadModel is not one" in capsys.readouterr().err
 
 
+def score_tokens(root, store, *, max_length: int):
+    """memjax score --signal tokens of the fixture's HF GPT-2 on its texts -> store path."""
+    assert main(["score", "--model", str(root / "hf"), "--signal", "tokens", "--data",
+                 f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
+                 "--max-length", str(max_length), "--batch-size", "8", "--out", str(store),
+                 "--no-progress"]) == 0
+    return store
+
+
 def test_mia_on_stored_token_signals(lm_folder, tmp_path, capsys):
     """memjax mia --scores runs LOSS, Min-K%, Min-K%++ and zlib on a token store; the
     stored scored mask equals the PyTorch reference's, and the AUCs equal direct calls."""
@@ -83,11 +92,7 @@ def test_mia_on_stored_token_signals(lm_folder, tmp_path, capsys):
     from memjax.mia import loss, min_k, min_k_plus_plus, zlib
 
     root, texts, tokenizer = lm_folder
-    store = tmp_path / "store"
-    assert main(["score", "--model", str(root / "hf"), "--signal", "tokens", "--data",
-                 f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
-                 "--max-length", "24", "--batch-size", "8", "--out", str(store),
-                 "--no-progress"]) == 0
+    store = score_tokens(root, tmp_path / "store", max_length=24)
     signals = ScoreStore(store).read()
     batch = tokenizer(texts, padding="max_length", truncation=True, max_length=24,
                       return_tensors="np")
@@ -114,11 +119,7 @@ def test_mia_on_stored_token_signals(lm_folder, tmp_path, capsys):
 
 def test_mia_on_stored_signals_refuses_bad_members(lm_folder, tmp_path, capsys):
     root, texts, _ = lm_folder
-    store = tmp_path / "store"
-    assert main(["score", "--model", str(root / "hf"), "--signal", "tokens", "--data",
-                 f"jsonl:{root / 'texts.jsonl'}", "--tokenizer", str(root / "tokenizer"),
-                 "--max-length", "16", "--batch-size", "8", "--out", str(store),
-                 "--no-progress"]) == 0
+    store = score_tokens(root, tmp_path / "store", max_length=16)
     np.save(tmp_path / "short.npy", np.ones(5, bool))
     np.save(tmp_path / "floats.npy", np.ones(len(texts)))
     np.save(tmp_path / "all.npy", np.ones(len(texts), bool))

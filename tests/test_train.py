@@ -104,7 +104,7 @@ def test_vmapped_cnns_learn_digits():
     keep = balanced_keep(2, len(labels), seed=0)
     config = CNNConfig(images.shape[1:], 10, channels=(8, 16), hidden=(32,))
     params = train_classifiers(jax.random.key(0), images, labels, keep, config=config,
-                               steps=120, learning_rate=3e-3)
+                               steps=200, learning_rate=3e-3)
     for m in range(2):
         model = jax.tree.map(lambda a, m=m: a[m], params)
         logits = jax.vmap(classifier_logits, in_axes=(None, 0))(model, images)
