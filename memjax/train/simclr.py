@@ -1,0 +1,125 @@
+"""SimCLR encoders trained on keep-mask subsets, many at once (memorization demonstrations).
+
+Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual Representations":
+two augmented views of each image in a minibatch, an encoder, and the NT-Xent loss (each
+view must pick its partner out of the 2B − 1 other views). SSLMem / UnitMem (Wang et al.
+2024) compare an encoder f trained WITH a candidate set against g trained WITHOUT it:
+``train_simclrs`` trains both (any number of keep masks) in one vmapped program.
+
+The encoder is a :class:`memjax.train.CNNConfig` network whose last layer is the
+embedding (``num_classes`` = embedding size); views come from ``views_fn(image,
+example_id, aug_id)`` (e.g. :func:`memjax.augment.simclr_view` keyed by ids), so the
+training views are reproducible. Training uses augmentation ids from
+:data:`TRAIN_AUG_OFFSET` on, leaving the low ids to evaluation views.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from memjax.train.classifier import CNNConfig, classifier_logits
+from memjax.train.clip import kept_minibatch
+from memjax.train.reference import check_keep
+
+#: Training views use augmentation ids >= this, so they never coincide with the views an
+#: evaluation (ids 0, 1, ...) draws for the same example.
+TRAIN_AUG_OFFSET = 1 << 20
+
+ViewsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def nt_xent(z1: jax.Array, z2: jax.Array, valid: jax.Array, temperature: float) -> jax.Array:
+    """NT-Xent loss of a minibatch of view pairs.
+
+    Args:
+      z1, z2: [B, D] embeddings of the two views of each example (normalised here).
+      valid: [B] bool, the pairs that take part (others are neither anchors nor negatives).
+      temperature: softmax temperature τ.
+
+    Returns:
+      Scalar: the mean over the 2·(valid pairs) anchors of −log softmax(partner).
+    """
+    z = jnp.concatenate([z1, z2])
+    z = z / jnp.maximum(jnp.linalg.norm(z, axis=-1, keepdims=True), 1e-6)
+    both = jnp.concatenate([valid, valid])
+    n = z.shape[0]
+    logits = (z @ z.T) / temperature
+    # An anchor is never its own negative; invalid views are nobody's negative.
+    allowed = both[None, :] & ~jnp.eye(n, dtype=bool)
+    logits = jnp.where(allowed, logits, -1e9)
+    partner = (jnp.arange(n) + n // 2) % n
+    per_anchor = optax.softmax_cross_entropy_with_integer_labels(logits, partner)
+    weight = both.astype(jnp.float32)
+    return jnp.sum(per_anchor * weight) / jnp.maximum(weight.sum(), 1.0)
+
+
+def embed(params: dict[str, Any], image: jax.Array) -> jax.Array:
+    """[D] embedding of one image: the encoder's last layer (no classifier head)."""
+    return classifier_logits(params, image)
+
+
+def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Array, *,
+               config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
+               batch_size: int = 128, temperature: float = 0.5,
+               learning_rate: float = 1e-3) -> dict[str, Any]:
+    """Train a SimCLR encoder on the images with ``keep`` = 1 (minibatch Adam).
+
+    Args:
+      key: PRNG key: initialisation and the minibatch draws.
+      images: [N, H, W, C] in [0, 1]; ids: [N] example ids for ``views_fn``; keep: [N] bool.
+
+    Returns:
+      The encoder params. Pure: vmap over (key, keep) to train many encoders at once.
+    """
+    k_init, k_batches = jax.random.split(key)
+    params = config.init(k_init)
+    optimizer = optax.adam(learning_rate)
+
+    def loss(p, rows, valid, step):
+        base = TRAIN_AUG_OFFSET + 2 * step
+
+        def two_views(image, example_id):
+            return (views_fn(image, example_id, base), views_fn(image, example_id, base + 1))
+
+        v1, v2 = jax.vmap(two_views)(images[rows], ids[rows])
+        z1 = jax.vmap(embed, in_axes=(None, 0))(p, v1)
+        z2 = jax.vmap(embed, in_axes=(None, 0))(p, v2)
+        return nt_xent(z1, z2, valid, temperature)
+
+    def step(carry, inputs):
+        p, state = carry
+        step_key, index = inputs
+        rows, valid = kept_minibatch(step_key, keep, batch_size)
+        grads = jax.grad(loss)(p, rows, valid, index)
+        updates, state = optimizer.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), None
+
+    inputs = (jax.random.split(k_batches, steps), jnp.arange(steps))
+    (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), inputs)
+    return params
+
+
+def train_simclrs(key: jax.Array, images: np.ndarray, ids: np.ndarray, keep: np.ndarray, *,
+                  config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
+                  batch_size: int = 128, temperature: float = 0.5,
+                  learning_rate: float = 1e-3) -> Any:
+    """One SimCLR encoder per row of ``keep`` [M, N] (e.g. f with a candidate set and g
+    without), all in one jitted vmap; model m starts from ``jax.random.split(key, M)[m]``.
+
+    Returns:
+      Stacked params (leading axis M), as host arrays.
+    """
+    keep = check_keep(keep, len(images))
+    fit = functools.partial(fit_simclr, config=config, views_fn=views_fn, steps=steps,
+                            batch_size=batch_size, temperature=temperature,
+                            learning_rate=learning_rate)
+    keys = jax.random.split(key, keep.shape[0])
+    trained = jax.jit(jax.vmap(fit, in_axes=(0, None, None, 0)))(keys, images, ids, keep)
+    return jax.tree.map(np.asarray, trained)
