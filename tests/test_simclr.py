@@ -90,3 +90,15 @@ def test_simclr_training_lowers_the_loss_on_digits():
     first = jax.tree.map(lambda a: a[0], before)
     trained = jax.tree.map(lambda a: a[0], after)
     assert batch_loss(trained) < 0.8 * batch_loss(first)
+
+
+def test_encoder_layers_end_in_the_embedding():
+    from memjax.train.simclr import embed, encoder_layers
+
+    config = CNNConfig((8, 8, 1), 6, channels=(4, 8), hidden=(12,))
+    params = config.init(jax.random.key(0))
+    image = np.random.default_rng(0).random((8, 8, 1)).astype(np.float32)
+    layers = encoder_layers(params, image)
+    assert {k: v.shape for k, v in layers.items()} == {
+        "conv1": (4, 4, 4), "conv2": (2, 2, 8), "dense1": (12,), "embedding": (6,)}
+    np.testing.assert_allclose(layers["embedding"], embed(params, image), rtol=1e-6)

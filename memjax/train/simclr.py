@@ -65,6 +65,26 @@ def embed(params: dict[str, Any], image: jax.Array) -> jax.Array:
     return classifier_logits(params, image)
 
 
+def encoder_layers(params: dict[str, Any], image: jax.Array) -> dict[str, jax.Array]:
+    """Every layer's output of one image from one forward pass (LayerMem / UnitMem taps):
+    ``conv{k}`` [H/2^k, W/2^k, C_k] after ReLU and pooling, ``dense{k}`` [width] after
+    ReLU, ``embedding`` [D]. The same computation as :func:`embed`."""
+    from memjax.train.classifier import conv3x3_same
+
+    out = {}
+    h = jnp.asarray(image, jnp.float32)
+    for k, conv in enumerate(params.get("convs", ()), start=1):
+        h = jax.nn.relu(conv3x3_same(h, conv["w"]) + conv["b"])
+        height, width, channels = h.shape
+        h = out[f"conv{k}"] = h.reshape(height // 2, 2, width // 2, 2, channels).mean((1, 3))
+    h = jnp.ravel(h)
+    *hidden, last = params["layers"]
+    for k, layer in enumerate(hidden, start=1):
+        h = out[f"dense{k}"] = jax.nn.relu(h @ layer["w"] + layer["b"])
+    out["embedding"] = h @ last["w"] + last["b"]
+    return out
+
+
 def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Array, *,
                config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
                batch_size: int = 128, temperature: float = 0.5,

@@ -1,0 +1,419 @@
+"""UnitMem: per-unit memorization of an SSL vision encoder.
+
+Wang et al. 2024, "Localizing Memorization in SSL Vision Encoders" (NeurIPS). For unit
+``u`` of a layer and training example ``i``, ``mu[i, u]`` is the unit's activation
+averaged over ``K`` SimCLR augmentations of ``x_i`` (conv channels averaged over space,
+token units averaged over tokens). With ``mu_max = max_i mu[i, u]`` and ``mu_-max`` the
+mean (the paper's text) or median (the reference code) of ``mu[., u]`` over the OTHER
+examples::
+
+    UnitMem(u) = (mu_max - mu_-max) / (mu_max + mu_-max)
+
+A unit close to 1 fires for one example far more than for the rest. Unlike the reference
+code (FIELD-NOTES): augmentation happens in [0, 1] space before the model's own
+normalisation, BatchNorm uses running statistics (the model's ``train=False``), and the
+ratio is eps-guarded so a dead unit scores exactly 0.
+
+Negative activations (GELU, pre-activation taps): UnitMem assumes non-negative
+(post-ReLU) activations, else the ratio can leave [0, 1] or blow up when the denominator
+crosses 0. ``negative="clamp"`` (default) clamps ``mu`` at 0 — the value a ReLU would give
+the averaged unit; ``negative="shift"`` subtracts each unit's minimum over examples
+(``mu - min_i mu[i, u]``), which keeps the ordering of examples for units that are
+negative everywhere. Both leave post-ReLU activations unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memjax.augment import check_image_shape, output_size, simclr_view, view_key
+from memjax.data.base import ID_FIELD, Source, as_source, example_ids
+from memjax.engine import make_mesh, param_shardings, score
+from memjax.engine.mesh import place_params
+from memjax.errors import InputError
+
+OTHERS = ("mean", "median")
+SPATIAL = ("mean", "max")
+NEGATIVE = ("clamp", "shift")
+# Field the per-example function reads its augmentation key from: the engine keeps the
+# source's ``id`` on the host, so the id travels to the device under this name.
+VIEW_ID_FIELD = "unitmem_view_id"
+
+ApplyFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
+
+
+# --------------------------------------------------------------------------- formula
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{name}={value!r}: expected one of {choices}")
+
+
+def _check_eps(eps: float) -> float:
+    if not np.isfinite(eps) or eps < 0:
+        raise InputError(f"eps={eps!r}: expected a finite number >= 0")
+    return float(eps)
+
+
+def unitmem_ratio(mu_max: np.ndarray, mu_others: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """``(mu_max - mu_others) / (mu_max + mu_others + eps)``, exactly 0 where both are 0.
+
+    For non-negative inputs the denominator is 0 only for a dead unit; it scores 0 (not
+    NaN) even with ``eps=0``.
+    """
+    mu_max = np.asarray(mu_max, np.float64)
+    mu_others = np.asarray(mu_others, np.float64)
+    den = mu_max + mu_others
+    live = den > 0
+    return np.where(live, (mu_max - mu_others) / np.where(live, den + eps, 1.0), 0.0)
+
+
+def _non_negative(mu: np.ndarray, negative: str) -> np.ndarray:
+    """``mu [N, U]`` made non-negative as documented in the module docstring."""
+    if negative == "clamp":
+        return np.maximum(mu, 0.0)
+    return mu - mu.min(axis=0, keepdims=True)
+
+
+def unitmem_from_activations(mu: Any, *, others: str = "mean", eps: float = 1e-8,
+                             negative: str = "clamp") -> tuple[np.ndarray, np.ndarray]:
+    """UnitMem of every unit from materialised mean activations.
+
+    Args:
+      mu: ``[N, U]`` per-example (augmentation-averaged) unit activations, N >= 2.
+      others: ``"mean"`` (paper) or ``"median"`` (reference code) over the non-argmax rows.
+      eps: added to the denominator; a dead unit (all zeros) scores 0 whatever eps.
+      negative: ``"clamp"`` or ``"shift"`` (module docstring).
+
+    Returns:
+      ``(scores [U] float64 in [0, 1], argmax [U] int64)``; ties in the maximum go to the
+      first (lowest) row index, as ``np.argmax``.
+    """
+    _check_choice("others", others, OTHERS)
+    _check_choice("negative", negative, NEGATIVE)
+    eps = _check_eps(eps)
+    mu = np.asarray(mu, np.float64)
+    if mu.ndim != 2 or mu.shape[0] < 2 or mu.shape[1] < 1:
+        raise InputError(f"mu shape {mu.shape}: expected [N, U] with N >= 2 examples and "
+                         "U >= 1 units")
+    if not np.isfinite(mu).all():
+        raise InputError("mu has NaN or Inf; expected finite activations")
+    mu = _non_negative(mu, negative)
+    n = mu.shape[0]
+    argmax = np.argmax(mu, axis=0)
+    mu_max = mu[argmax, np.arange(mu.shape[1])]
+    if others == "mean":
+        mu_others = (mu.sum(axis=0) - mu_max) / (n - 1)
+    else:
+        rest = np.ones_like(mu, dtype=bool)
+        rest[argmax, np.arange(mu.shape[1])] = False
+        mu_others = np.median(mu.T[rest.T].reshape(mu.shape[1], n - 1), axis=1)
+    return unitmem_ratio(mu_max, mu_others, eps), argmax.astype(np.int64)
+
+
+# --------------------------------------------------------------------------- streaming
+
+@dataclasses.dataclass(frozen=True)
+class RunningStats:
+    """Per-unit running statistics of ``mu`` over the examples seen so far.
+
+    ``max``/``argmax`` (first index on ties), ``sum`` and ``min`` are float64 ``[U]``;
+    ``count`` is the number of examples. Merged by :func:`combine`, associatively, so
+    batches, chunks or shards can be folded in any grouping.
+    """
+
+    max: np.ndarray
+    argmax: np.ndarray
+    sum: np.ndarray
+    min: np.ndarray
+    count: int
+
+
+def batch_stats(mu: np.ndarray, offset: int) -> RunningStats:
+    """Statistics of the rows ``mu [b, U]`` whose first row is example index ``offset``."""
+    mu = np.asarray(mu, np.float64)
+    argmax = np.argmax(mu, axis=0)
+    return RunningStats(max=mu[argmax, np.arange(mu.shape[1])], argmax=argmax + offset,
+                        sum=mu.sum(axis=0), min=mu.min(axis=0), count=mu.shape[0])
+
+
+def combine(a: RunningStats | None, b: RunningStats) -> RunningStats:
+    """Merge two statistics; on equal maxima the lower example index wins."""
+    if a is None:
+        return b
+    take_b = (b.max > a.max) | ((b.max == a.max) & (b.argmax < a.argmax))
+    return RunningStats(max=np.where(take_b, b.max, a.max),
+                        argmax=np.where(take_b, b.argmax, a.argmax),
+                        sum=a.sum + b.sum, min=np.minimum(a.min, b.min),
+                        count=a.count + b.count)
+
+
+def unitmem_from_stats(stats: RunningStats, *, eps: float = 1e-8,
+                       negative: str = "clamp") -> np.ndarray:
+    """UnitMem ``[U]`` with the MEAN over the other examples, from running statistics.
+
+    ``negative="clamp"`` expects the statistics of already-clamped ``mu``; ``"shift"``
+    subtracts ``min`` here (max and mean shift by it; the argmax does not move).
+    """
+    if stats.count < 2:
+        raise InputError(f"UnitMem needs at least 2 examples, got {stats.count}")
+    mu_max, total = stats.max, stats.sum
+    if negative == "shift":
+        mu_max, total = mu_max - stats.min, total - stats.count * stats.min
+    return unitmem_ratio(mu_max, (total - mu_max) / (stats.count - 1), eps)
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclasses.dataclass(frozen=True)
+class LayerUnitMem:
+    """UnitMem of one layer: ``scores [U]``, the argmax example per unit (``argmax``: its
+    index in the source, ``argmax_id``: its id), ``summary`` and ``mu [N, U]`` if asked."""
+
+    scores: np.ndarray
+    argmax: np.ndarray
+    argmax_id: np.ndarray
+    summary: dict[str, float]
+    mu: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitMemResult:
+    """Per-layer UnitMem (``layers[name]``), with the run's settings; ``ids [N]`` are the
+    example ids of the rows of each ``mu`` (None unless μ was returned)."""
+
+    layers: dict[str, LayerUnitMem]
+    n_examples: int
+    n_aug: int
+    others: str
+    ids: np.ndarray | None = None
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {name: layer.summary for name, layer in self.layers.items()}
+
+
+def summarize(scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Mean, median, max of a layer's UnitMem and the fraction of units above threshold."""
+    scores = np.asarray(scores, np.float64)
+    return {"n_units": float(scores.size), "mean": float(scores.mean()),
+            "median": float(np.median(scores)), "max": float(scores.max()),
+            f"frac_above_{threshold}": float((scores > threshold).mean()),
+            "frac_zero": float((scores == 0).mean())}
+
+
+# --------------------------------------------------------------------------- engine glue
+
+def _int_ids(ids: np.ndarray) -> np.ndarray:
+    """Integer view-key ids: integer ids as they are; other ids (text) by a stable hash."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iu":
+        return ids.astype(np.int64)
+    digest = lambda v: int.from_bytes(
+        hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+    return np.asarray([digest(v) for v in ids.tolist()], np.int64)
+
+
+class _KeyedSlice:
+    """Examples ``[start, stop)`` of ``source`` with their ids copied into a device field,
+    so the per-example function can key its augmentations by example id."""
+
+    def __init__(self, source: Source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def ids(self, indices: np.ndarray) -> np.ndarray:
+        return _source_ids(self.source, self.start + np.asarray(indices, np.int64))
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        base = self.start + np.asarray(indices, np.int64)
+        fields = dict(self.source.read(base))
+        # The engine reports ids from the id field, else from its (slice-local) indices.
+        fields.setdefault(ID_FIELD, base)
+        fields[VIEW_ID_FIELD] = _int_ids(fields[ID_FIELD])
+        return fields
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "unitmem_slice", "base": self.source.spec(), "start": self.start,
+                "stop": self.stop}
+
+
+def _source_ids(source: Source, indices: np.ndarray) -> np.ndarray:
+    ids = getattr(source, "ids", None)
+    return np.asarray(ids(indices)) if callable(ids) else example_ids(source.read(indices),
+                                                                       indices)
+
+
+def unit_means(activation: jax.Array, spatial: str = "mean") -> jax.Array:
+    """``[K, ..., U]`` activations of K views -> ``[U]``: each view reduced over every
+    axis but the last (space or tokens) by ``spatial``, then averaged over views."""
+    # float32 before reducing: a bf16 mean over thousands of positions loses digits.
+    flat = activation.astype(jnp.float32).reshape(activation.shape[0], -1,
+                                                  activation.shape[-1])
+    per_view = flat.mean(axis=1) if spatial == "mean" else flat.max(axis=1)
+    return per_view.mean(axis=0)
+
+
+def _example_fn(apply_fn: ApplyFn, layers: tuple[str, ...], *, image_field: str,
+                n_aug: int, seed: int, size, spatial: str, normalize):
+    """fn(params, example) -> tuple of mu [U_l] per layer, for ONE example."""
+
+    def fn(params, example):
+        image = example[image_field]
+        if image.dtype == jnp.uint8:
+            image = image.astype(jnp.float32) / 255.0
+        keys = jax.vmap(lambda k: view_key(seed, example[VIEW_ID_FIELD], k))(
+            jnp.arange(n_aug))
+        views = jax.vmap(lambda k: simclr_view(k, image, size=size))(keys)
+        if normalize is not None:  # after augmentation: jitter/clip act in [0, 1] space
+            mean, std = normalize
+            views = (views - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+        acts = jax.vmap(apply_fn, in_axes=(None, 0))(params, views)
+        return tuple(unit_means(acts[name], spatial) for name in layers)
+
+    return fn
+
+
+def _check_layers(apply_fn: ApplyFn, params: Any, view_shape: tuple[int, ...],
+                  layers: Sequence[str]) -> tuple[str, ...]:
+    """Layer names checked against ``apply_fn``'s outputs (shapes only, no compute)."""
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = tuple(layers)
+    if not layers:
+        raise InputError("layers: expected at least one layer name")
+    shapes = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(view_shape, jnp.float32))
+    if not isinstance(shapes, Mapping):
+        raise InputError(f"apply_fn: expected apply_fn(params, image) -> {{layer: activation}}, "
+                         f"got {type(shapes).__name__}")
+    unknown = [name for name in layers if name not in shapes]
+    if unknown:
+        raise InputError(f"layers {unknown} are not among apply_fn's activations; available: "
+                         f"{', '.join(sorted(shapes))}")
+    for name in layers:
+        if len(shapes[name].shape) < 1:
+            raise InputError(f"layer {name!r} is a scalar; expected [..., units]")
+    return layers
+
+
+def _check_images(image_field: str):
+    def validate(fields: dict[str, np.ndarray], indices: np.ndarray) -> None:
+        images = fields[image_field]
+        if images.dtype.kind == "f" and images.size and (images.min() < 0 or images.max() > 1):
+            bad = ((images < 0) | (images > 1)).reshape(len(images), -1).any(axis=1)
+            raise InputError(f"field {image_field!r}: example index {indices[np.argmax(bad)]} "
+                             "has values outside [0, 1]; expected un-normalised images in "
+                             "[0, 1] (pass normalize=(mean, std) for the model's own)")
+    return validate
+
+
+def unitmem(apply_fn: ApplyFn, params: Any, source: Any, *, layers: Sequence[str],
+            n_aug: int, seed: int = 0, others: str = "mean", spatial: str = "mean",
+            eps: float = 1e-8, size=None, batch_size: int, mesh=None,
+            return_mu: bool = False, image_field: str = "image",
+            normalize: tuple[Any, Any] | None = None, negative: str = "clamp",
+            chunk_size: int | None = None, progress: bool = False) -> UnitMemResult:
+    """UnitMem of every unit of ``layers`` over the examples of ``source``.
+
+    Args:
+      apply_fn: ``apply_fn(params, image [h, w, C]) -> {layer: activation [..., U]}`` for
+        ONE image (e.g. ``with_taps`` on a model, images given a batch axis of 1).
+      params: the encoder's params (replicated over the mesh by the engine).
+      source: a dict of arrays or a memjax source with ``image_field`` ``[H, W, C]`` in
+        [0, 1] (float) or uint8 (divided by 255); example ids key the augmentations.
+      layers: names among ``apply_fn``'s outputs.
+      n_aug: SimCLR views per example (the reference code uses 10).
+      seed: augmentation seed; view k of example id i is ``view_key(seed, i, k)``.
+      others: ``"mean"`` (paper; streamed) or ``"median"`` (reference code; materialises
+        ``mu [N, U]`` on the host, as a median needs every value).
+      spatial: reduce each view's activation over space/tokens by ``"mean"`` or ``"max"``.
+      eps, negative: see :func:`unitmem_from_activations`.
+      size: view size (default: the image size).
+      batch_size, mesh, progress: passed to :func:`memjax.engine.score`.
+      return_mu: also return ``mu [N, U]`` per layer (materialised on the host).
+      normalize: ``(mean, std)`` applied to each view after augmentation.
+      chunk_size: examples per engine call (a multiple of ``batch_size``; default 64
+        batches): with ``others="mean"`` only one chunk of ``mu`` exists at a time.
+
+    Streaming: the engine computes ``mu`` for a chunk of examples (vmapped, sharded on
+    the mesh's data axis; its outputs come back gathered); each chunk is reduced to
+    per-unit max/argmax/sum/min (:func:`batch_stats`) and merged into the running
+    statistics (:func:`combine`), in float64. Activations are never kept beyond a chunk.
+
+    Returns:
+      :class:`UnitMemResult`.
+    """
+    _check_choice("others", others, OTHERS)
+    _check_choice("spatial", spatial, SPATIAL)
+    _check_choice("negative", negative, NEGATIVE)
+    eps = _check_eps(eps)
+    if isinstance(n_aug, bool) or not isinstance(n_aug, (int, np.integer)) or n_aug < 1:
+        raise InputError(f"n_aug={n_aug!r}: expected a positive integer (the reference "
+                         "code uses 10)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: expected a positive integer")
+    source = as_source(source)
+    n = len(source)
+    if n < 2:
+        raise InputError(f"source has {n} example; UnitMem compares each unit's top example "
+                         "with the others and needs at least 2")
+    first = source.read(np.zeros(1, np.int64))
+    if image_field not in first:
+        raise InputError(f"image_field={image_field!r} not in the source; fields: "
+                         f"{sorted(first)}")
+    image_shape = np.shape(first[image_field])[1:]
+    if len(image_shape) != 3:
+        raise InputError(f"field {image_field!r} has per-example shape {image_shape}; "
+                         "expected one image [H, W, C]")
+    check_image_shape(image_shape, f"field {image_field!r}")
+    h, w = output_size(size, image_shape, "unitmem")
+    layers = _check_layers(apply_fn, params, (h, w, image_shape[2]), layers)
+
+    chunk = chunk_size or batch_size * 64
+    if chunk % batch_size:
+        raise InputError(f"chunk_size={chunk_size}: expected a multiple of batch_size="
+                         f"{batch_size}")
+    mesh = make_mesh() if mesh is None else mesh
+    params = place_params(params, param_shardings(params, mesh))  # once, not per chunk
+    fn = _example_fn(apply_fn, layers, image_field=image_field, n_aug=int(n_aug),
+                     seed=seed, size=size, spatial=spatial, normalize=normalize)
+    keep_mu = return_mu or others == "median"
+    stats: list[RunningStats | None] = [None] * len(layers)
+    mus: list[list[np.ndarray]] = [[] for _ in layers]
+    ids = []
+    for start in range(0, n, chunk):
+        out = score(fn, params, _KeyedSlice(source, start, min(n, start + chunk)),
+                    batch_size=batch_size, mesh=mesh, progress=progress,
+                    validate=_check_images(image_field))
+        ids.append(out[ID_FIELD])
+        for l_idx in range(len(layers)):
+            mu = np.asarray(out[str(l_idx)], np.float64)
+            clamped = np.maximum(mu, 0.0) if negative == "clamp" else mu
+            stats[l_idx] = combine(stats[l_idx], batch_stats(clamped, start))
+            if keep_mu:  # raw mu: unitmem_from_activations(mu, ...) reproduces the scores
+                mus[l_idx].append(mu)
+
+    all_ids = np.concatenate(ids)
+    results = {}
+    for l_idx, name in enumerate(layers):
+        mu = np.concatenate(mus[l_idx]) if keep_mu else None
+        if others == "mean":
+            scores = unitmem_from_stats(stats[l_idx], eps=eps, negative=negative)
+            argmax = stats[l_idx].argmax
+        else:
+            scores, argmax = unitmem_from_activations(mu, others="median", eps=eps,
+                                                      negative=negative)
+        results[name] = LayerUnitMem(scores=scores, argmax=argmax.astype(np.int64),
+                                     argmax_id=all_ids[argmax], summary=summarize(scores),
+                                     mu=mu if return_mu else None)
+    return UnitMemResult(layers=results, n_examples=n, n_aug=int(n_aug), others=others,
+                         ids=all_ids if return_mu else None)
