@@ -1,6 +1,26 @@
-"""Localising memorization in SSL encoders: UnitMem (and, merged separately, SSLMem and
-déjà vu)."""
+"""Localising memorization (DESIGN.md, "UnitMem", "SSLMem / LayerMem", "CLIPMem",
+"Déjà vu").
 
+- :func:`unitmem`, :func:`unitmem_from_activations` (Wang et al. 2024, NeurIPS): per-unit
+  memorization, streamed over examples.
+- :func:`sslmem`, :func:`layermem`, :func:`clipmem` (Wang et al. 2024 ICLR, 2025): the
+  leave-out alignment gap of an encoder trained with an example vs one trained without,
+  per layer from one pass, and on image–caption pairs.
+- :func:`knn`, :func:`label_inference`, :func:`dejavu`, :func:`dejavu_sets` (Meehan et al.
+  2023; Jayaraman et al. 2024): déjà vu label inference from background crops.
+"""
+
+from memjax.memorization.dejavu import (
+    accuracy_by_confidence,
+    classifier_inference,
+    dejavu,
+    dejavu_sets,
+    knn,
+    label_inference,
+    neighbour_objects,
+    set_precision_recall,
+)
+from memjax.memorization.sslmem import ClipApply, clipmem, layermem, sslmem
 from memjax.memorization.unitmem import (
     LayerUnitMem,
     RunningStats,
@@ -14,11 +34,23 @@ from memjax.memorization.unitmem import (
 )
 
 __all__ = [
+    "ClipApply",
     "LayerUnitMem",
     "RunningStats",
     "UnitMemResult",
+    "accuracy_by_confidence",
     "batch_stats",
+    "classifier_inference",
+    "clipmem",
     "combine",
+    "dejavu",
+    "dejavu_sets",
+    "knn",
+    "label_inference",
+    "layermem",
+    "neighbour_objects",
+    "set_precision_recall",
+    "sslmem",
     "unitmem",
     "unitmem_from_activations",
     "unitmem_from_stats",

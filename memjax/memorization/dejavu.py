@@ -1,0 +1,422 @@
+"""Déjà vu memorization: what a model reveals about an example beyond correlations.
+
+- Meehan et al. 2023, "Do SSL Models Have Déjà Vu? A Case of Unintended Memorization in
+  Self-supervised Learning" (NeurIPS; code facebookresearch/DejaVu): embed the background
+  crop of a training image (the largest rectangle outside its object boxes) with the
+  target SSL model (trained on the image) and a reference model (not trained on it); find
+  its k = 100 nearest neighbours (exact L2) in a public labelled set; predict the object
+  label from the neighbours' label histogram, with the histogram's entropy as
+  (inverse) confidence. Memorization = the accuracy gap target - reference among the
+  5/20/100% most confident queries. A *correlation detector* (a classifier that predicts
+  the label from the crop itself) can replace the reference model: pass its class
+  probabilities as ``reference_probs`` (Meehan et al. Sec. 4; Kokhlikyan et al. 2024,
+  "Measuring Déjà vu Memorization Efficiently", use such one-model references).
+- Jayaraman et al. 2024, "Déjà Vu Memorization in Vision-Language Models" (NeurIPS; code
+  facebookresearch/VLMDejaVu): the same test with object *sets* predicted from the
+  captions of neighbouring public images; precision/recall against the true objects and
+  population-level gaps (:func:`dejavu_sets`).
+
+The k-NN is exact and blockwise (:func:`knn`): the public set is scanned in blocks with a
+running ``lax.top_k`` merge, so memory is O(Q x block), never Q x P. Higher gap = more
+memorized by the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.typing import ArrayLike
+
+from memjax.errors import InputError
+from memjax.signals.contrastive import EPS
+
+METRICS = ("l2", "cosine")
+
+
+# --------------------------------------------------------------------------- k-NN
+
+
+def _block_scores(queries: jax.Array, block: jax.Array, metric: str) -> jax.Array:
+    """[Q, B] nearness (higher = nearer): -squared L2 distance, or cosine similarity."""
+    dots = jnp.matmul(queries, block.T, precision=lax.Precision.HIGHEST)
+    if metric == "l2":
+        # |q - p|^2 expanded as faiss IndexFlatL2 does; clamped: rounding can go below 0.
+        sq = (jnp.sum(queries * queries, axis=1)[:, None] + jnp.sum(block * block, axis=1)
+              - 2.0 * dots)
+        scores = -jnp.maximum(sq, 0.0)
+    else:
+        scores = dots
+    # -0.0 and 0.0 are equal but top_k orders them; one zero keeps ties by index.
+    return jnp.where(scores == 0, 0.0, scores)
+
+
+def _unit_rows(x: jax.Array) -> jax.Array:
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), EPS)
+
+
+def knn_scan(queries: jax.Array, public: jax.Array, k: int, metric: str = "l2",
+             block_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """Exact k nearest public rows of every query; pure (jit it at the edge).
+
+    Ties go to the lower public index: a block's candidates follow the running top-k
+    (lower indices) in the merge, and ``lax.top_k`` keeps the earlier of equal values.
+
+    Returns:
+      (scores [Q, k] float32: -squared L2 or cosine, best first; indices [Q, k] int32).
+    """
+    queries = queries.astype(jnp.float32)
+    public = public.astype(jnp.float32)
+    if metric == "cosine":
+        queries, public = _unit_rows(queries), _unit_rows(public)
+    n_public, dim = public.shape
+    block = min(block_size, n_public)
+    n_blocks = -(-n_public // block)
+    padded = jnp.pad(public, ((0, n_blocks * block - n_public), (0, 0)))
+    blocks = padded.reshape(n_blocks, block, dim)
+    offsets = jnp.arange(n_blocks, dtype=jnp.int32) * block
+    n_q = queries.shape[0]
+
+    def merge(carry, xs):
+        vals, idx = carry
+        rows, offset = xs
+        cols = offset + jnp.arange(block, dtype=jnp.int32)
+        scores = jnp.where(cols < n_public, _block_scores(queries, rows, metric), -jnp.inf)
+        cand_v = jnp.concatenate([vals, scores], axis=1)
+        cand_i = jnp.concatenate([idx, jnp.broadcast_to(cols, (n_q, block))], axis=1)
+        top_v, pos = lax.top_k(cand_v, k)
+        return (top_v, jnp.take_along_axis(cand_i, pos, axis=1)), None
+
+    init = (jnp.full((n_q, k), -jnp.inf, jnp.float32), jnp.full((n_q, k), -1, jnp.int32))
+    (vals, idx), _ = lax.scan(merge, init, (blocks, offsets))
+    return vals, idx
+
+
+_knn_jit = jax.jit(knn_scan, static_argnames=("k", "metric", "block_size"))
+
+
+def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
+        block_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+    """Exact k-NN of each query in a public set, blockwise (never a [Q, P] matrix).
+
+    Args:
+      queries: [Q, D] float; public: [P, D] float, P >= k.
+      k: neighbours per query. metric: ``"l2"`` or ``"cosine"`` (norms clamped at EPS).
+      block_size: public rows compared per step (memory O(Q x block_size)).
+
+    Returns:
+      (values [Q, k], indices [Q, k] int32), nearest first, ties to the lower index.
+      ``"l2"``: squared Euclidean distances (faiss IndexFlatL2's convention, computed in
+      float32 as |q|^2 + |p|^2 - 2 q.p, clamped at 0); ``"cosine"``: similarities.
+    """
+    if metric not in METRICS:
+        raise InputError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
+    q = _matrix(queries, "queries")
+    p = _matrix(public, "public")
+    if q.shape[1] != p.shape[1]:
+        raise InputError(f"queries and public must have the same dimension D, got "
+                         f"{q.shape[1]} and {p.shape[1]}")
+    k = _positive_int(k, "k")
+    if k > p.shape[0]:
+        raise InputError(f"k={k}: expected at most the public set size ({p.shape[0]})")
+    block_size = _positive_int(block_size, "block_size")
+    vals, idx = _knn_jit(q, p, k=k, metric=metric, block_size=block_size)
+    if metric == "l2":
+        vals = jnp.where(vals == 0, 0.0, -vals)
+    return vals, idx
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _entropy(p: jax.Array) -> jax.Array:
+    """Natural-log entropy of each row of [Q, C] probabilities; 0 log 0 = 0."""
+    safe = jnp.where(p > 0, p, 1.0)
+    return -jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=1)
+
+
+def _top5(scores: jax.Array) -> jax.Array:
+    return lax.top_k(scores, min(5, scores.shape[1]))[1]
+
+
+def _histogram_predictions(neighbour_labels: jax.Array, num_classes: int):
+    # Scatter-add into [Q, C]: a one-hot would materialise [Q, k, C].
+    rows = jnp.arange(neighbour_labels.shape[0])[:, None]
+    counts = jnp.zeros((neighbour_labels.shape[0], num_classes), jnp.float32)
+    counts = counts.at[rows, neighbour_labels].add(1.0)
+    # argmax and top_k both take the lowest label among equal counts. The entropy sums the
+    # sorted histogram so relabelled histograms get bit-identical confidence (real ties).
+    probs = jnp.sort(counts, axis=1) / neighbour_labels.shape[1]
+    return jnp.argmax(counts, axis=1), _top5(counts), -_entropy(probs)
+
+
+_histogram_jit = jax.jit(_histogram_predictions, static_argnames=("num_classes",))
+
+
+def label_inference(neighbour_labels: ArrayLike, num_classes: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Label prediction from the k nearest public neighbours' labels (Meehan et al. 2023).
+
+    Args:
+      neighbour_labels: [Q, k] int labels in [0, num_classes).
+
+    Returns:
+      (top-1 [Q], top-5 [Q, min(5, C)] most frequent labels, ties to the lower label;
+      confidence [Q] = -entropy (natural log) of the neighbour label histogram).
+    """
+    num_classes = _positive_int(num_classes, "num_classes")
+    labels = _labels(neighbour_labels, "neighbour_labels", num_classes, ndim=2)
+    return _histogram_jit(jnp.asarray(labels, jnp.int32), num_classes=num_classes)
+
+
+def _probs_predictions(probs: jax.Array):
+    return jnp.argmax(probs, axis=1), _top5(probs), -_entropy(probs)
+
+
+_probs_jit = jax.jit(_probs_predictions)
+
+
+def classifier_inference(probs: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The same triple from a correlation detector's class probabilities [Q, C].
+
+    Rows are renormalised to sum to 1; confidence = -entropy of the row.
+    """
+    p = _matrix(probs, "reference_probs")
+    if (p < 0).any() or (p.sum(axis=1) <= 0).any():
+        raise InputError("reference_probs: expected non-negative rows with a positive sum")
+    return _probs_jit(jnp.asarray(p / p.sum(axis=1, keepdims=True), jnp.float32))
+
+
+def accuracy_by_confidence(confidence: ArrayLike, correct: ArrayLike,
+                           fractions: Sequence[float]) -> np.ndarray:
+    """Accuracy among the most confident ``round(f * Q)`` queries (>= 1) for each f.
+
+    Confidence ties are broken by query order (stable sort). Returns [F] float64.
+    """
+    conf = np.asarray(confidence, np.float64)
+    hit = np.asarray(correct, np.float64)
+    order = np.argsort(-conf, kind="stable")
+    counts = [max(1, math.floor(f * len(conf) + 0.5)) for f in fractions]
+    return np.array([hit[order[:n]].mean() for n in counts])
+
+
+def dejavu(target_emb: ArrayLike, reference_emb: ArrayLike | None,
+           public_emb: ArrayLike | tuple[ArrayLike, ArrayLike],
+           public_labels: ArrayLike, true_labels: ArrayLike, *, k: int = 100,
+           fractions: Sequence[float] = (0.05, 0.2, 1.0), num_classes: int | None = None,
+           metric: str = "l2", block_size: int = 1024,
+           reference_probs: ArrayLike | None = None) -> dict[str, Any]:
+    """Déjà vu label-inference test of a target model against a reference (Meehan et al.).
+
+    Args:
+      target_emb, reference_emb: [Q, D] embeddings of the same background crops by the
+        target and the reference model. ``reference_emb=None`` with ``reference_probs``
+        [Q, C]: a correlation detector replaces the reference model.
+      public_emb: the public set embedded by each model, as the paper does:
+        ``(target_public [P, D], reference_public [P, D'])``; one [P, D] array is used
+        for both (only meaningful when the models share an embedding space).
+      public_labels: [P] int.
+      true_labels: [Q] int true label of each crop's image.
+      k: neighbours (paper: 100). fractions: most-confident fractions (paper: 5/20/100%).
+
+    Returns:
+      ``{"fractions": [F], "target": m, "reference": m, "gap": {"top1": [F], "top5": [F]}}``
+      with each ``m = {"top1": [F], "top5": [F] accuracies, "pred_top1": [Q],
+      "pred_top5": [Q, 5], "confidence": [Q]}``; gap = target - reference (higher = more
+      déjà vu memorization).
+    """
+    fractions = _fractions(fractions)
+    pub_labels = np.asarray(public_labels)
+    truth = np.asarray(true_labels)
+    if reference_probs is not None and num_classes is None:
+        num_classes = np.shape(reference_probs)[-1]  # the detector's classes
+    if num_classes is None:
+        num_classes = int(max(_int_max(pub_labels, "public_labels"),
+                              _int_max(truth, "true_labels"))) + 1
+    num_classes = _positive_int(num_classes, "num_classes")
+    pub_labels = _labels(pub_labels, "public_labels", num_classes, ndim=1)
+    truth = _labels(truth, "true_labels", num_classes, ndim=1)
+    if isinstance(public_emb, (tuple, list)):
+        if len(public_emb) != 2:
+            raise InputError("public_emb: expected one [P, D] array or a pair (target's, "
+                             f"reference's), got a sequence of {len(public_emb)}")
+        publics = {"target": _matrix(public_emb[0], "public_emb[0]"),
+                   "reference": _matrix(public_emb[1], "public_emb[1]")}
+    else:
+        shared = _matrix(public_emb, "public_emb")
+        publics = {"target": shared, "reference": shared}
+    for public in publics.values():
+        if len(pub_labels) != len(public):
+            raise InputError(f"public_labels has {len(pub_labels)} labels for {len(public)} "
+                             "public embeddings; expected one per row")
+    if (reference_emb is None) == (reference_probs is None):
+        raise InputError("pass exactly one of reference_emb (a reference model) and "
+                         "reference_probs (a correlation detector)")
+
+    def by_knn(emb: ArrayLike, name: str, public: np.ndarray):
+        emb = _matrix(emb, name)
+        if len(emb) != len(truth):
+            raise InputError(f"{name} has {len(emb)} rows for {len(truth)} true_labels")
+        _, idx = knn(emb, public, k, metric=metric, block_size=block_size)
+        return label_inference(pub_labels[np.asarray(idx)], num_classes)
+
+    results = {"target": by_knn(target_emb, "target_emb", publics["target"])}
+    if reference_emb is not None:
+        results["reference"] = by_knn(reference_emb, "reference_emb", publics["reference"])
+    else:
+        if np.shape(reference_probs)[-1] != num_classes:
+            raise InputError(f"reference_probs has {np.shape(reference_probs)[-1]} classes; "
+                             f"expected num_classes={num_classes}")
+        ref = classifier_inference(reference_probs)
+        if ref[0].shape[0] != len(truth):
+            raise InputError(f"reference_probs has {ref[0].shape[0]} rows for "
+                             f"{len(truth)} true_labels")
+        results["reference"] = ref
+    out: dict[str, Any] = {"fractions": np.asarray(fractions)}
+    for name, (top1, top5, conf) in results.items():
+        top1, top5, conf = np.asarray(top1), np.asarray(top5), np.asarray(conf)
+        hit5 = (top5 == truth[:, None]).any(axis=1)
+        out[name] = {"top1": accuracy_by_confidence(conf, top1 == truth, fractions),
+                     "top5": accuracy_by_confidence(conf, hit5, fractions),
+                     "pred_top1": top1, "pred_top5": top5, "confidence": conf}
+    out["gap"] = {m: out["target"][m] - out["reference"][m] for m in ("top1", "top5")}
+    return out
+
+
+# --------------------------------------------------------------------------- VLM sets
+
+
+def neighbour_objects(public_sets: ArrayLike, indices: ArrayLike, top: int) -> np.ndarray:
+    """Predicted object set of each query: the ``top`` objects most frequent among its
+    neighbours' object sets (present at least once; ties to the lower object id).
+
+    Args:
+      public_sets: [P, C] bool objects of each public image (from its caption).
+      indices: [Q, k] neighbour indices (from :func:`knn`).
+
+    Returns:
+      [Q, C] bool.
+    """
+    sets = np.asarray(public_sets)
+    idx = np.asarray(indices)
+    if sets.ndim != 2 or sets.dtype != bool:
+        raise InputError(f"public_sets: expected a [P, C] bool array, got {sets.dtype} "
+                         f"{sets.shape}")
+    if idx.ndim != 2 or idx.dtype.kind not in "iu" or idx.min() < 0 or idx.max() >= len(sets):
+        raise InputError(f"indices: expected [Q, k] ints in [0, {len(sets)})")
+    top = _positive_int(top, "top")
+    counts = np.zeros((len(idx), sets.shape[1]), np.int64)
+    for j in range(idx.shape[1]):  # k adds of [Q, C]: never a [Q, k, C] array
+        counts += sets[idx[:, j]]
+    order = np.argsort(-counts, axis=1, kind="stable")[:, :top]
+    chosen = np.zeros_like(sets[:1].repeat(len(idx), 0))
+    np.put_along_axis(chosen, order, True, axis=1)
+    return chosen & (counts > 0)
+
+
+def set_precision_recall(predicted: np.ndarray, true: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-query precision |P∩T|/|P| and recall |P∩T|/|T| ([Q] each; 0 when P or T empty)."""
+    hits = (predicted & true).sum(axis=1).astype(np.float64)
+    n_pred = predicted.sum(axis=1)
+    n_true = true.sum(axis=1)
+    precision = np.divide(hits, n_pred, out=np.zeros_like(hits), where=n_pred > 0)
+    recall = np.divide(hits, n_true, out=np.zeros_like(hits), where=n_true > 0)
+    return precision, recall
+
+
+def dejavu_sets(target_sets: ArrayLike, reference_sets: ArrayLike, true_sets: ArrayLike
+                ) -> dict[str, Any]:
+    """VLM déjà vu (Jayaraman et al. 2024): object-set precision/recall and their gaps.
+
+    Args:
+      target_sets, reference_sets: [Q, C] bool objects predicted for each training
+        image by the target / reference model (e.g. :func:`neighbour_objects`).
+      true_sets: [Q, C] bool ground-truth objects of each image.
+
+    Returns:
+      ``{"target": {"precision": [Q], "recall": [Q]}, "reference": {...}, "ppg", "prg",
+      "mean_precision_gap", "mean_recall_gap"}`` where the population precision gap
+      PPG = (#{q: prec_target > prec_reference} - #{q: prec_reference > prec_target}) / Q
+      (the fraction of images the target "remembers better" minus the reverse), PRG the
+      same for recall, and the mean gaps are mean(target - reference).
+    """
+    sets = {name: _bool_sets(x, name) for name, x in
+            (("target_sets", target_sets), ("reference_sets", reference_sets),
+             ("true_sets", true_sets))}
+    shapes = {s.shape for s in sets.values()}
+    if len(shapes) != 1:
+        raise InputError(f"target_sets, reference_sets and true_sets must have one shape "
+                         f"[Q, C], got {[s.shape for s in sets.values()]}")
+    truth = sets["true_sets"]
+    out: dict[str, Any] = {}
+    for name in ("target", "reference"):
+        precision, recall = set_precision_recall(sets[f"{name}_sets"], truth)
+        out[name] = {"precision": precision, "recall": recall}
+    for metric, key in (("precision", "ppg"), ("recall", "prg")):
+        diff = out["target"][metric] - out["reference"][metric]
+        out[key] = float(np.mean(np.sign(diff)))
+        out[f"mean_{metric}_gap"] = float(np.mean(diff))
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _matrix(x: ArrayLike, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise InputError(f"{name}: expected a non-empty 2-D array, got shape {a.shape}")
+    if a.dtype.kind not in "fiu":
+        raise InputError(f"{name}: expected numbers, got dtype {a.dtype}")
+    if not np.isfinite(a).all():
+        raise InputError(f"{name} has NaN or Inf; expected finite numbers")
+    return a.astype(np.float32)
+
+
+def _int_max(labels: np.ndarray, name: str) -> int:
+    if labels.size == 0 or labels.dtype.kind not in "iu":
+        raise InputError(f"{name}: expected a non-empty integer array, got {labels.dtype} "
+                         f"{labels.shape}")
+    return int(labels.max())
+
+
+def _labels(labels: ArrayLike, name: str, num_classes: int, ndim: int) -> np.ndarray:
+    a = np.asarray(labels)
+    if a.ndim != ndim or a.size == 0 or a.dtype.kind not in "iu":
+        raise InputError(f"{name}: expected a non-empty {ndim}-D integer array, got "
+                         f"{a.dtype} {a.shape}")
+    if a.min() < 0 or a.max() >= num_classes:
+        raise InputError(f"{name}: labels must lie in [0, {num_classes}), got "
+                         f"[{a.min()}, {a.max()}]")
+    return a
+
+
+def _fractions(fractions: Sequence[float]) -> tuple[float, ...]:
+    try:
+        values = tuple(float(f) for f in fractions)
+    except TypeError as err:
+        raise InputError(f"fractions: expected a sequence of numbers, got {fractions!r}") \
+            from err
+    if not values or any(not 0 < f <= 1 for f in values):
+        raise InputError(f"fractions: expected numbers in (0, 1], got {fractions!r}")
+    return values
+
+
+def _bool_sets(x: ArrayLike, name: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.dtype != bool or a.shape[0] < 1:
+        raise InputError(f"{name}: expected a non-empty [Q, C] bool array, got {a.dtype} "
+                         f"{a.shape}")
+    return a

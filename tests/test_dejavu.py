@@ -1,0 +1,197 @@
+"""Déjà vu memorization (memjax.memorization.dejavu) vs float64 NumPy brute force."""
+
+import math
+
+import numpy as np
+import pytest
+
+from memjax.errors import InputError
+from memjax.memorization import dejavu as dv
+
+
+def _brute_knn(q, p, k, metric):
+    q, p = q.astype(np.float64), p.astype(np.float64)
+    if metric == "l2":
+        key = ((q[:, None, :] - p[None, :, :]) ** 2).sum(-1)  # ascending = nearest
+    else:
+        qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+        pn = p / np.linalg.norm(p, axis=1, keepdims=True)
+        key = -(qn @ pn.T)
+    # Nearest first, ties to the lower public index.
+    idx = np.stack([np.lexsort((np.arange(len(p)), row))[:k] for row in key])
+    vals = np.take_along_axis(key, idx, axis=1)
+    return (vals if metric == "l2" else -vals), idx
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("block_size", [8, 1024])
+def test_knn_matches_brute_force(metric, block_size):
+    rng = np.random.default_rng()
+    q = rng.normal(size=(11, 5)).astype(np.float32)
+    p = rng.normal(size=(37, 5)).astype(np.float32)  # 37: not a multiple of the block
+    vals, idx = dv.knn(q, p, 7, metric=metric, block_size=block_size)
+    want_vals, want_idx = _brute_knn(q, p, 7, metric)
+    np.testing.assert_array_equal(np.asarray(idx), want_idx)
+    # float32 expansion |q|^2 + |p|^2 - 2 q.p of O(10) norms: ~1e-5 absolute rounding.
+    np.testing.assert_allclose(np.asarray(vals), want_vals, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("block_size", [4, 7, 64])
+def test_knn_ties_go_to_lower_index(metric, block_size):
+    rng = np.random.default_rng()
+    # Signed one-hot and all-(+-1) vectors: norms 1 and 2, so every coordinate, norm,
+    # normalised coordinate and dot product is exact in float32 and float64 alike, and
+    # the 24 distinct vectors drawn 50 times give many exact ties.
+    signs = np.array(np.meshgrid(*[[-1.0, 1.0]] * 4)).reshape(4, -1).T
+    pool = np.concatenate([np.eye(4), -np.eye(4), signs]).astype(np.float32)
+    p = pool[rng.integers(0, len(pool), size=50)]
+    q = pool[rng.integers(0, len(pool), size=9)]
+    _, idx = dv.knn(q, p, 12, metric=metric, block_size=block_size)
+    np.testing.assert_array_equal(np.asarray(idx), _brute_knn(q, p, 12, metric)[1])
+
+
+def _np_label_inference(labels, num_classes):
+    counts = np.stack([np.bincount(row, minlength=num_classes) for row in labels])
+    top1 = np.argmax(counts, axis=1)
+    top5 = np.argsort(-counts, axis=1, kind="stable")[:, :5]
+    p = counts / labels.shape[1]
+    ent = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1)), 0), axis=1)
+    return top1, top5, -ent
+
+
+def test_label_inference_matches_numpy():
+    rng = np.random.default_rng()
+    labels = rng.integers(0, 8, size=(30, 13))
+    top1, top5, conf = dv.label_inference(labels, 8)
+    w1, w5, wc = _np_label_inference(labels, 8)
+    np.testing.assert_array_equal(np.asarray(top1), w1)
+    np.testing.assert_array_equal(np.asarray(top5), w5)
+    np.testing.assert_allclose(np.asarray(conf), wc, rtol=1e-6, atol=1e-6)
+
+
+def _np_accuracy(conf, correct, fractions):
+    order = np.argsort(-conf, kind="stable")
+    return np.array([correct[order[:max(1, math.floor(f * len(conf) + 0.5))]].mean()
+                     for f in fractions])
+
+
+def _np_dejavu_model(emb, public, public_labels, truth, k, num_classes, fractions):
+    _, idx = _brute_knn(emb, public, k, "l2")
+    top1, top5, conf = _np_label_inference(public_labels[idx], num_classes)
+    # Relabelled histograms have equal entropy; round so float64 ties stay ties.
+    conf = np.round(conf, 9)
+    return (_np_accuracy(conf, top1 == truth, fractions),
+            _np_accuracy(conf, (top5 == truth[:, None]).any(axis=1), fractions))
+
+
+def test_dejavu_matches_numpy():
+    rng = np.random.default_rng()
+    n_q, n_p, d, c, k = 40, 120, 6, 7, 10
+    fractions = (0.05, 0.2, 0.5, 1.0)
+    public_labels = rng.integers(0, c, size=n_p)
+    centers = rng.normal(size=(c, d)) * 2
+    pub_t = (centers[public_labels] + rng.normal(size=(n_p, d))).astype(np.float32)
+    pub_r = rng.normal(size=(n_p, d)).astype(np.float32)
+    truth = rng.integers(0, c, size=n_q)
+    tgt = (centers[truth] + rng.normal(size=(n_q, d))).astype(np.float32)
+    ref = rng.normal(size=(n_q, d)).astype(np.float32)
+    out = dv.dejavu(tgt, ref, (pub_t, pub_r), public_labels, truth, k=k, fractions=fractions,
+                    num_classes=c, block_size=16)
+    for name, emb, pub in (("target", tgt, pub_t), ("reference", ref, pub_r)):
+        top1, top5 = _np_dejavu_model(emb, pub, public_labels, truth, k, c, fractions)
+        np.testing.assert_array_equal(out[name]["top1"], top1)
+        np.testing.assert_array_equal(out[name]["top5"], top5)
+    np.testing.assert_array_equal(out["gap"]["top1"], out["target"]["top1"]
+                                  - out["reference"]["top1"])
+    np.testing.assert_array_equal(out["fractions"], fractions)
+    assert out["target"]["pred_top5"].shape == (n_q, 5)
+
+
+def test_dejavu_correlation_detector():
+    rng = np.random.default_rng()
+    n_q, n_p, c = 25, 60, 6
+    public = rng.normal(size=(n_p, 4)).astype(np.float32)
+    public_labels = rng.integers(0, c, size=n_p)
+    truth = rng.integers(0, c, size=n_q)
+    tgt = rng.normal(size=(n_q, 4)).astype(np.float32)
+    probs = rng.dirichlet(np.ones(c), size=n_q)
+    out = dv.dejavu(tgt, None, public, public_labels, truth, k=5, reference_probs=probs * 3)
+    ent = -(probs * np.log(probs)).sum(axis=1)
+    top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
+    fr = (0.05, 0.2, 1.0)
+    np.testing.assert_allclose(out["reference"]["confidence"], -ent, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(out["reference"]["top1"],
+                                  _np_accuracy(-ent, probs.argmax(1) == truth, fr))
+    np.testing.assert_array_equal(out["reference"]["top5"],
+                                  _np_accuracy(-ent, (top5 == truth[:, None]).any(1), fr))
+    want_t = _np_dejavu_model(tgt, public, public_labels, truth, 5, c, fr)
+    np.testing.assert_array_equal(out["target"]["top1"], want_t[0])
+
+
+def test_neighbour_objects_and_sets_match_numpy():
+    rng = np.random.default_rng()
+    n_q, n_p, c, k = 20, 40, 9, 6
+    public_sets = rng.random((n_p, c)) < 0.3
+    idx = rng.integers(0, n_p, size=(n_q, k))
+    pred = dv.neighbour_objects(public_sets, idx, top=3)
+    for qi in range(n_q):
+        counts = public_sets[idx[qi]].sum(0)
+        chosen = [o for o in np.argsort(-counts, kind="stable")[:3] if counts[o] > 0]
+        np.testing.assert_array_equal(np.flatnonzero(pred[qi]), sorted(chosen))
+
+    tgt, ref, true = (rng.random((n_q, c)) < 0.4 for _ in range(3))
+    tgt[0] = False  # empty prediction: precision 0
+    true[1] = False  # empty truth: recall 0
+    out = dv.dejavu_sets(tgt, ref, true)
+    prec, rec = {}, {}
+    for name, sets in (("target", tgt), ("reference", ref)):
+        prec[name] = np.array([(s & t).sum() / s.sum() if s.sum() else 0.0
+                               for s, t in zip(sets, true, strict=True)])
+        rec[name] = np.array([(s & t).sum() / t.sum() if t.sum() else 0.0
+                              for s, t in zip(sets, true, strict=True)])
+        np.testing.assert_allclose(out[name]["precision"], prec[name], rtol=1e-12)
+        np.testing.assert_allclose(out[name]["recall"], rec[name], rtol=1e-12)
+    for key, m in (("ppg", prec), ("prg", rec)):
+        better = np.sum(m["target"] > m["reference"])
+        worse = np.sum(m["target"] < m["reference"])
+        assert out[key] == pytest.approx((better - worse) / n_q, abs=1e-12)
+    assert out["mean_precision_gap"] == pytest.approx(
+        np.mean(prec["target"] - prec["reference"]), abs=1e-12)
+
+
+def test_bad_input():
+    rng = np.random.default_rng()
+    q = rng.normal(size=(4, 3)).astype(np.float32)
+    p = rng.normal(size=(10, 3)).astype(np.float32)
+    bad = q.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(InputError, match="queries has NaN"):
+        dv.knn(bad, p, 3)
+    with pytest.raises(InputError, match="at most the public set size"):
+        dv.knn(q, p, 11)
+    with pytest.raises(InputError, match="same dimension"):
+        dv.knn(q, p[:, :2], 3)
+    with pytest.raises(InputError, match="metric"):
+        dv.knn(q, p, 3, metric="l1")
+    with pytest.raises(InputError, match="block_size"):
+        dv.knn(q, p, 3, block_size=0)
+    with pytest.raises(InputError, match=r"neighbour_labels: labels must lie in \[0, 3\)"):
+        dv.label_inference(np.array([[0, 3]]), 3)
+    labels = rng.integers(0, 3, size=10)
+    truth = rng.integers(0, 3, size=4)
+    with pytest.raises(InputError, match="exactly one of"):
+        dv.dejavu(q, None, p, labels, truth, k=3)
+    with pytest.raises(InputError, match="reference_probs has 4 classes"):
+        dv.dejavu(q, None, p, labels, truth, k=3, num_classes=3,
+                  reference_probs=np.full((4, 4), 0.25))
+    with pytest.raises(InputError, match="fractions"):
+        dv.dejavu(q, q, p, labels, truth, k=3, fractions=(0.0,))
+    with pytest.raises(InputError, match="public_labels has 9 labels"):
+        dv.dejavu(q, q, p, labels[:9], truth, k=3)
+    with pytest.raises(InputError, match="true_labels"):
+        dv.dejavu(q, q, p, labels, truth.astype(float), k=3)
+    with pytest.raises(InputError, match="bool"):
+        dv.dejavu_sets(np.ones((2, 3)), np.ones((2, 3), bool), np.ones((2, 3), bool))
+    with pytest.raises(InputError, match="one shape"):
+        dv.dejavu_sets(np.ones((2, 3), bool), np.ones((2, 4), bool), np.ones((2, 3), bool))
