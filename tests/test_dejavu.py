@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memjax.errors import InputError
-from memjax.memorization import dejavu as dv
+from memjax.memorization.dejavu import dejavu, dejavu_sets, knn, label_inference, neighbour_objects
 
 
 def _brute_knn(q, p, k, metric):
@@ -29,7 +29,7 @@ def test_knn_matches_brute_force(metric, block_size):
     rng = np.random.default_rng()
     q = rng.normal(size=(11, 5)).astype(np.float32)
     p = rng.normal(size=(37, 5)).astype(np.float32)  # 37: not a multiple of the block
-    vals, idx = dv.knn(q, p, 7, metric=metric, block_size=block_size)
+    vals, idx = knn(q, p, 7, metric=metric, block_size=block_size)
     want_vals, want_idx = _brute_knn(q, p, 7, metric)
     np.testing.assert_array_equal(np.asarray(idx), want_idx)
     # float32 expansion |q|^2 + |p|^2 - 2 q.p of O(10) norms: ~1e-5 absolute rounding.
@@ -47,7 +47,7 @@ def test_knn_ties_go_to_lower_index(metric, block_size):
     pool = np.concatenate([np.eye(4), -np.eye(4), signs]).astype(np.float32)
     p = pool[rng.integers(0, len(pool), size=50)]
     q = pool[rng.integers(0, len(pool), size=9)]
-    _, idx = dv.knn(q, p, 12, metric=metric, block_size=block_size)
+    _, idx = knn(q, p, 12, metric=metric, block_size=block_size)
     np.testing.assert_array_equal(np.asarray(idx), _brute_knn(q, p, 12, metric)[1])
 
 
@@ -63,7 +63,7 @@ def _np_label_inference(labels, num_classes):
 def test_label_inference_matches_numpy():
     rng = np.random.default_rng()
     labels = rng.integers(0, 8, size=(30, 13))
-    top1, top5, conf = dv.label_inference(labels, 8)
+    top1, top5, conf = label_inference(labels, 8)
     w1, w5, wc = _np_label_inference(labels, 8)
     np.testing.assert_array_equal(np.asarray(top1), w1)
     np.testing.assert_array_equal(np.asarray(top5), w5)
@@ -96,7 +96,7 @@ def test_dejavu_matches_numpy():
     truth = rng.integers(0, c, size=n_q)
     tgt = (centers[truth] + rng.normal(size=(n_q, d))).astype(np.float32)
     ref = rng.normal(size=(n_q, d)).astype(np.float32)
-    out = dv.dejavu(tgt, ref, (pub_t, pub_r), public_labels, truth, k=k, fractions=fractions,
+    out = dejavu(tgt, ref, (pub_t, pub_r), public_labels, truth, k=k, fractions=fractions,
                     num_classes=c, block_size=16)
     for name, emb, pub in (("target", tgt, pub_t), ("reference", ref, pub_r)):
         top1, top5 = _np_dejavu_model(emb, pub, public_labels, truth, k, c, fractions)
@@ -116,7 +116,7 @@ def test_dejavu_correlation_detector():
     truth = rng.integers(0, c, size=n_q)
     tgt = rng.normal(size=(n_q, 4)).astype(np.float32)
     probs = rng.dirichlet(np.ones(c), size=n_q)
-    out = dv.dejavu(tgt, None, public, public_labels, truth, k=5, reference_probs=probs * 3)
+    out = dejavu(tgt, None, public, public_labels, truth, k=5, reference_probs=probs * 3)
     ent = -(probs * np.log(probs)).sum(axis=1)
     top5 = np.argsort(-probs, axis=1, kind="stable")[:, :5]
     fr = (0.05, 0.2, 1.0)
@@ -134,7 +134,7 @@ def test_neighbour_objects_and_sets_match_numpy():
     n_q, n_p, c, k = 20, 40, 9, 6
     public_sets = rng.random((n_p, c)) < 0.3
     idx = rng.integers(0, n_p, size=(n_q, k))
-    pred = dv.neighbour_objects(public_sets, idx, top=3)
+    pred = neighbour_objects(public_sets, idx, top=3)
     for qi in range(n_q):
         counts = public_sets[idx[qi]].sum(0)
         chosen = [o for o in np.argsort(-counts, kind="stable")[:3] if counts[o] > 0]
@@ -143,7 +143,7 @@ def test_neighbour_objects_and_sets_match_numpy():
     tgt, ref, true = (rng.random((n_q, c)) < 0.4 for _ in range(3))
     tgt[0] = False  # empty prediction: precision 0
     true[1] = False  # empty truth: recall 0
-    out = dv.dejavu_sets(tgt, ref, true)
+    out = dejavu_sets(tgt, ref, true)
     prec, rec = {}, {}
     for name, sets in (("target", tgt), ("reference", ref)):
         prec[name] = np.array([(s & t).sum() / s.sum() if s.sum() else 0.0
@@ -167,31 +167,31 @@ def test_bad_input():
     bad = q.copy()
     bad[1, 2] = np.nan
     with pytest.raises(InputError, match="queries has NaN"):
-        dv.knn(bad, p, 3)
+        knn(bad, p, 3)
     with pytest.raises(InputError, match="at most the public set size"):
-        dv.knn(q, p, 11)
+        knn(q, p, 11)
     with pytest.raises(InputError, match="same dimension"):
-        dv.knn(q, p[:, :2], 3)
+        knn(q, p[:, :2], 3)
     with pytest.raises(InputError, match="metric"):
-        dv.knn(q, p, 3, metric="l1")
+        knn(q, p, 3, metric="l1")
     with pytest.raises(InputError, match="block_size"):
-        dv.knn(q, p, 3, block_size=0)
+        knn(q, p, 3, block_size=0)
     with pytest.raises(InputError, match=r"neighbour_labels: labels must lie in \[0, 3\)"):
-        dv.label_inference(np.array([[0, 3]]), 3)
+        label_inference(np.array([[0, 3]]), 3)
     labels = rng.integers(0, 3, size=10)
     truth = rng.integers(0, 3, size=4)
     with pytest.raises(InputError, match="exactly one of"):
-        dv.dejavu(q, None, p, labels, truth, k=3)
+        dejavu(q, None, p, labels, truth, k=3)
     with pytest.raises(InputError, match="reference_probs has 4 classes"):
-        dv.dejavu(q, None, p, labels, truth, k=3, num_classes=3,
+        dejavu(q, None, p, labels, truth, k=3, num_classes=3,
                   reference_probs=np.full((4, 4), 0.25))
     with pytest.raises(InputError, match="fractions"):
-        dv.dejavu(q, q, p, labels, truth, k=3, fractions=(0.0,))
+        dejavu(q, q, p, labels, truth, k=3, fractions=(0.0,))
     with pytest.raises(InputError, match="public_labels has 9 labels"):
-        dv.dejavu(q, q, p, labels[:9], truth, k=3)
+        dejavu(q, q, p, labels[:9], truth, k=3)
     with pytest.raises(InputError, match="true_labels"):
-        dv.dejavu(q, q, p, labels, truth.astype(float), k=3)
+        dejavu(q, q, p, labels, truth.astype(float), k=3)
     with pytest.raises(InputError, match="bool"):
-        dv.dejavu_sets(np.ones((2, 3)), np.ones((2, 3), bool), np.ones((2, 3), bool))
+        dejavu_sets(np.ones((2, 3)), np.ones((2, 3), bool), np.ones((2, 3), bool))
     with pytest.raises(InputError, match="one shape"):
-        dv.dejavu_sets(np.ones((2, 3), bool), np.ones((2, 4), bool), np.ones((2, 3), bool))
+        dejavu_sets(np.ones((2, 3), bool), np.ones((2, 4), bool), np.ones((2, 3), bool))

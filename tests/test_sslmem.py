@@ -18,7 +18,7 @@ import pytest
 
 from memjax.engine import compile_cache_info, make_mesh
 from memjax.errors import InputError
-from memjax.memorization import sslmem as sm
+from memjax.memorization.sslmem import ClipApply, clipmem, layermem, sslmem
 from memjax.models.taps import tap, with_taps
 
 H, W, C = 6, 6, 2
@@ -135,7 +135,7 @@ def test_sslmem_matches_numpy(distance):
     rng = np.random.default_rng()
     src = data(rng)
     pf, pg = models(rng)
-    out = sm.sslmem(mlp, mlp, pf, pg, src, views_fn=views_fn, n_aug=3, layer="out",
+    out = sslmem(mlp, mlp, pf, pg, src, views_fn=views_fn, n_aug=3, layer="out",
                     batch_size=8, distance=distance, progress=False)
     lf = np_losses(pf, src["image"], src["id"], 3, ["out"], distance)[:, 0]
     lg = np_losses(pg, src["image"], src["id"], 3, ["out"], distance)[:, 0]
@@ -147,7 +147,7 @@ def test_sslmem_matches_numpy(distance):
     np.testing.assert_allclose(out["normalized"], raw / (raw.max() - raw.min()), rtol=1e-12)
     # A bare-array encoder gives the same scores as the "out" tap, up to a few float32 ulps
     # of the O(1) losses (XLA fuses the two programs differently): ULP_TOL.
-    bare = sm.sslmem(mlp_rep, mlp_rep, pf, pg, src, views_fn=views_fn, n_aug=3,
+    bare = sslmem(mlp_rep, mlp_rep, pf, pg, src, views_fn=views_fn, n_aug=3,
                      batch_size=8, distance=distance, progress=False)
     np.testing.assert_allclose(bare["raw"], out["raw"], **ULP_TOL)
 
@@ -156,7 +156,7 @@ def test_sslmem_clean_pairing_matches_numpy():
     rng = np.random.default_rng()
     src = data(rng, n=9)
     pf, pg = models(rng, d_in=H * W * C)
-    out = sm.sslmem(other_mlp, mlp, pf, pg, src, views_fn=same_size_views, n_aug=4,
+    out = sslmem(other_mlp, mlp, pf, pg, src, views_fn=same_size_views, n_aug=4,
                     layer="hidden2", pairing="clean", batch_size=8, progress=False)
     lf = np_losses(pf, src["image"], src["id"], 4, ["hidden2"], pairing="clean",
                    fn=same_size_views)[:, 0]
@@ -169,7 +169,7 @@ def test_layermem_matches_numpy():
     rng = np.random.default_rng()
     src = data(rng)
     pf, pg = models(rng)
-    out = sm.layermem(mlp, mlp, pf, pg, src, views_fn=views_fn, n_aug=2,
+    out = layermem(mlp, mlp, pf, pg, src, views_fn=views_fn, n_aug=2,
                       layers=["hidden*", "out"], batch_size=8, progress=False)
     layers = ["hidden1", "hidden2", "out"]
     assert out["layers"] == tuple(layers)
@@ -190,9 +190,9 @@ def test_stacked_equals_separate_and_devices():
     src = data(rng, n=10)
     pf, pg = models(rng)
     kw = dict(views_fn=views_fn, n_aug=2, layers=["hidden1", "out"], progress=False)
-    stacked = sm.layermem(mlp, mlp, pf, pg, src, stack=True, batch_size=8, **kw)
-    separate = sm.layermem(mlp, mlp, pf, pg, src, stack=False, batch_size=8, **kw)
-    one = sm.layermem(mlp, mlp, pf, pg, src, batch_size=8,
+    stacked = layermem(mlp, mlp, pf, pg, src, stack=True, batch_size=8, **kw)
+    separate = layermem(mlp, mlp, pf, pg, src, stack=False, batch_size=8, **kw)
+    one = layermem(mlp, mlp, pf, pg, src, batch_size=8,
                       mesh=make_mesh(devices=jax.devices()[:1]), **kw)
     assert len(jax.devices()) == 8
     for field in ("loss_f", "loss_g", "raw"):
@@ -209,9 +209,9 @@ def test_views_keyed_by_id_not_position():
     pf, pg = models(rng)
     flipped = {k: v[::-1].copy() for k, v in src.items()}
     kw = dict(views_fn=views_fn, n_aug=2, layer="out", batch_size=8, progress=False)
-    a = sm.sslmem(mlp, mlp, pf, pg, src, **kw)
+    a = sslmem(mlp, mlp, pf, pg, src, **kw)
     before = compile_cache_info()["compiles"]
-    b = sm.sslmem(mlp, mlp, pf, pg, flipped, **kw)
+    b = sslmem(mlp, mlp, pf, pg, flipped, **kw)
     assert compile_cache_info()["compiles"] == before  # same config: executable reused
     np.testing.assert_array_equal(b["id"], src["id"][::-1])
     # Same views per id; only the example's batch row/device moves: ULP_TOL.
@@ -230,7 +230,7 @@ def test_clipmem_matches_numpy():
     def text_enc(p, tokens):
         return jnp.mean(p["emb"][tokens], axis=0) @ p["wt"]
 
-    enc = sm.ClipApply(image_enc, text_enc)
+    enc = ClipApply(image_enc, text_enc)
 
     def init():
         return {"wi": rng.normal(size=(int(np.prod(VIEW)), d)).astype(np.float32) / 6,
@@ -238,7 +238,7 @@ def test_clipmem_matches_numpy():
                 "wt": rng.normal(size=(6, d)).astype(np.float32)}
 
     pf, pg = init(), init()
-    out = sm.clipmem(enc, enc, pf, pg, src, views_fn=views_fn, n_aug=3, batch_size=8,
+    out = clipmem(enc, enc, pf, pg, src, views_fn=views_fn, n_aug=3, batch_size=8,
                      progress=False)
 
     def np_align(p):
@@ -262,7 +262,7 @@ def test_clipmem_matches_numpy():
     def neg_sq(img, txt):
         return -jnp.sum(jnp.square(img - txt))
 
-    custom = sm.clipmem(enc, enc, pf, pg, src, views_fn=views_fn, n_aug=1, alignment=neg_sq,
+    custom = clipmem(enc, enc, pf, pg, src, views_fn=views_fn, n_aug=1, alignment=neg_sq,
                         batch_size=8, progress=False)
     p = {k: np.asarray(v, np.float64) for k, v in pf.items()}
     v0 = np_views(views_fn, src["image"], np.arange(n), 1)[3, 0]
@@ -277,31 +277,31 @@ def test_bad_input():
     pf, pg = models(rng)
     kw = dict(views_fn=views_fn, batch_size=8, progress=False)
     with pytest.raises(InputError, match="available: hidden1, hidden2, out"):
-        sm.layermem(mlp, mlp, pf, pg, src, n_aug=2, layers=["hidden1", "conv9"], **kw)
+        layermem(mlp, mlp, pf, pg, src, n_aug=2, layers=["hidden1", "conv9"], **kw)
     with pytest.raises(InputError, match="available: hidden1, hidden2, out"):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=2, layer="nope", **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=2, layer="nope", **kw)
     def unsorted(params, image):  # call order zeta, alpha: not the sorted pytree order
         return {"zeta": mlp(params, image)["hidden1"], "alpha": mlp(params, image)["out"]}
 
     with pytest.raises(InputError, match="available: zeta, alpha$"):
-        sm.layermem(unsorted, unsorted, pf, pg, src, n_aug=1, layers=["beta"], **kw)
+        layermem(unsorted, unsorted, pf, pg, src, n_aug=1, layers=["beta"], **kw)
     with pytest.raises(InputError, match=r"matches 2 activations \['hidden1', 'hidden2'\]"):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=2, layer="hidden*", **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=2, layer="hidden*", **kw)
     with pytest.raises(InputError, match="n_aug"):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=0, layer="out", **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=0, layer="out", **kw)
     with pytest.raises(InputError, match="pass layer="):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=1, **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=1, **kw)
     wide = init_mlp(rng, D_VIEW, hidden=(9, 5))
     mismatch = r"stack=True.*\['b1'\] is \(7,\) float32 in params_f but \(9,\)"
     with pytest.raises(InputError, match=mismatch):
-        sm.layermem(mlp, mlp, pf, wide, src, n_aug=1, layers=["out"], stack=True, **kw)
+        layermem(mlp, mlp, pf, wide, src, n_aug=1, layers=["out"], stack=True, **kw)
     with pytest.raises(InputError, match="stack=True.*different apply functions"):
-        sm.layermem(mlp, other_mlp, pf, pg, src, n_aug=1, layers=["out"], stack=True, **kw)
+        layermem(mlp, other_mlp, pf, pg, src, n_aug=1, layers=["out"], stack=True, **kw)
     with pytest.raises(InputError, match="no field 'pixels'"):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", image_field="pixels", **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", image_field="pixels", **kw)
     with pytest.raises(InputError, match="pairing='clean'"):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", pairing="clean", **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", pairing="clean", **kw)
     with pytest.raises(InputError, match="ClipApply"):
-        sm.clipmem(mlp, mlp, pf, pg, src, n_aug=1, **kw)
+        clipmem(mlp, mlp, pf, pg, src, n_aug=1, **kw)
     with pytest.raises(InputError, match="distance"):
-        sm.sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", distance="cos", **kw)
+        sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", distance="cos", **kw)

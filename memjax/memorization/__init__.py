@@ -6,14 +6,15 @@
 - :func:`sslmem`, :func:`layermem`, :func:`clipmem` (Wang et al. 2024 ICLR, 2025): the
   leave-out alignment gap of an encoder trained with an example vs one trained without,
   per layer from one pass, and on image–caption pairs.
-- :func:`knn`, :func:`label_inference`, :func:`dejavu`, :func:`dejavu_sets` (Meehan et al.
-  2023; Jayaraman et al. 2024): déjà vu label inference from background crops.
+- :func:`knn`, :func:`label_inference`, :func:`dejavu_sets` and
+  ``memjax.memorization.dejavu.dejavu`` (Meehan et al. 2023; Jayaraman et al. 2024): déjà
+  vu label inference from background crops (the function is not re-exported here: it
+  would shadow its module, ``memjax.memorization.dejavu``).
 """
 
 from memjax.memorization.dejavu import (
     accuracy_by_confidence,
     classifier_inference,
-    dejavu,
     dejavu_sets,
     knn,
     label_inference,
@@ -43,7 +44,6 @@ __all__ = [
     "classifier_inference",
     "clipmem",
     "combine",
-    "dejavu",
     "dejavu_sets",
     "knn",
     "label_inference",
