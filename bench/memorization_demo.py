@@ -1,7 +1,8 @@
 """Memorization on SimCLR digit encoders (issue 6, work in progress): SSLMem, LayerMem and
 UnitMem of an encoder trained with a candidate set vs one trained without.
 
-Run: ``PYTHONPATH=. python -m bench.memorization_demo`` (prints the measurements; ~1 min).
+Run: ``PYTHONPATH=. python -m bench.memorization_demo [--rare]`` (prints the measurements;
+~1 min): inverted-intensity outliers, or (``--rare``) a class only the candidates contain.
 Not yet in ``memjax audit``: the effects are weak at this scale (see bench/README.md).
 
 The leave-out design of Wang et al. 2024 ("Memorization in Self-Supervised Learning
@@ -72,6 +73,31 @@ def memorization_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300
     return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
 
 
+def rare_class_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
+                      n_rare: int = 30, rare_class: int = 7) -> dict[str, np.ndarray]:
+    """The other atypical setting: ``rare_class`` appears only among the candidates
+    (``n_rare`` examples), so f sees 30 examples of it and g none. Same outputs as
+    :func:`memorization_splits` (``outlier`` marks the rare-class candidates)."""
+    data = digits().arrays
+    images, labels = data["image"].copy(), data["label"]
+    rng = np.random.default_rng(seed)
+    common = rng.permutation(np.flatnonzero(labels != rare_class))
+    rare = rng.permutation(np.flatnonzero(labels == rare_class))[:n_rare]
+    n_common = n_candidates - n_rare
+    shared = common[:n_shared]
+    candidates = np.concatenate([common[n_shared:n_shared + n_common], rare])
+    independent = common[n_shared + n_common:n_shared + n_common + n_candidates]
+    outlier = np.zeros(len(images), bool)
+    outlier[rare] = True
+    keep = np.zeros((2, len(images)), bool)
+    keep[:, shared] = True
+    keep[0, candidates] = True
+    keep[1, independent] = True
+    is_candidate = np.zeros(len(images), bool)
+    is_candidate[candidates] = True
+    return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
+
+
 def train_encoders(splits: dict[str, np.ndarray], seed: int):
     """(f params, g params, seconds): both SimCLR encoders in one vmapped program."""
     start = time.perf_counter()
@@ -83,10 +109,10 @@ def train_encoders(splits: dict[str, np.ndarray], seed: int):
             seconds)
 
 
-def run_memorization_demo(seed: int = 0, n_aug: int = 5) -> dict:
+def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverted") -> dict:
     """Train f and g, then LayerMem (SSLMem per layer) on the candidates and UnitMem of f
-    over its training set."""
-    splits = memorization_splits(seed)
+    over its training set. ``setting``: "inverted" outliers or a "rare" class."""
+    splits = (memorization_splits if setting == "inverted" else rare_class_splits)(seed)
     params_f, params_g, seconds = train_encoders(splits, seed)
     rows = np.flatnonzero(splits["candidates"])
     source = {"image": splits["images"][rows]}
@@ -102,9 +128,13 @@ def run_memorization_demo(seed: int = 0, n_aug: int = 5) -> dict:
 
 
 def main() -> None:
+    import sys
+
     from memjax.metrics import auc_confidence_interval
 
-    result = run_memorization_demo(0)
+    setting = "rare" if "--rare" in sys.argv[1:] else "inverted"
+    result = run_memorization_demo(0, setting=setting)
+    print(f"setting: {setting}")
     splits, per_layer = result["splits"], result["layermem"]
     outlier = splits["outlier"][result["rows"]]
     print(f"trained f and g in {result['seconds']:.1f} s (one vmapped program)")
