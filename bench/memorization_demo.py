@@ -1,8 +1,9 @@
 """Memorization on SimCLR digit encoders (issue 6, work in progress): SSLMem, LayerMem and
 UnitMem of an encoder trained with a candidate set vs one trained without.
 
-Run: ``PYTHONPATH=. python -m bench.memorization_demo [--rare]`` (prints the measurements;
-~1 min): inverted-intensity outliers, or (``--rare``) a class only the candidates contain.
+Run: ``PYTHONPATH=. python -m bench.memorization_demo [--rare | --clipmem]`` (prints the
+measurements; ~1 min): inverted-intensity outliers, (``--rare``) a class only the
+candidates contain, or (``--clipmem``) CLIPMem of mis-captioned pairs on tiny CLIPs.
 Not yet in ``memjax audit``: the effects are weak at this scale (see bench/README.md).
 
 The leave-out design of Wang et al. 2024 ("Memorization in Self-Supervised Learning
@@ -127,11 +128,58 @@ def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverte
             "unitmem": units, "seconds": seconds, "n_aug": n_aug}
 
 
+def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = 150,
+                 n_aug: int = 5) -> dict:
+    """CLIPMem (Wang et al. 2025) of candidate image–caption pairs, ``n_miscaptioned`` of
+    them with the caption of a random pair of another class: tiny CLIPs f (shared +
+    candidates) and g (shared + independent) trained in one vmapped program."""
+    import jax.numpy as jnp
+
+    from memjax.memorization.sslmem import ClipApply, clipmem
+    from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
+
+    images, captions, words, _ = digit_caption_pairs(seed)
+    labels = digits().arrays["label"]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(images))
+    shared, candidates, independent = order[:1000], order[1000:1300], order[1300:1600]
+    miscaptioned = rng.choice(candidates, n_miscaptioned, replace=False)
+    captions = captions.copy()
+    for i in miscaptioned:
+        captions[i] = captions[rng.choice(np.flatnonzero(labels != labels[i]))]
+    keep = np.zeros((2, len(images)), bool)
+    keep[:, shared] = True
+    keep[0, candidates] = True
+    keep[1, independent] = True
+    config = ClipConfig(image_shape=images.shape[1:], vocab_size=len(words),
+                        caption_length=captions.shape[1])
+    stacked = train_clips(jax.random.key(seed), images, captions, keep, config=config,
+                          steps=steps, learning_rate=2e-3, batch_size=128)
+    no_text = jnp.zeros(captions.shape[1], jnp.int32)
+    no_image = jnp.zeros(images.shape[1:], jnp.float32)
+    towers = ClipApply(image=lambda p, image: clip_embed(p, image, no_text)[0],
+                       text=lambda p, tokens: clip_embed(p, no_image, tokens)[1])
+    f, g = (jax.tree.map(lambda a, m=m: a[m], stacked) for m in (0, 1))
+    result = clipmem(towers, towers, f, g, {"image": images[candidates],
+                                            "text": captions[candidates]},
+                     views_fn=digit_views, n_aug=n_aug, batch_size=60, progress=False)
+    return {"clipmem": result["raw"], "miscaptioned": np.isin(candidates, miscaptioned)}
+
+
 def main() -> None:
     import sys
 
     from memjax.metrics import auc_confidence_interval
 
+    if "--clipmem" in sys.argv[1:]:
+        out = clipmem_demo(0)
+        score, bad = out["clipmem"], out["miscaptioned"]
+        low, high = auc_confidence_interval(score, bad)
+        top = np.argsort(-score)[:int(bad.sum())]
+        print(f"CLIPMem AUROC mis-captioned vs others {roc_auc(score, bad):.3f} "
+              f"[{low:.3f}, {high:.3f}]; mis-captioned among the top {len(top)}: "
+              f"{bad[top].mean():.2f} (base rate {bad.mean():.2f})")
+        return
     setting = "rare" if "--rare" in sys.argv[1:] else "inverted"
     result = run_memorization_demo(0, setting=setting)
     print(f"setting: {setting}")
