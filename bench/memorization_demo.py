@@ -1,169 +1,18 @@
-"""Memorization on SimCLR digit encoders (issue 6, work in progress): SSLMem, LayerMem and
-UnitMem of an encoder trained with a candidate set vs one trained without.
+"""Memorization measurements on digits (issue 6): SSLMem / LayerMem / UnitMem of SimCLR
+encoders f (with a candidate set) and g (without), and CLIPMem of tiny CLIPs.
 
 Run: ``PYTHONPATH=. python -m bench.memorization_demo [--rare | --clipmem]`` (prints the
 measurements; ~1 min): inverted-intensity outliers, (``--rare``) a class only the
-candidates contain, or (``--clipmem``) CLIPMem of mis-captioned pairs on tiny CLIPs.
-Not yet in ``memjax audit``: the effects are weak at this scale (see bench/README.md).
-
-The leave-out design of Wang et al. 2024 ("Memorization in Self-Supervised Learning
-Improves Downstream Generalization", ICLR; "Localizing Memorization in SSL Vision
-Encoders", NeurIPS): encoder f is trained on a shared set plus a candidate set, encoder g
-on the shared set plus an independent set of the same size; both in one vmapped SimCLR
-program (:func:`memjax.train.simclr.train_simclrs`). A few candidates are atypical:
-injected outliers (digits with inverted intensities), a mode g never sees. Memorization of
-a candidate = how much better f aligns its augmented views than g does.
+candidates contain (the audit's setting), or (``--clipmem``) CLIPMem of mis-captioned
+pairs. Results in bench/README.md.
 """
 
 from __future__ import annotations
 
-import time
-
-import jax
 import numpy as np
 
-from memjax.augment import color_jitter, random_resized_crop, view_key
-from memjax.data import digits
-from memjax.memorization import unitmem
-from memjax.memorization.sslmem import layermem
+from memjax.audit_memorization import clipmem_demo, run_memorization_demo
 from memjax.metrics import roc_auc
-from memjax.train import CNNConfig
-from memjax.train.simclr import encoder_layers, train_simclrs
-
-SEED_VIEWS = 0
-ENCODER = CNNConfig((8, 8, 1), 32, channels=(16, 32), hidden=(64,))
-TRAINING = {"steps": 300, "batch_size": 128, "temperature": 0.5, "learning_rate": 2e-3}
-LAYERS = ("conv1", "conv2", "dense1", "embedding")
-
-
-def digit_views(image: jax.Array, example_id: jax.Array, aug_id: jax.Array) -> jax.Array:
-    """SimCLR-style view of an 8×8 digit keyed by (example id, augmentation id): a random
-    resized crop of at least half the area (smaller crops of 8×8 pixels leave no digit)
-    and brightness/contrast jitter (the digits are grayscale: no saturation or hue)."""
-    key = view_key(SEED_VIEWS, example_id, aug_id)
-    k_crop, k_color = jax.random.split(key)
-    view = random_resized_crop(k_crop, image, scale=(0.5, 1.0))
-    return color_jitter(k_color, view, brightness=0.4, contrast=0.4, saturation=0.0,
-                        hue=0.0, p=0.8)
-
-
-def memorization_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
-                        n_outliers: int = 30) -> dict[str, np.ndarray]:
-    """Digits split into shared / candidate / independent sets; ``n_outliers`` random
-    candidates get inverted intensities (1 − x): atypical examples.
-
-    Returns:
-      ``images`` [N, 8, 8, 1], ``keep`` [2, N] bool (row 0: f = shared + candidates;
-      row 1: g = shared + independent), ``candidates`` [N] bool, ``outlier`` [N] bool.
-    """
-    data = digits().arrays
-    images = data["image"].copy()
-    order = np.random.default_rng(seed).permutation(len(images))
-    shared = order[:n_shared]
-    candidates = order[n_shared:n_shared + n_candidates]
-    independent = order[n_shared + n_candidates:n_shared + 2 * n_candidates]
-    outlier = np.zeros(len(images), bool)
-    outlier[np.random.default_rng(seed + 1).choice(candidates, n_outliers, replace=False)] = 1
-    images[outlier] = 1.0 - images[outlier]
-    keep = np.zeros((2, len(images)), bool)
-    keep[:, shared] = True
-    keep[0, candidates] = True
-    keep[1, independent] = True
-    is_candidate = np.zeros(len(images), bool)
-    is_candidate[candidates] = True
-    return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
-
-
-def rare_class_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
-                      n_rare: int = 30, rare_class: int = 7) -> dict[str, np.ndarray]:
-    """The other atypical setting: ``rare_class`` appears only among the candidates
-    (``n_rare`` examples), so f sees 30 examples of it and g none. Same outputs as
-    :func:`memorization_splits` (``outlier`` marks the rare-class candidates)."""
-    data = digits().arrays
-    images, labels = data["image"].copy(), data["label"]
-    rng = np.random.default_rng(seed)
-    common = rng.permutation(np.flatnonzero(labels != rare_class))
-    rare = rng.permutation(np.flatnonzero(labels == rare_class))[:n_rare]
-    n_common = n_candidates - n_rare
-    shared = common[:n_shared]
-    candidates = np.concatenate([common[n_shared:n_shared + n_common], rare])
-    independent = common[n_shared + n_common:n_shared + n_common + n_candidates]
-    outlier = np.zeros(len(images), bool)
-    outlier[rare] = True
-    keep = np.zeros((2, len(images)), bool)
-    keep[:, shared] = True
-    keep[0, candidates] = True
-    keep[1, independent] = True
-    is_candidate = np.zeros(len(images), bool)
-    is_candidate[candidates] = True
-    return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
-
-
-def train_encoders(splits: dict[str, np.ndarray], seed: int):
-    """(f params, g params, seconds): both SimCLR encoders in one vmapped program."""
-    start = time.perf_counter()
-    stacked = train_simclrs(jax.random.key(seed), splits["images"],
-                            np.arange(len(splits["images"])), splits["keep"],
-                            config=ENCODER, views_fn=digit_views, **TRAINING)
-    seconds = time.perf_counter() - start
-    return (jax.tree.map(lambda a: a[0], stacked), jax.tree.map(lambda a: a[1], stacked),
-            seconds)
-
-
-def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverted") -> dict:
-    """Train f and g, then LayerMem (SSLMem per layer) on the candidates and UnitMem of f
-    over its training set. ``setting``: "inverted" outliers or a "rare" class."""
-    splits = (memorization_splits if setting == "inverted" else rare_class_splits)(seed)
-    params_f, params_g, seconds = train_encoders(splits, seed)
-    rows = np.flatnonzero(splits["candidates"])
-    source = {"image": splits["images"][rows]}
-    per_layer = layermem(encoder_layers, encoder_layers, params_f, params_g, source,
-                         views_fn=digit_views, n_aug=n_aug, layers=LAYERS, batch_size=64,
-                         progress=False)
-    train_rows = np.flatnonzero(splits["keep"][0])
-    units = unitmem(encoder_layers, params_f, {"image": splits["images"][train_rows]},
-                    layers=("conv2", "dense1"), n_aug=n_aug, batch_size=64,
-                    progress=False)
-    return {"splits": splits, "rows": rows, "train_rows": train_rows, "layermem": per_layer,
-            "unitmem": units, "seconds": seconds, "n_aug": n_aug}
-
-
-def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = 150,
-                 n_aug: int = 5) -> dict:
-    """CLIPMem (Wang et al. 2025) of candidate image–caption pairs, ``n_miscaptioned`` of
-    them with the caption of a random pair of another class: tiny CLIPs f (shared +
-    candidates) and g (shared + independent) trained in one vmapped program."""
-    import jax.numpy as jnp
-
-    from memjax.memorization.sslmem import ClipApply, clipmem
-    from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
-
-    images, captions, words, _ = digit_caption_pairs(seed)
-    labels = digits().arrays["label"]
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(images))
-    shared, candidates, independent = order[:1000], order[1000:1300], order[1300:1600]
-    miscaptioned = rng.choice(candidates, n_miscaptioned, replace=False)
-    captions = captions.copy()
-    for i in miscaptioned:
-        captions[i] = captions[rng.choice(np.flatnonzero(labels != labels[i]))]
-    keep = np.zeros((2, len(images)), bool)
-    keep[:, shared] = True
-    keep[0, candidates] = True
-    keep[1, independent] = True
-    config = ClipConfig(image_shape=images.shape[1:], vocab_size=len(words),
-                        caption_length=captions.shape[1])
-    stacked = train_clips(jax.random.key(seed), images, captions, keep, config=config,
-                          steps=steps, learning_rate=2e-3, batch_size=128)
-    no_text = jnp.zeros(captions.shape[1], jnp.int32)
-    no_image = jnp.zeros(images.shape[1:], jnp.float32)
-    towers = ClipApply(image=lambda p, image: clip_embed(p, image, no_text)[0],
-                       text=lambda p, tokens: clip_embed(p, no_image, tokens)[1])
-    f, g = (jax.tree.map(lambda a, m=m: a[m], stacked) for m in (0, 1))
-    result = clipmem(towers, towers, f, g, {"image": images[candidates],
-                                            "text": captions[candidates]},
-                     views_fn=digit_views, n_aug=n_aug, batch_size=60, progress=False)
-    return {"clipmem": result["raw"], "miscaptioned": np.isin(candidates, miscaptioned)}
 
 
 def main() -> None:

@@ -48,8 +48,9 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
 
     ``models=False`` leaves out the open-weight model section (see memjax.audit_models);
     ``references=0`` the reference-model attacks (see memjax.audit_mia); ``demos=False``
-    the CLIP and language-model membership demonstrations and the influence section
-    (memjax.audit_clip, memjax.audit_text, memjax.audit_influence).
+    the CLIP and language-model membership demonstrations and the influence and
+    memorization sections (memjax.audit_clip, memjax.audit_text, memjax.audit_influence,
+    memjax.audit_memorization).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -84,10 +85,12 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     if demos:
         from memjax.audit_clip import clip_section
         from memjax.audit_influence import influence_section
+        from memjax.audit_memorization import memorization_section
         from memjax.audit_text import text_section
 
         demo_sections += [functools.partial(section, seed=seed, progress=progress)
-                          for section in (clip_section, text_section, influence_section)]
+                          for section in (clip_section, text_section, influence_section,
+                                          memorization_section)]
     extra_sections = []
     if models:
         from memjax.audit_models import models_section

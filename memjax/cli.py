@@ -1,4 +1,4 @@
-"""The ``memjax`` command: audit, score, convert, mia, influence, info, export.
+"""The ``memjax`` command: audit, score, convert, mia, influence, memorization, info, export.
 
 Expected errors (bad input, bad stores) print ``memjax: error: ...`` and exit with status
 2, without a traceback; anything else is a bug and keeps its traceback.
@@ -253,6 +253,47 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def cmd_memorization(args: argparse.Namespace) -> int:
+    """UnitMem of one memjax.train classifier/encoder, or SSLMem/LayerMem of two (f, g)."""
+    from memjax.audit_memorization import digit_views
+    from memjax.data import open_source
+    from memjax.memorization import layermem, unitmem
+    from memjax.train import load_model
+    from memjax.train.simclr import encoder_layers
+
+    source = open_source(args.data)
+    layers = tuple(args.layers.split(","))
+    params_f, _ = load_model(args.model)
+    if args.what == "unitmem":
+        result = unitmem(encoder_layers, params_f, source, layers=layers, n_aug=args.n_aug,
+                         batch_size=args.batch_size, progress=not args.no_progress)
+        columns = {}
+        for name, layer in result.layers.items():
+            print(f"UnitMem {name}: {layer.summary}")
+            columns[f"{name}_unitmem"] = np.asarray(layer.scores)
+            columns[f"{name}_argmax_id"] = np.asarray(layer.argmax_id)
+        _write_json_atomically(Path(args.out), {k: v.tolist() for k, v in columns.items()})
+        print(f"wrote per-unit scores and argmax example ids to {args.out}")
+        return 0
+    if args.reference is None:
+        raise InputError("memjax memorization layermem needs --reference (g: the same "
+                         "architecture trained without the scored examples)")
+    params_g, _ = load_model(args.reference)
+    result = layermem(encoder_layers, encoder_layers, params_f, params_g, source,
+                      views_fn=digit_views, n_aug=args.n_aug, layers=layers,
+                      batch_size=args.batch_size, progress=not args.no_progress)
+    from memjax.engine.store import write_parquet
+
+    columns = {"id": result["id"]}
+    for j, name in enumerate(result["layers"]):
+        columns[f"{name}_layermem"] = result["raw"][:, j]
+        columns[f"{name}_delta"] = result["delta_raw"][:, j]
+        print(f"LayerMem {name}: mean {result['raw'][:, j].mean():+.4f}")
+    write_parquet([columns], args.out)
+    print(f"wrote LayerMem / ΔLayerMem of {len(result['id'])} examples to {args.out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from memjax.engine import ScoreStore
 
@@ -366,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
     influence.add_argument("--batch-size", type=int, default=256)
     influence.add_argument("--no-progress", action="store_true")
     influence.set_defaults(run=cmd_influence)
+
+    memorization = sub.add_parser("memorization", help="UnitMem of a memjax.train model, or "
+                                  "LayerMem/SSLMem of f (--model) against g (--reference)")
+    memorization.add_argument("what", choices=["unitmem", "layermem"])
+    memorization.add_argument("--model", required=True, help="f: a memjax.train classifier or "
+                              "SimCLR encoder folder")
+    memorization.add_argument("--reference", help="layermem: g, trained without the data")
+    memorization.add_argument("--data", default="digits")
+    memorization.add_argument("--layers", default="dense1", help="comma-separated layer names "
+                              "(conv1, conv2, ..., dense1, ..., embedding)")
+    memorization.add_argument("--n-aug", type=int, default=5)
+    memorization.add_argument("--out", required=True, help="unitmem: .json; layermem: .parquet")
+    memorization.add_argument("--batch-size", type=int, default=64)
+    memorization.add_argument("--no-progress", action="store_true")
+    memorization.set_defaults(run=cmd_memorization)
 
     info = sub.add_parser("info", help="describe a score store")
     info.add_argument("store")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -49,6 +50,7 @@ def test_audit_writes_a_complete_report(report):
     # test_mia_clip_demo / test_mia_demos) are in the report with their figures.
     from memjax.audit_clip import TITLE as CLIP_TITLE
     from memjax.audit_influence import TITLE as INFLUENCE_TITLE
+    from memjax.audit_memorization import TITLE as MEMORIZATION_TITLE
     from memjax.audit_text import TITLE as TEXT_TITLE
 
     assert metrics[CLIP_TITLE]["CSA AUC"] > 0.5 and metrics[TEXT_TITLE]["LOSS AUC"] > 0.5
@@ -62,8 +64,11 @@ def test_audit_writes_a_complete_report(report):
     assert lds["Forward-INF (first order)"] == pytest.approx(
         lds["grad-dot (TracIn, final checkpoint)"], abs=1e-6)
     assert min(lds.values()) > 0.05
-    assert {"roc_clip.png", "roc_text.png", "dataset_inference.png",
-            "self_influence.png"} <= {
+    memorization = metrics[MEMORIZATION_TITLE]
+    assert memorization["rare-class candidates (class 7: only among the candidates)"] == 30
+    assert all(0 <= memorization[f"UnitMem {name}: mean"] <= 1 for name in ("conv2", "dense1"))
+    assert {"roc_clip.png", "roc_text.png", "dataset_inference.png", "self_influence.png",
+            "memorization.png", "most_memorized.png"} <= {
         p.name for p in report.iterdir()}
     assert (report / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # LiRA (Carlini et al. 2022) and RMIA beat the LOSS attack with 16 vmapped references.
@@ -274,3 +279,43 @@ def test_influence_cli(report, tmp_path, capsys):
     assert len(pq.read_table(tmp_path / "lava.parquet")) == 300
     assert main(["influence", "self", "--train", train, "--out", str(tmp_path / "x")]) == 2
     assert "needs --model" in capsys.readouterr().err
+
+
+def test_memorization_cli(report, tmp_path, capsys):
+    """memjax memorization on the audit's models: UnitMem of the MLP's hidden layers and
+    LayerMem of the target (f) against a reference model (g) equal the library calls."""
+    import pyarrow.parquet as pq
+
+    from memjax.audit_memorization import digit_views
+    from memjax.memorization import layermem, unitmem
+    from memjax.train import load_model, load_models, save_model
+    from memjax.train.simclr import encoder_layers
+
+    data = digits().arrays
+    subset = {"image": data["image"][:128], "label": data["label"][:128]}
+    np.savez(tmp_path / "small.npz", **subset)
+    small, model = str(tmp_path / "small.npz"), str(report / "model")
+    assert main(["memorization", "unitmem", "--model", model, "--data", small, "--layers",
+                 "dense1,dense2", "--out", str(tmp_path / "units.json"), "--no-progress"]) == 0
+    units = json.loads((tmp_path / "units.json").read_text())
+    params, _ = load_model(model)
+    expected = unitmem(encoder_layers, params, subset, layers=("dense1",), n_aug=5,
+                       batch_size=64, progress=False)
+    np.testing.assert_allclose(units["dense1_unitmem"], expected.layers["dense1"].scores,
+                               rtol=1e-9)
+    assert len(units["dense2_argmax_id"]) == 256
+
+    stacked, _, config, _ = load_models(report / "reference_models")
+    f, g = (jax.tree.map(lambda a, m=m: a[m], stacked) for m in (0, 1))
+    save_model(tmp_path / "f", f, config)
+    save_model(tmp_path / "g", g, config)
+    assert main(["memorization", "layermem", "--model", str(tmp_path / "f"), "--reference",
+                 str(tmp_path / "g"), "--data", small, "--layers", "dense1,embedding",
+                 "--out", str(tmp_path / "layers.parquet"), "--no-progress"]) == 0
+    table = pq.read_table(tmp_path / "layers.parquet").to_pandas()
+    direct = layermem(encoder_layers, encoder_layers, f, g, subset, views_fn=digit_views,
+                      n_aug=5, layers=("dense1", "embedding"), batch_size=64, progress=False)
+    np.testing.assert_allclose(table["embedding_layermem"], direct["raw"][:, 1], rtol=1e-6)
+    assert main(["memorization", "layermem", "--model", model, "--data", small,
+                 "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "needs --reference" in capsys.readouterr().err
