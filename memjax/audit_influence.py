@@ -28,7 +28,7 @@ from memjax.influence.applications import hit_rates, relative_influence, self_in
 from memjax.influence.forward_inf import forward_inf
 from memjax.influence.lava import lava_values
 from memjax.metrics import roc_auc
-from memjax.report import Section
+from memjax.report import Section, plot_top_images
 from memjax.train import MLPConfig, classifier_logits, fit_classifier
 
 TITLE = "Influence: Forward-INF applications and LAVA data valuation"
@@ -189,34 +189,16 @@ def text_tracing(seed: int = 0, n_texts: int = 128, n_queries: int = 32,
             "corrupt": corrupt}
 
 
-def plot_most_influential(images: np.ndarray, labels: np.ndarray, influence: np.ndarray,
-                          path: Path, count: int = 16) -> None:
-    """The ``count`` most self-influential training images with their labels."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = np.argsort(-influence)[:count]
-    fig, axes = plt.subplots(2, count // 2, figsize=(count // 2 * 1.1, 2.6))
-    for ax, i in zip(axes.ravel(), top, strict=True):
-        ax.imshow(images[i][..., 0], cmap="gray_r")
-        ax.set_title(f"label {labels[i]}", fontsize=8)
-        ax.axis("off")
-    fig.suptitle("Most self-influential training digits (clean labels)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def influence_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Section:
     """Run the four applications and LAVA; one Section with its figure."""
     mislabeled = mislabeled_detection(seed)
     leakage = leakage_detection(seed)
     tracing = text_tracing(seed)
     datamodels = datamodeling_check(seed)
-    plot_most_influential(leakage["images"], leakage["labels"], leakage["self_influence"],
-                          folder / "self_influence.png")
+    labels = leakage["labels"]
+    plot_top_images(leakage["images"], leakage["self_influence"],
+                    lambda i: f"label {labels[i]}", folder / "self_influence.png",
+                    "Most self-influential training digits (clean labels)")
     flipped = mislabeled["flipped"]
     metrics = [
         ("training examples (digits)", mislabeled["n_train"]),

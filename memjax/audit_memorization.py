@@ -23,7 +23,7 @@ from memjax.data import digits
 from memjax.memorization import unitmem
 from memjax.memorization.sslmem import layermem
 from memjax.metrics import auc_confidence_interval, roc_auc
-from memjax.report import Section
+from memjax.report import Section, plot_top_images
 from memjax.train import CNNConfig
 from memjax.train.simclr import encoder_layers, train_simclrs
 
@@ -45,6 +45,19 @@ def digit_views(image: jax.Array, example_id: jax.Array, aug_id: jax.Array) -> j
                         hue=0.0, p=0.8)
 
 
+def leave_out_split(images: np.ndarray, shared: np.ndarray, candidates: np.ndarray,
+                    independent: np.ndarray, outlier: np.ndarray) -> dict[str, np.ndarray]:
+    """The splits dict: ``keep`` [2, N] (row 0: f = shared + candidates; row 1: g = shared
+    + independent), ``candidates`` [N] bool, ``outlier`` [N] bool, ``images``."""
+    keep = np.zeros((2, len(images)), bool)
+    keep[:, shared] = True
+    keep[0, candidates] = True
+    keep[1, independent] = True
+    is_candidate = np.zeros(len(images), bool)
+    is_candidate[candidates] = True
+    return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
+
+
 def memorization_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
                         n_outliers: int = 30) -> dict[str, np.ndarray]:
     """Digits split into shared / candidate / independent sets; ``n_outliers`` random
@@ -63,13 +76,7 @@ def memorization_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300
     outlier = np.zeros(len(images), bool)
     outlier[np.random.default_rng(seed + 1).choice(candidates, n_outliers, replace=False)] = 1
     images[outlier] = 1.0 - images[outlier]
-    keep = np.zeros((2, len(images)), bool)
-    keep[:, shared] = True
-    keep[0, candidates] = True
-    keep[1, independent] = True
-    is_candidate = np.zeros(len(images), bool)
-    is_candidate[candidates] = True
-    return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
+    return leave_out_split(images, shared, candidates, independent, outlier)
 
 
 def rare_class_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
@@ -88,13 +95,7 @@ def rare_class_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
     independent = common[n_shared + n_common:n_shared + n_common + n_candidates]
     outlier = np.zeros(len(images), bool)
     outlier[rare] = True
-    keep = np.zeros((2, len(images)), bool)
-    keep[:, shared] = True
-    keep[0, candidates] = True
-    keep[1, independent] = True
-    is_candidate = np.zeros(len(images), bool)
-    is_candidate[candidates] = True
-    return {"images": images, "keep": keep, "candidates": is_candidate, "outlier": outlier}
+    return leave_out_split(images, shared, candidates, independent, outlier)
 
 
 def train_encoders(splits: dict[str, np.ndarray], seed: int):
@@ -191,26 +192,6 @@ def plot_memorization(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_most_memorized(images: np.ndarray, scores: np.ndarray, atypical: np.ndarray,
-                        path: Path, count: int = 16) -> None:
-    """The ``count`` candidates with the highest SSLMem (last layer), rare class marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    top = np.argsort(-scores)[:count]
-    fig, axes = plt.subplots(2, count // 2, figsize=(count // 2 * 1.1, 2.8))
-    for ax, i in zip(axes.ravel(), top, strict=True):
-        ax.imshow(images[i][..., 0], cmap="gray_r")
-        ax.set_title(("rare " if atypical[i] else "") + f"{scores[i]:+.2f}", fontsize=7)
-        ax.axis("off")
-    fig.suptitle("Highest SSLMem candidates (f trained with them, g without)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def memorization_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Section:
     """Train f and g (rare-class setting), LayerMem on the candidates, UnitMem of f; one
     Section with ``memorization.png`` and ``most_memorized.png``."""
@@ -219,8 +200,10 @@ def memorization_section(folder: Path, *, seed: int = 0, progress: bool = False)
     atypical = result["splits"]["outlier"][result["rows"]]
     last = per_layer["raw"][:, -1]
     plot_memorization(result, folder / "memorization.png")
-    plot_most_memorized(result["splits"]["images"][result["rows"]], last, atypical,
-                        folder / "most_memorized.png")
+    plot_top_images(result["splits"]["images"][result["rows"]], last,
+                    lambda i: ("rare " if atypical[i] else "") + f"{last[i]:+.2f}",
+                    folder / "most_memorized.png",
+                    "Highest SSLMem candidates (f trained with them, g without)")
     low, high = auc_confidence_interval(last, atypical)
     metrics: list[tuple[str, object]] = [
         ("candidates (f trains on them, g does not)", len(result["rows"])),

@@ -100,3 +100,25 @@ def write_report(out_dir: str | os.PathLike, title: str,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+def plot_top_images(images, scores, titles, path: str | os.PathLike, suptitle: str,
+                    count: int = 16) -> None:
+    """The ``count`` highest-``scores`` images [N, H, W, 1] in two rows, each titled by
+    ``titles(i)`` (i: the image's index), saved to ``path`` (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    top = np.argsort(-np.asarray(scores))[:count]
+    fig, axes = plt.subplots(2, count // 2, figsize=(count // 2 * 1.1, 2.8))
+    for ax, i in zip(axes.ravel(), top, strict=True):
+        ax.imshow(images[i][..., 0], cmap="gray_r")
+        ax.set_title(titles(i), fontsize=7)
+        ax.axis("off")
+    fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
