@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -64,15 +65,10 @@ def self_influence(loss_fn: LossFn, params: Any, train: Any, *, lr: float,
     return out if store is not None else np.asarray(out["self_influence"])
 
 
-_SELF_FNS: dict[tuple, Any] = {}
-
-
+# One function object per settings (bounded, as forward_inf's makers): the engine compiles
+# it once and reuses it.
+@functools.lru_cache(maxsize=32)
 def _self_influence_fn(loss_fn, treedef, mask, mode, optimizer, lr, steps):
-    # One function object per settings: the engine compiles it once and reuses it.
-    key = (loss_fn, treedef, mask, mode, optimizer, lr, steps)
-    if key in _SELF_FNS:
-        return _SELF_FNS[key]
-
     def fn(leaves, example):
         def own_loss(train):
             return loss_at(loss_fn, treedef, leaves, mask, train, example)
@@ -88,7 +84,6 @@ def _self_influence_fn(loss_fn, treedef, mask, mode, optimizer, lr, steps):
             value = own_loss(moved) - own_loss(start)
         return {"self_influence": value}
 
-    _SELF_FNS[key] = fn
     return fn
 
 
