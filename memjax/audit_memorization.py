@@ -1,13 +1,16 @@
 """The audit's memorization section: SSLMem, LayerMem and UnitMem of SimCLR digit encoders
-(and CLIPMem of tiny CLIPs, measured in bench/memorization_demo.py).
+and CLIPMem of tiny CLIPs with mis-captioned pairs.
 
 The leave-out design of Wang et al. 2024 ("Memorization in Self-Supervised Learning
 Improves Downstream Generalization", ICLR; "Localizing Memorization in SSL Vision
 Encoders", NeurIPS): encoder f is trained on a shared set plus a candidate set, encoder g
 on the shared set plus an independent set of the same size; both in one vmapped SimCLR
-program (:func:`memjax.train.simclr.train_simclrs`). A few candidates are atypical:
-injected outliers (digits with inverted intensities), a mode g never sees. Memorization of
-a candidate = how much better f aligns its augmented views than g does.
+program (:func:`memjax.train.simclr.train_simclrs`) from the same initialisation, so
+their difference is what the candidates did (with two random initialisations the
+per-layer gap between f and g drowns the candidates' signal at this scale). A few
+candidates are atypical: injected outliers (digits with inverted intensities) or a class
+g never sees. Memorization of a candidate = how much better f aligns its augmented views
+than g does.
 """
 
 from __future__ import annotations
@@ -30,8 +33,12 @@ from memjax.train.simclr import encoder_layers, train_simclrs
 TITLE = "Memorization: SSLMem, LayerMem and UnitMem of SimCLR digit encoders"
 SEED_VIEWS = 0
 ENCODER = CNNConfig((8, 8, 1), 32, channels=(16, 32), hidden=(64,))
-TRAINING = {"steps": 300, "batch_size": 128, "temperature": 0.5, "learning_rate": 2e-3}
+# ~100 epochs of the 1,300 training examples: memorization grows with training (at 300
+# steps the embedding's SSLMem AUROC for rare-class candidates was 0.74, at 1,000 0.85).
+TRAINING = {"steps": 1000, "batch_size": 128, "temperature": 0.5, "learning_rate": 2e-3}
 LAYERS = ("conv1", "conv2", "dense1", "embedding")
+UNITMEM_VIEWS = 10  # the reference code's n_aug
+CLIP_STEPS = 150  # ~15 epochs: with 400 the CLIPs memorise every pair and CLIPMem flattens
 
 
 def digit_views(image: jax.Array, example_id: jax.Array, aug_id: jax.Array) -> jax.Array:
@@ -99,11 +106,12 @@ def rare_class_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
 
 
 def train_encoders(splits: dict[str, np.ndarray], seed: int):
-    """(f params, g params, seconds): both SimCLR encoders in one vmapped program."""
+    """(f params, g params, seconds): both SimCLR encoders in one vmapped program, from
+    the same initialisation."""
     start = time.perf_counter()
     stacked = train_simclrs(jax.random.key(seed), splits["images"],
                             np.arange(len(splits["images"])), splits["keep"],
-                            config=ENCODER, views_fn=digit_views, **TRAINING)
+                            config=ENCODER, views_fn=digit_views, same_init=True, **TRAINING)
     seconds = time.perf_counter() - start
     return (jax.tree.map(lambda a: a[0], stacked), jax.tree.map(lambda a: a[1], stacked),
             seconds)
@@ -121,23 +129,52 @@ def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverte
                          progress=False)
     train_rows = np.flatnonzero(splits["keep"][0])
     units = unitmem(encoder_layers, params_f, {"image": splits["images"][train_rows]},
-                    layers=("conv2", "dense1"), n_aug=n_aug, batch_size=64,
-                    progress=False)
+                    layers=LAYERS, n_aug=UNITMEM_VIEWS, batch_size=64, progress=False)
     return {"splits": splits, "rows": rows, "train_rows": train_rows, "layermem": per_layer,
             "unitmem": units, "seconds": seconds, "n_aug": n_aug}
 
 
-def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = 150,
+def unit_enrichment(result: dict, top: int = 10) -> dict[str, float]:
+    """Are the highest-UnitMem units' argmax examples atypical more often than chance?
+
+    Pools the ``top`` highest-UnitMem units of every layer; ``hits`` of their ``units``
+    argmax examples are atypical, against a base rate = the atypical fraction of f's
+    training set; ``p_value`` = binomial tail P(X >= hits) under that base rate;
+    ``all_units_fraction``: the same fraction over every unit (context: bright outliers
+    top many units whatever their UnitMem)."""
+    from scipy.stats import binom
+
+    atypical = result["splits"]["outlier"][result["train_rows"]]
+    hits = units = 0
+    for layer in result["unitmem"].layers.values():
+        best = np.argsort(-layer.scores, kind="stable")[:top]
+        hits += int(atypical[layer.argmax[best]].sum())
+        units += len(best)
+    base = float(atypical.mean())
+    every = np.concatenate([atypical[layer.argmax] for layer in result["unitmem"].layers.values()])
+    return {"hits": hits, "units": units, "fraction": hits / units, "base_rate": base,
+            "p_value": float(binom.sf(hits - 1, units, base)),
+            "all_units_fraction": float(every.mean())}
+
+
+def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEPS,
                  n_aug: int = 5) -> dict:
     """CLIPMem (Wang et al. 2025) of candidate image–caption pairs, ``n_miscaptioned`` of
     them with the caption of a random pair of another class: tiny CLIPs f (shared +
-    candidates) and g (shared + independent) trained in one vmapped program."""
+    candidates) and g (shared + independent) trained in one vmapped program from the same
+    initialisation.
+
+    Returns:
+      ``{"clipmem": [300], "miscaptioned": [300] bool, "images": [300, 8, 8, 1],
+      "labels": [300], "caption_class": [300]}`` over the candidates.
+    """
     import jax.numpy as jnp
 
     from memjax.memorization.sslmem import ClipApply, clipmem
     from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
 
     images, captions, words, _ = digit_caption_pairs(seed)
+    caption_class = digits().arrays["label"].copy()
     labels = digits().arrays["label"]
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
@@ -145,15 +182,14 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = 150,
     miscaptioned = rng.choice(candidates, n_miscaptioned, replace=False)
     captions = captions.copy()
     for i in miscaptioned:
-        captions[i] = captions[rng.choice(np.flatnonzero(labels != labels[i]))]
-    keep = np.zeros((2, len(images)), bool)
-    keep[:, shared] = True
-    keep[0, candidates] = True
-    keep[1, independent] = True
+        donor = rng.choice(np.flatnonzero(labels != labels[i]))
+        captions[i], caption_class[i] = captions[donor], labels[donor]
+    keep = leave_out_split(images, shared, candidates, independent,
+                           np.isin(np.arange(len(images)), miscaptioned))["keep"]
     config = ClipConfig(image_shape=images.shape[1:], vocab_size=len(words),
                         caption_length=captions.shape[1])
     stacked = train_clips(jax.random.key(seed), images, captions, keep, config=config,
-                          steps=steps, learning_rate=2e-3, batch_size=128)
+                          steps=steps, learning_rate=2e-3, batch_size=128, same_init=True)
     no_text = jnp.zeros(captions.shape[1], jnp.int32)
     no_image = jnp.zeros(images.shape[1:], jnp.float32)
     towers = ClipApply(image=lambda p, image: clip_embed(p, image, no_text)[0],
@@ -161,8 +197,10 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = 150,
     f, g = (jax.tree.map(lambda a, m=m: a[m], stacked) for m in (0, 1))
     result = clipmem(towers, towers, f, g, {"image": images[candidates],
                                             "text": captions[candidates]},
-                     views_fn=digit_views, n_aug=n_aug, batch_size=60, progress=False)
-    return {"clipmem": result["raw"], "miscaptioned": np.isin(candidates, miscaptioned)}
+                     views_fn=digit_views, n_aug=n_aug, batch_size=64, progress=False)
+    return {"clipmem": result["raw"], "miscaptioned": np.isin(candidates, miscaptioned),
+            "images": images[candidates], "labels": labels[candidates],
+            "caption_class": caption_class[candidates]}
 
 
 def plot_memorization(result: dict, path: Path) -> None:
@@ -178,12 +216,13 @@ def plot_memorization(result: dict, path: Path) -> None:
     names = list(per_layer["layers"])
     fig, axes = plt.subplots(1, 1 + len(units.layers), figsize=(4 + 3 * len(units.layers), 3))
     ax = axes[0]
-    for mask, label in ((atypical, "rare class"), (~atypical, "other candidates")):
+    for mask, label in ((atypical, "outliers"), (~atypical, "other candidates")):
         ax.plot(names, per_layer["raw"][mask].mean(0), marker="o", label=f"LayerMem, {label}")
+    ax.plot(names, per_layer["raw"].mean(0), marker="o", color="k", label="LayerMem, all")
     ax.plot(names, per_layer["delta_raw"].mean(0), marker="s", ls="--", label="ΔLayerMem, all")
     ax.axhline(0, color="grey", lw=0.5)
-    ax.set_title("SSLMem per layer", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title("SSLMem per layer (raw)", fontsize=9)
+    ax.legend(fontsize=6)
     for ax, (name, layer) in zip(axes[1:], units.layers.items(), strict=True):
         ax.hist(layer.scores, bins=20, range=(0, 1))
         ax.set_title(f"UnitMem, {name} ({len(layer.scores)} units)", fontsize=9)
@@ -192,48 +231,85 @@ def plot_memorization(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _auc_rows(name: str, scores: np.ndarray, positive: np.ndarray) -> list[tuple[str, object]]:
+    low, high = auc_confidence_interval(scores, positive)
+    return [(name, roc_auc(scores, positive)), ("  bootstrap 95% interval",
+                                                f"[{low:.3f}, {high:.3f}]")]
+
+
+def top_fraction(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Fraction of positives among the ``positive.sum()`` highest scores (precision at
+    the number of positives)."""
+    top = np.argsort(-scores, kind="stable")[:int(positive.sum())]
+    return float(positive[top].mean())
+
+
 def memorization_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Section:
-    """Train f and g (rare-class setting), LayerMem on the candidates, UnitMem of f; one
-    Section with ``memorization.png`` and ``most_memorized.png``."""
-    result = run_memorization_demo(seed, setting="rare")
+    """Train f and g (inverted-outlier setting), LayerMem on the candidates, UnitMem of f,
+    and CLIPMem of two tiny CLIPs; one Section with ``memorization.png``,
+    ``most_memorized.png`` and ``clipmem.png``."""
+    result = run_memorization_demo(seed, setting="inverted")
     per_layer, units = result["layermem"], result["unitmem"]
     atypical = result["splits"]["outlier"][result["rows"]]
     last = per_layer["raw"][:, -1]
+    gain = per_layer["raw"][:, -1] - per_layer["raw"][:, 0]
     plot_memorization(result, folder / "memorization.png")
     plot_top_images(result["splits"]["images"][result["rows"]], last,
-                    lambda i: ("rare " if atypical[i] else "") + f"{last[i]:+.2f}",
+                    lambda i: ("outlier " if atypical[i] else "") + f"{last[i]:+.2f}",
                     folder / "most_memorized.png",
                     "Highest SSLMem candidates (f trained with them, g without)")
-    low, high = auc_confidence_interval(last, atypical)
+    enrichment = unit_enrichment(result)
+    clip = clipmem_demo(seed)
+    bad = clip["miscaptioned"]
+    plot_top_images(clip["images"], clip["clipmem"],
+                    lambda i: f"{'MIS ' if bad[i] else ''}cap {clip['caption_class'][i]}",
+                    folder / "clipmem.png",
+                    "Highest CLIPMem pairs (MIS: mis-captioned; cap: the caption's digit)")
     metrics: list[tuple[str, object]] = [
         ("candidates (f trains on them, g does not)", len(result["rows"])),
-        ("rare-class candidates (class 7: only among the candidates)", int(atypical.sum())),
+        ("outlier candidates (inverted intensities)", int(atypical.sum())),
         ("training seconds (f and g, one vmapped program)", round(result["seconds"], 2)),
-        ("views per example (pairs)", result["n_aug"]),
+        ("views per example (SSLMem pairs / UnitMem views)",
+         f"{result['n_aug']} / {UNITMEM_VIEWS}"),
     ]
     for j, name in enumerate(per_layer["layers"]):
-        metrics.append((f"LayerMem {name} (mean raw SSLMem)", float(per_layer["raw"][:, j]
-                                                                      .mean())))
-    metrics += [("SSLMem (last layer) AUROC rare class vs others", roc_auc(last, atypical)),
-                ("  bootstrap 95% interval", f"[{low:.3f}, {high:.3f}]")]
+        metrics.append((f"LayerMem {name} (mean raw SSLMem)",
+                        float(per_layer["raw"][:, j].mean())))
+    metrics.append((f"LayerMem {LAYERS[-1]} - {LAYERS[0]} (mean over candidates)",
+                    float(gain.mean())))
+    metrics += _auc_rows("SSLMem (last layer) AUROC outliers vs others", last, atypical)
     for name, layer in units.layers.items():
         metrics += [(f"UnitMem {name}: mean", layer.summary["mean"]),
                     (f"UnitMem {name}: fraction of units above 0.5",
                      layer.summary["frac_above_0.5"])]
+    metrics += [
+        ("top-10 UnitMem units per layer whose argmax example is an outlier",
+         f"{enrichment['hits']} of {enrichment['units']} (base rate "
+         f"{enrichment['base_rate']:.3f}, binomial p = {enrichment['p_value']:.1e})"),
+        ("  the same over all units", enrichment["all_units_fraction"]),
+        ("CLIP candidate pairs / mis-captioned", f"{len(bad)} / {int(bad.sum())}"),
+    ]
+    metrics += _auc_rows("CLIPMem AUROC mis-captioned vs others", clip["clipmem"], bad)
+    metrics.append((f"mis-captioned among the {int(bad.sum())} highest CLIPMem",
+                    top_fraction(clip["clipmem"], bad)))
     text = (
         "SSLMem (Wang et al. 2024, ICLR) compares an encoder f trained on a shared set plus "
-        "candidates with an encoder g trained on the shared set plus independent examples: "
-        "a candidate's SSLMem is how much better f aligns two augmented views of it than g "
-        "(distance of L2-normalised representations; 5 view pairs keyed by example id). "
-        "LayerMem applies it to every layer's output from one forward pass per view; "
-        "UnitMem (Wang et al. 2024, NeurIPS) scores each unit of f by how much its most "
-        "activating training example stands out from the others. Setting: SimCLR CNN "
-        "encoders (conv16-conv32-dense64-emb32) on digits, with class 7 present only among "
-        f"the candidates ({int(atypical.sum())} of {len(result['rows'])}). At this scale "
-        "the effects are modest (bench/README.md lists the measurements, including an "
-        "inverted-digit setting where conv2 reverses them)."
+        "candidates with an encoder g trained on the shared set plus independent examples "
+        "(same initialisation, one vmapped program): a candidate's SSLMem is how much "
+        "better f aligns two augmented views of it than g (distance of L2-normalised "
+        "representations; 5 view pairs keyed by example id). LayerMem applies it to every "
+        "layer's output from one forward pass per view; UnitMem (Wang et al. 2024, "
+        "NeurIPS) scores each unit of f by how much its most activating training example "
+        "stands out from the others (10 views). Setting: SimCLR CNN encoders (conv16-"
+        f"conv32-dense64-emb32) on digits; {int(atypical.sum())} of the "
+        f"{len(result['rows'])} candidates are outliers (inverted intensities). CLIPMem "
+        "(Wang et al. 2025) applies the design to tiny CLIPs on digit-caption pairs, 30 of "
+        "300 candidate pairs carrying the caption of another digit. Inverted digits are "
+        "bright images, so many units' argmax examples are outliers whatever their UnitMem; "
+        "bench/README.md has a rare-class setting and several seeds."
     )
     return Section(TITLE, text, metrics,
                    figures=[("memorization.png", "LayerMem / ΔLayerMem per layer and the "
                              "UnitMem histogram per layer"),
-                            ("most_memorized.png", "Candidates with the highest SSLMem")])
+                            ("most_memorized.png", "Candidates with the highest SSLMem"),
+                            ("clipmem.png", "Pairs with the highest CLIPMem")])

@@ -65,6 +65,33 @@ def test_vmapped_simclr_equals_separate_fits():
         train_simclrs(jax.random.key(0), images, ids, keep.astype(int), **kwargs)
 
 
+def test_same_init_shares_the_initialisation_only():
+    """same_init: every encoder starts from one initialisation (0 steps: identical
+    params) and then trains on its own minibatches (equal to fit_simclr with init_key)."""
+    from memjax.train.reference import model_keys
+
+    rng = np.random.default_rng(3)
+    images = rng.random((40, 4, 4, 1)).astype(np.float32)
+    ids = np.arange(40)
+    keep = np.stack([np.arange(40) < 30, np.arange(40) >= 10])
+    config = CNNConfig((4, 4, 1), 8, channels=(4,), hidden=(16,))
+    kwargs = {"config": config, "views_fn": keyed_views, "batch_size": 16}
+    start = train_simclrs(jax.random.key(5), images, ids, keep, steps=0, same_init=True,
+                          **kwargs)
+    for leaf in jax.tree.leaves(start):
+        np.testing.assert_array_equal(leaf[0], leaf[1])
+    apart = train_simclrs(jax.random.key(5), images, ids, keep, steps=0, **kwargs)
+    assert not np.array_equal(apart["layers"][0]["w"][0], apart["layers"][0]["w"][1])
+    trained = train_simclrs(jax.random.key(5), images, ids, keep, steps=3, same_init=True,
+                            **kwargs)
+    keys, init_key = model_keys(jax.random.key(5), 2, True)
+    fit = jax.jit(functools.partial(fit_simclr, steps=3, **kwargs))
+    for m in range(2):
+        alone = fit(keys[m], images, ids, keep[m], init_key=init_key)
+        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(trained), strict=True):
+            np.testing.assert_allclose(b[m], np.asarray(a), rtol=1e-5, atol=1e-6)
+
+
 def test_simclr_training_lowers_the_loss_on_digits():
     from memjax.data import digits
 

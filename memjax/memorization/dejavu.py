@@ -23,6 +23,7 @@ memorized by the target.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -97,17 +98,27 @@ def knn_scan(queries: jax.Array, public: jax.Array, k: int, metric: str = "l2",
     return vals, idx
 
 
-_knn_jit = jax.jit(knn_scan, static_argnames=("k", "metric", "block_size"))
+@functools.cache
+def _knn_jit():
+    # memjax.kernels imports this module (knn_scan is its reference): import it lazily.
+    from memjax import kernels
+
+    # impl is static so that a change of MEMJAX_KERNELS retraces instead of reusing a trace.
+    return jax.jit(kernels.knn_scores,
+                   static_argnames=("k", "metric", "block_size", "impl", "block_queries"))
 
 
 def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
-        block_size: int = 1024) -> tuple[jax.Array, jax.Array]:
+        block_size: int = 1024, impl: str | None = None,
+        block_queries: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Exact k-NN of each query in a public set, blockwise (never a [Q, P] matrix).
 
     Args:
       queries: [Q, D] float; public: [P, D] float, P >= k.
       k: neighbours per query. metric: ``"l2"`` or ``"cosine"`` (norms clamped at EPS).
       block_size: public rows compared per step (memory O(Q x block_size)).
+      impl: ``"kernel"`` (Pallas), ``"reference"`` (:func:`knn_scan`) or None
+        (``MEMJAX_KERNELS``; see ``memjax.kernels``); block_queries: the kernel's query tile.
 
     Returns:
       (values [Q, k], indices [Q, k] int32), nearest first, ties to the lower index.
@@ -125,7 +136,11 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
     if k > p.shape[0]:
         raise InputError(f"k={k}: expected at most the public set size ({p.shape[0]})")
     block_size = _positive_int(block_size, "block_size")
-    vals, idx = _knn_jit(q, p, k=k, metric=metric, block_size=block_size)
+    from memjax import kernels
+
+    # MEMJAX_KERNELS picks the Pallas kernel or knn_scan (the default everywhere today).
+    vals, idx = _knn_jit()(q, p, k=k, metric=metric, block_size=block_size,
+                           impl=kernels.resolve("knn", impl), block_queries=block_queries)
     if metric == "l2":
         vals = jnp.where(vals == 0, 0.0, -vals)
     return vals, idx

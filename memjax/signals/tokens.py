@@ -162,7 +162,9 @@ def tokens(
             be shorter). Memory then scales with ``T * chunk_size``, not ``T * V``. Caveat:
             XLA:CPU's bf16 normalisation upcasts a bf16 ``logits`` or ``unembedding`` array
             to float32 whole, once, before the loop (its slices are taken in float32);
-            float32 inputs are not affected.
+            float32 inputs are not affected. With ``hidden``, the streamed statistics go
+            through ``memjax.kernels.vocab_stats``: ``MEMJAX_KERNELS`` (read at trace time)
+            may select the fused Pallas kernel, whose own vocab tiles replace chunk_size.
 
     Returns:
         Dict of float32 arrays. Per position [T] (computed at every position, masked or
@@ -274,22 +276,15 @@ def tokens(
             chunk = lambda start, size: lax.dynamic_slice_in_dim(
                 logits, start, size, axis=1
             ).astype(_F32)
+            stats = _streamed_stats(chunk, vocab, int(chunk_size), num_tokens)
         else:
-            # The T target columns of W, not the [T, V] logits.
-            w_targets = jnp.take(unembedding, index, axis=1, mode="fill", fill_value=jnp.nan)
-            target_logit = jnp.einsum(
-                "td,dt->t", hidden, w_targets, preferred_element_type=_F32
+            # Imported here: memjax.kernels imports this module for its reference.
+            from memjax import kernels
+
+            # MEMJAX_KERNELS picks the Pallas kernel or streamed_hidden_stats (the default).
+            stats, target_logit = kernels.vocab_stats(
+                hidden, unembedding, bias, index, chunk_size=int(chunk_size)
             )
-            if bias is not None:
-                target_logit = target_logit + jnp.take(
-                    bias, index, mode="fill", fill_value=jnp.nan
-                ).astype(_F32)
-            chunk = lambda start, size: _project(
-                hidden,
-                lax.dynamic_slice_in_dim(unembedding, start, size, axis=1),
-                None if bias is None else lax.dynamic_slice_in_dim(bias, start, size),
-            )
-        stats = _streamed_stats(chunk, vocab, int(chunk_size), num_tokens)
         lse, mu, sigma = finalize_stats(stats)
         # (z_t - m) - log w rather than z_t - lse: no rounding of a large lse. The target
         # logit comes from its own product, which may round a hair above the chunk max for
@@ -345,6 +340,43 @@ def _full_vocab(
         log_p, index[:, None], axis=1, mode="fill", fill_value=jnp.nan
     )[:, 0]
     return logp, mu, jnp.sqrt(var), jax.nn.logsumexp(z, axis=-1)
+
+
+def streamed_hidden_stats(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    bias: jax.Array | None,
+    index: jax.Array,
+    chunk_size: int,
+) -> tuple[VocabStats, jax.Array]:
+    """Streamed statistics of ``hidden @ unembedding + bias``, never forming [T, V].
+
+    The XLA reference of the fused Pallas kernel ``memjax.kernels.token_stats``.
+
+    Args:
+        hidden: [T, D] float; unembedding: [D, V] float; bias: [V] float or None.
+        index: [T] int32 target ids; ``V`` (out of range) gives a NaN target logit.
+        chunk_size: vocabulary columns per chunk (static).
+
+    Returns:
+        (:class:`VocabStats` [T], target logit [T] float32).
+    """
+    # The T target columns of W, not the [T, V] logits.
+    w_targets = jnp.take(unembedding, index, axis=1, mode="fill", fill_value=jnp.nan)
+    target_logit = jnp.einsum(
+        "td,dt->t", hidden, w_targets, preferred_element_type=_F32
+    )
+    if bias is not None:
+        target_logit = target_logit + jnp.take(
+            bias, index, mode="fill", fill_value=jnp.nan
+        ).astype(_F32)
+    chunk = lambda start, size: _project(
+        hidden,
+        lax.dynamic_slice_in_dim(unembedding, start, size, axis=1),
+        None if bias is None else lax.dynamic_slice_in_dim(bias, start, size),
+    )
+    stats = _streamed_stats(chunk, unembedding.shape[1], chunk_size, hidden.shape[0])
+    return stats, target_logit
 
 
 def _streamed_stats(chunk, vocab: int, chunk_size: int, num_tokens: int) -> VocabStats:

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from memjax.errors import InputError
-from memjax.train.reference import check_keep
+from memjax.train.reference import check_keep, model_keys
 
 #: Token id 0 pads captions; it is excluded from the text tower's mean pool.
 PAD = 0
@@ -177,7 +177,7 @@ def kept_minibatch(key: jax.Array, keep: jax.Array, batch_size: int
 
 def fit_clip(key: jax.Array, images: jax.Array, captions: jax.Array, keep: jax.Array, *,
              config: ClipConfig, steps: int = 1000, learning_rate: float = 2e-3,
-             batch_size: int = 128) -> dict[str, Any]:
+             batch_size: int = 128, init_key: jax.Array | None = None) -> dict[str, Any]:
     """Train a tiny CLIP on the pairs with ``keep`` = 1 (minibatch Adam, CLIP loss).
 
     The CLIP loss needs in-batch negatives, so every step draws ``batch_size`` distinct
@@ -187,12 +187,13 @@ def fit_clip(key: jax.Array, images: jax.Array, captions: jax.Array, keep: jax.A
     Args:
       key: PRNG key (initialisation and minibatches).
       images: [N, *image_shape] float; captions: [N, L] int token ids; keep: [N] 0/1 mask.
+      init_key: if given, the initialisation comes from it (``key`` draws minibatches).
 
     Returns:
       The trained params (:func:`init_clip`'s structure).
     """
     k_init, k_batches = jax.random.split(key)
-    params = init_clip(k_init, config)
+    params = init_clip(k_init if init_key is None else init_key, config)
     optimizer = optax.adam(learning_rate)
     keep = keep.astype(bool)
     batch_size = min(batch_size, keep.shape[0])
@@ -211,21 +212,22 @@ def fit_clip(key: jax.Array, images: jax.Array, captions: jax.Array, keep: jax.A
 
 def train_clips(key: jax.Array, images: np.ndarray, captions: np.ndarray, keep: np.ndarray,
                 *, config: ClipConfig, steps: int = 1000, learning_rate: float = 2e-3,
-                batch_size: int = 128) -> Any:
+                batch_size: int = 128, same_init: bool = False) -> Any:
     """Train one tiny CLIP per row of ``keep`` [M, N] bool, in one vmapped, jitted program.
 
     Returns:
       Stacked params (every leaf has a leading axis M). Model m uses
       ``jax.random.split(key, M)[m]``, so the result equals M separate :func:`fit_clip`
-      calls.
+      calls. ``same_init``: one shared initialisation (:func:`model_keys`).
 
     Raises:
       InputError: if ``keep`` is not a boolean [M, N] mask.
     """
     keep = check_keep(keep, len(images))
-    keys = jax.random.split(key, keep.shape[0])
+    keys, init_key = model_keys(key, keep.shape[0], same_init)
     fit = functools.partial(fit_clip, config=config, steps=steps,
-                            learning_rate=learning_rate, batch_size=batch_size)
+                            learning_rate=learning_rate, batch_size=batch_size,
+                            init_key=init_key)
     trained = jax.jit(jax.vmap(fit, in_axes=(0, None, None, 0)))(keys, images, captions,
                                                                   keep)
     return jax.tree.map(np.asarray, trained)

@@ -54,6 +54,21 @@ def check_keep(keep: Any, n_examples: int) -> np.ndarray:
     return keep
 
 
+def model_keys(key: jax.Array, n_models: int, same_init: bool
+               ) -> tuple[jax.Array, jax.Array | None]:
+    """(per-model keys [M], shared initialisation key or None) for vmapped trainers.
+
+    ``same_init=False``: model m uses ``jax.random.split(key, M)[m]`` for everything.
+    ``same_init=True``: every model starts from one initialisation (its own key then draws
+    only minibatches), so a leave-out comparison (f trained with a set, g without)
+    measures what the training sets did, not two random initialisations.
+    """
+    if not same_init:
+        return jax.random.split(key, n_models), None
+    k_models, k_init = jax.random.split(key)
+    return jax.random.split(k_models, n_models), k_init
+
+
 def kept_rows(keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows [M, K] int32, weight [M, K] bool): each model's kept example indices first
     (ascending), padded to K = the largest subset with weight-0 rows."""

@@ -26,7 +26,7 @@ import optax
 
 from memjax.train.classifier import CNNConfig, classifier_logits
 from memjax.train.clip import kept_minibatch
-from memjax.train.reference import check_keep
+from memjax.train.reference import check_keep, model_keys
 
 #: Training views use augmentation ids >= this, so they never coincide with the views an
 #: evaluation (ids 0, 1, ...) draws for the same example.
@@ -88,18 +88,21 @@ def encoder_layers(params: dict[str, Any], image: jax.Array) -> dict[str, jax.Ar
 def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Array, *,
                config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
                batch_size: int = 128, temperature: float = 0.5,
-               learning_rate: float = 1e-3) -> dict[str, Any]:
+               learning_rate: float = 1e-3, init_key: jax.Array | None = None
+               ) -> dict[str, Any]:
     """Train a SimCLR encoder on the images with ``keep`` = 1 (minibatch Adam).
 
     Args:
       key: PRNG key: initialisation and the minibatch draws.
       images: [N, H, W, C] in [0, 1]; ids: [N] example ids for ``views_fn``; keep: [N] bool.
+      init_key: if given, the initialisation comes from it instead of ``key`` (``key``
+        then draws only the minibatches).
 
     Returns:
       The encoder params. Pure: vmap over (key, keep) to train many encoders at once.
     """
     k_init, k_batches = jax.random.split(key)
-    params = config.init(k_init)
+    params = config.init(k_init if init_key is None else init_key)
     optimizer = optax.adam(learning_rate)
 
     def loss(p, rows, valid, step):
@@ -129,9 +132,11 @@ def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Arra
 def train_simclrs(key: jax.Array, images: np.ndarray, ids: np.ndarray, keep: np.ndarray, *,
                   config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
                   batch_size: int = 128, temperature: float = 0.5,
-                  learning_rate: float = 1e-3) -> Any:
+                  learning_rate: float = 1e-3, same_init: bool = False) -> Any:
     """One SimCLR encoder per row of ``keep`` [M, N] (e.g. f with a candidate set and g
-    without), all in one jitted vmap; model m starts from ``jax.random.split(key, M)[m]``.
+    without), all in one jitted vmap; model m trains with ``jax.random.split(key, M)[m]``.
+
+    ``same_init``: every model starts from one initialisation (:func:`model_keys`).
 
     Returns:
       Stacked params (leading axis M), as host arrays.
@@ -140,6 +145,7 @@ def train_simclrs(key: jax.Array, images: np.ndarray, ids: np.ndarray, keep: np.
     fit = functools.partial(fit_simclr, config=config, views_fn=views_fn, steps=steps,
                             batch_size=batch_size, temperature=temperature,
                             learning_rate=learning_rate)
-    keys = jax.random.split(key, keep.shape[0])
+    keys, init_key = model_keys(key, keep.shape[0], same_init)
+    fit = functools.partial(fit, init_key=init_key)
     trained = jax.jit(jax.vmap(fit, in_axes=(0, None, None, 0)))(keys, images, ids, keep)
     return jax.tree.map(np.asarray, trained)
