@@ -1,52 +1,86 @@
-"""Memorization measurements on digits (issue 6): SSLMem / LayerMem / UnitMem of SimCLR
-encoders f (with a candidate set) and g (without), and CLIPMem of tiny CLIPs.
+"""Memorization findings on digits over several seeds (issue 6): SSLMem / LayerMem /
+UnitMem of SimCLR encoders f (with a candidate set) and g (without, same initialisation),
+and CLIPMem of tiny CLIPs with mis-captioned pairs.
 
-Run: ``PYTHONPATH=. python -m bench.memorization_demo [--rare | --clipmem]`` (prints the
-measurements; ~1 min): inverted-intensity outliers, (``--rare``) a class only the
-candidates contain (the audit's setting), or (``--clipmem``) CLIPMem of mis-captioned
-pairs. Results in bench/README.md.
+Run: ``PYTHONPATH=. python -m bench.memorization_demo [--seeds 0 1 2]`` (~3 min per
+seed on 2 cores): both atypical settings (inverted-intensity outliers, the audit's and
+the tests' setting; a class only the candidates contain) and CLIPMem, per seed; writes
+``bench/results/memorization_demo.json``. Summary in bench/README.md.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import time
+
 import numpy as np
 
-from memjax.audit_memorization import clipmem_demo, run_memorization_demo
-from memjax.metrics import roc_auc
+from bench.common import machine_info, write_json
+from memjax.audit_memorization import (
+    clipmem_demo,
+    run_memorization_demo,
+    top_fraction,
+    unit_enrichment,
+)
+from memjax.metrics import auc_confidence_interval, roc_auc
+
+
+def _auroc(scores: np.ndarray, positive: np.ndarray) -> dict[str, float]:
+    low, high = auc_confidence_interval(scores, positive)
+    return {"auroc": roc_auc(scores, positive), "low": low, "high": high}
+
+
+def simclr_row(seed: int, setting: str) -> dict:
+    """LayerMem per layer (means, AUROC atypical vs typical) and UnitMem enrichment."""
+    start = time.perf_counter()
+    result = run_memorization_demo(seed, setting=setting)
+    per_layer = result["layermem"]
+    atypical = result["splits"]["outlier"][result["rows"]]
+    layers = {}
+    for j, name in enumerate(per_layer["layers"]):
+        raw = per_layer["raw"][:, j]
+        layers[name] = {"mean": float(raw.mean()), "atypical": float(raw[atypical].mean()),
+                        "typical": float(raw[~atypical].mean()), **_auroc(raw, atypical)}
+    units = {name: {"summary": layer.summary,
+                    "top10_atypical": float(result["splits"]["outlier"][result["train_rows"]][
+                        layer.argmax[np.argsort(-layer.scores, kind="stable")[:10]]].mean())}
+             for name, layer in result["unitmem"].layers.items()}
+    return {"seed": seed, "setting": setting, "train_seconds": result["seconds"],
+            "layermem": layers, "unitmem": units, "enrichment": unit_enrichment(result),
+            "seconds": time.perf_counter() - start}
+
+
+def clip_row(seed: int) -> dict:
+    out = clipmem_demo(seed)
+    score, bad = out["clipmem"], out["miscaptioned"]
+    return {"seed": seed, **_auroc(score, bad), "top_fraction": top_fraction(score, bad),
+            "base_rate": float(bad.mean())}
 
 
 def main() -> None:
-    import sys
-
-    from memjax.metrics import auc_confidence_interval
-
-    if "--clipmem" in sys.argv[1:]:
-        out = clipmem_demo(0)
-        score, bad = out["clipmem"], out["miscaptioned"]
-        low, high = auc_confidence_interval(score, bad)
-        top = np.argsort(-score)[:int(bad.sum())]
-        print(f"CLIPMem AUROC mis-captioned vs others {roc_auc(score, bad):.3f} "
-              f"[{low:.3f}, {high:.3f}]; mis-captioned among the top {len(top)}: "
-              f"{bad[top].mean():.2f} (base rate {bad.mean():.2f})")
-        return
-    setting = "rare" if "--rare" in sys.argv[1:] else "inverted"
-    result = run_memorization_demo(0, setting=setting)
-    print(f"setting: {setting}")
-    splits, per_layer = result["splits"], result["layermem"]
-    outlier = splits["outlier"][result["rows"]]
-    print(f"trained f and g in {result['seconds']:.1f} s (one vmapped program)")
-    for j, name in enumerate(per_layer["layers"]):
-        raw = per_layer["raw"][:, j]
-        low, high = auc_confidence_interval(raw, outlier)
-        print(f"LayerMem {name}: mean {raw.mean():+.4f}; outliers {raw[outlier].mean():+.4f} "
-              f"vs typical {raw[~outlier].mean():+.4f}; AUROC {roc_auc(raw, outlier):.3f} "
-              f"[{low:.3f}, {high:.3f}]")
-    base = splits["outlier"][result["train_rows"]].mean()
-    for name, layer in result["unitmem"].layers.items():
-        top = np.argsort(-layer.scores)[:10]
-        hits = splits["outlier"][result["train_rows"][layer.argmax[top]]].mean()
-        print(f"UnitMem {name}: {layer.summary}; top-10 units' argmax examples are outliers: "
-              f"{hits:.2f} (base rate {base:.3f})")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    args = parser.parse_args()
+    rows, clips = [], []
+    for seed in args.seeds:
+        for setting in ("inverted", "rare"):
+            row = simclr_row(seed, setting)
+            rows.append(row)
+            means = " ".join(f"{n} {v['mean']:+.4f}" for n, v in row["layermem"].items())
+            aucs = " ".join(f"{n} {v['auroc']:.3f}" for n, v in row["layermem"].items())
+            e = row["enrichment"]
+            print(f"seed {seed} {setting}: LayerMem {means}; AUROC {aucs}; top-10 units "
+                  f"atypical {e['hits']}/{e['units']} (base {e['base_rate']:.3f}, all units "
+                  f"{e['all_units_fraction']:.2f})", flush=True)
+        clips.append(clip_row(seed))
+        c = clips[-1]
+        print(f"seed {seed} CLIPMem AUROC {c['auroc']:.3f} [{c['low']:.3f}, {c['high']:.3f}]; "
+              f"top-30 {c['top_fraction']:.2f} (base {c['base_rate']:.2f})", flush=True)
+    path = write_json("memorization_demo", {"machine": machine_info(),
+                                            "load_average": os.getloadavg(),
+                                            "simclr": rows, "clipmem": clips})
+    print("wrote", path)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,63 @@ def test_bad_input():
         dejavu_sets(np.ones((2, 3)), np.ones((2, 3), bool), np.ones((2, 3), bool))
     with pytest.raises(InputError, match="one shape"):
         dejavu_sets(np.ones((2, 3), bool), np.ones((2, 4), bool), np.ones((2, 3), bool))
+
+
+# --------------------------------------------------------------------------- background crops
+
+def _brute_force_background(boxes, height, width):
+    """Largest empty rectangle by checking every rectangle of a pixel occupancy mask."""
+    solid = np.zeros((height, width), bool)
+    for x0, y0, x1, y1 in boxes:
+        solid[int(np.floor(y0)):int(np.ceil(y1)), int(np.floor(x0)):int(np.ceil(x1))] = True
+    # Summed-area table: a rectangle is empty iff its sum of solid pixels is 0.
+    table = np.pad(solid.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    best = 0
+    for top in range(height):
+        for bottom in range(top + 1, height + 1):
+            for left in range(width):
+                for right in range(left + 1, width + 1):
+                    filled = (table[bottom, right] - table[top, right] - table[bottom, left]
+                              + table[top, left])
+                    if filled == 0:
+                        best = max(best, (bottom - top) * (right - left))
+    return best, solid
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_background_box_is_the_largest_empty_rectangle(seed):
+    from memjax.memorization.dejavu import background_box
+
+    rng = np.random.default_rng(seed)
+    height, width = rng.integers(5, 11, size=2)
+    boxes = []
+    for _ in range(rng.integers(0, 4)):
+        x0, y0 = rng.uniform(0, width - 1), rng.uniform(0, height - 1)
+        boxes.append((x0, y0, x0 + rng.uniform(0.5, width / 2), y0 + rng.uniform(0.5, height / 2)))
+    top, left, h, w = background_box(np.array(boxes).reshape(-1, 4), height, width)
+    area, solid = _brute_force_background(boxes, height, width)
+    assert h * w == area
+    assert 0 <= top and top + h <= height and 0 <= left and left + w <= width
+    assert not solid[top:top + h, left:left + w].any()
+
+
+def test_background_crop_and_bad_boxes():
+    import jax.numpy as jnp
+
+    from memjax.augment import resample_box
+    from memjax.memorization.dejavu import background_box, background_crop
+
+    image = np.random.default_rng(0).random((8, 10, 3)).astype(np.float32)
+    # An object filling the left 6 columns: the background is the right 4 columns.
+    assert background_box([0, 0, 6, 8], 8, 10) == (0, 6, 8, 4)
+    crop = background_crop(image, [[0, 0, 6, 8]], (4, 4))
+    np.testing.assert_allclose(crop, resample_box(jnp.asarray(image), (0, 6, 8, 4), (4, 4)))
+    assert background_box(np.zeros((0, 4)), 8, 10) == (0, 0, 8, 10)
+    with pytest.raises(InputError, match="no background"):
+        background_box([[0, 0, 10, 8]], 8, 10)
+    with pytest.raises(InputError, match=r"boxes: expected finite \[K, 4\]"):
+        background_box([[0, 0, 1]], 8, 10)
+    with pytest.raises(InputError, match="x0 <= x1"):
+        background_box([[5, 0, 1, 8]], 8, 10)
+    with pytest.raises(InputError, match="height"):
+        background_box([], 0, 10)

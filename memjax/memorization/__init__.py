@@ -6,7 +6,8 @@
 - :func:`sslmem`, :func:`layermem`, :func:`clipmem` (Wang et al. 2024 ICLR, 2025): the
   leave-out alignment gap of an encoder trained with an example vs one trained without,
   per layer from one pass, and on image–caption pairs.
-- :func:`knn`, :func:`label_inference`, :func:`dejavu_sets` and
+- :func:`background_crop` (the largest rectangle outside the object boxes), :func:`knn`,
+  :func:`label_inference`, :func:`dejavu_sets` and
   ``memjax.memorization.dejavu.dejavu`` (Meehan et al. 2023; Jayaraman et al. 2024): déjà
   vu label inference from background crops (the function is not re-exported here: it
   would shadow its module, ``memjax.memorization.dejavu``).
@@ -14,6 +15,8 @@
 
 from memjax.memorization.dejavu import (
     accuracy_by_confidence,
+    background_box,
+    background_crop,
     classifier_inference,
     dejavu_sets,
     knn,
@@ -40,6 +43,8 @@ __all__ = [
     "RunningStats",
     "UnitMemResult",
     "accuracy_by_confidence",
+    "background_box",
+    "background_crop",
     "batch_stats",
     "classifier_inference",
     "clipmem",

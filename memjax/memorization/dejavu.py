@@ -149,6 +149,80 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
 # --------------------------------------------------------------------------- labels
 
 
+# --------------------------------------------------------------------------- background crops
+
+
+def _boxes(boxes: ArrayLike, height: int, width: int) -> np.ndarray:
+    """Validated object boxes [K, 4] ``(x0, y0, x1, y1)`` clipped to the image (K may be 0)."""
+    arr = np.asarray(boxes, np.float64)
+    arr = arr.reshape(0, 4) if arr.size == 0 else arr.reshape(1, -1) if arr.ndim == 1 else arr
+    if arr.ndim != 2 or arr.shape[1] != 4 or not np.all(np.isfinite(arr)):
+        raise InputError(f"boxes: expected finite [K, 4] (x0, y0, x1, y1) pixel boxes, got "
+                         f"shape {np.shape(boxes)}")
+    if np.any(arr[:, 2] < arr[:, 0]) or np.any(arr[:, 3] < arr[:, 1]):
+        raise InputError("boxes: expected x0 <= x1 and y0 <= y1 in every (x0, y0, x1, y1) "
+                         "box")
+    return np.clip(arr, 0.0, [width, height, width, height])
+
+
+def background_box(boxes: ArrayLike, height: int, width: int) -> tuple[int, int, int, int]:
+    """The largest axis-aligned rectangle of the image that overlaps no object box.
+
+    Meehan et al. 2023 (déjà vu) query the models with the background only: the largest
+    crop outside the annotated object boxes. A maximal empty rectangle has each side on
+    the image border or on a box edge, so the candidates are the combinations of those
+    coordinates (O(K^4) of them, K boxes: fine for annotation-sized K); ties go to the
+    first in (left, right, top, bottom) order.
+
+    Args:
+      boxes: [K, 4] (or [4]) object boxes ``(x0, y0, x1, y1)`` in pixels, half-open
+        (``x1``/``y1`` exclusive; floats are widened to whole pixels they touch).
+      height, width: the image size.
+
+    Returns:
+      ``(top, left, crop_height, crop_width)`` in pixels (``resample_box``'s order).
+
+    Raises:
+      InputError: bad boxes, or boxes that leave no background pixel.
+    """
+    height, width = _positive_int(height, "height"), _positive_int(width, "width")
+    b = _boxes(boxes, height, width)
+    # Whole pixels an object touches: floor the start, ceil the end.
+    x0, y0 = np.floor(b[:, 0]).astype(int), np.floor(b[:, 1]).astype(int)
+    x1, y1 = np.ceil(b[:, 2]).astype(int), np.ceil(b[:, 3]).astype(int)
+    solid = (x1 > x0) & (y1 > y0)
+    x0, y0, x1, y1 = x0[solid], y0[solid], x1[solid], y1[solid]
+    lefts = np.unique(np.concatenate([[0], x1]))
+    rights = np.unique(np.concatenate([[width], x0]))
+    tops = np.unique(np.concatenate([[0], y1]))
+    bottoms = np.unique(np.concatenate([[height], y0]))
+    L, R, T, B = np.meshgrid(lefts, rights, tops, bottoms, indexing="ij")
+    L, R, T, B = L.ravel(), R.ravel(), T.ravel(), B.ravel()
+    proper = (R > L) & (B > T)
+    L, R, T, B = L[proper], R[proper], T[proper], B[proper]
+    # A candidate is empty if no box overlaps it (overlap: open intervals intersect).
+    overlaps = ((L[:, None] < x1[None]) & (x0[None] < R[:, None])
+                & (T[:, None] < y1[None]) & (y0[None] < B[:, None]))
+    empty = ~overlaps.any(axis=1)
+    if not empty.any():
+        raise InputError(f"boxes: the object boxes cover the whole {height}x{width} image; "
+                         "there is no background to crop")
+    area = np.where(empty, (R - L) * (B - T), -1)
+    best = int(np.argmax(area))
+    return int(T[best]), int(L[best]), int(B[best] - T[best]), int(R[best] - L[best])
+
+
+def background_crop(image: ArrayLike, boxes: ArrayLike, size: tuple[int, int]) -> jax.Array:
+    """The background of ``image [H, W, C]`` (:func:`background_box`) resized to ``size``
+    (bilinear, :func:`memjax.augment.resample_box`), ready to embed for :func:`dejavu`."""
+    from memjax.augment import check_image_shape, resample_box
+
+    image = jnp.asarray(image)
+    check_image_shape(image.shape, "background_crop image")
+    box = background_box(boxes, image.shape[0], image.shape[1])
+    return resample_box(image, box, tuple(size))
+
+
 def _entropy(p: jax.Array) -> jax.Array:
     """Natural-log entropy of each row of [Q, C] probabilities; 0 log 0 = 0."""
     safe = jnp.where(p > 0, p, 1.0)
