@@ -255,3 +255,24 @@ def test_background_crop_and_bad_boxes():
         background_box([[5, 0, 1, 8]], 8, 10)
     with pytest.raises(InputError, match="height"):
         background_box([], 0, 10)
+
+
+@pytest.mark.parametrize("impl", ["reference", "kernel"])
+def test_knn_queries_sharded_over_8_devices_equal_1(impl):
+    """The queries are split over the mesh's data axis (Q = 13: padded to 16 rows); every
+    device scans the whole public set, so the neighbours are those of one device."""
+    import jax
+
+    from memjax.engine.mesh import make_mesh
+
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(7)
+    queries = rng.normal(size=(13, 6)).astype(np.float32)
+    public = rng.normal(size=(50, 6)).astype(np.float32)
+    one = make_mesh(devices=jax.devices()[:1])
+    for metric in ("l2", "cosine"):
+        v8, i8 = knn(queries, public, 5, metric=metric, block_size=16, impl=impl)
+        v1, i1 = knn(queries, public, 5, metric=metric, block_size=16, impl=impl, mesh=one)
+        np.testing.assert_array_equal(np.asarray(i8), np.asarray(i1))
+        np.testing.assert_allclose(np.asarray(v8), np.asarray(v1), rtol=1e-6, atol=1e-6)
+        assert v8.shape == (13, 5)

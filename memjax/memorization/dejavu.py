@@ -32,8 +32,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
+from memjax.engine.mesh import DATA_AXIS, make_mesh
 from memjax.errors import InputError
 from memjax.signals.contrastive import EPS
 
@@ -98,19 +100,31 @@ def knn_scan(queries: jax.Array, public: jax.Array, k: int, metric: str = "l2",
     return vals, idx
 
 
-@functools.cache
-def _knn_jit():
+@functools.lru_cache(maxsize=64)
+def _knn_program(mesh: Mesh | None, k: int, metric: str, block_size: int, impl: str,
+                 block_queries: int | None):
+    """Jitted k-NN for one setting; with a mesh, each device takes its share of the query
+    rows (shard_map over the data axis, the public set replicated): rows are independent,
+    and the Pallas kernel is not partitioned by XLA on its own."""
     # memjax.kernels imports this module (knn_scan is its reference): import it lazily.
     from memjax import kernels
 
-    # impl is static so that a change of MEMJAX_KERNELS retraces instead of reusing a trace.
-    return jax.jit(kernels.knn_scores,
-                   static_argnames=("k", "metric", "block_size", "impl", "block_queries"))
+    # impl is part of the cache key so that a change of MEMJAX_KERNELS builds a new program.
+    fn = functools.partial(kernels.knn_scores, k=k, metric=metric, block_size=block_size,
+                           impl=impl, block_queries=block_queries)
+    if mesh is None:
+        return jax.jit(fn)
+    rows = PartitionSpec(DATA_AXIS, None)
+    # check_vma off: the scan's running top-k starts as a constant (same on every device)
+    # and becomes per-device; the rows are independent, so nothing needs a collective.
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec()),
+                                 out_specs=(rows, rows), check_vma=False))
 
 
 def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
         block_size: int = 1024, impl: str | None = None,
-        block_queries: int | None = None) -> tuple[jax.Array, jax.Array]:
+        block_queries: int | None = None, mesh: Mesh | None = None
+        ) -> tuple[jax.Array, jax.Array]:
     """Exact k-NN of each query in a public set, blockwise (never a [Q, P] matrix).
 
     Args:
@@ -119,6 +133,7 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
       block_size: public rows compared per step (memory O(Q x block_size)).
       impl: ``"kernel"`` (Pallas), ``"reference"`` (:func:`knn_scan`) or None
         (``MEMJAX_KERNELS``; see ``memjax.kernels``); block_queries: the kernel's query tile.
+      mesh: the queries are split over its data axis (default: every local device).
 
     Returns:
       (values [Q, k], indices [Q, k] int32), nearest first, ties to the lower index.
@@ -138,9 +153,14 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
     block_size = _positive_int(block_size, "block_size")
     from memjax import kernels
 
+    mesh = make_mesh() if mesh is None else mesh
+    n_data, n_q = mesh.shape[DATA_AXIS], q.shape[0]
     # MEMJAX_KERNELS picks the Pallas kernel or knn_scan (the default everywhere today).
-    vals, idx = _knn_jit()(q, p, k=k, metric=metric, block_size=block_size,
-                           impl=kernels.resolve("knn", impl), block_queries=block_queries)
+    program = _knn_program(mesh if n_data > 1 else None, k, metric, block_size,
+                           kernels.resolve("knn", impl), block_queries)
+    padded = np.pad(q, ((0, -n_q % n_data), (0, 0)))  # an equal share of rows per device
+    vals, idx = program(padded, p)
+    vals, idx = vals[:n_q], idx[:n_q]
     if metric == "l2":
         vals = jnp.where(vals == 0, 0.0, -vals)
     return vals, idx
