@@ -118,6 +118,28 @@ def test_nan_input_is_refused_with_the_example(data, params):
         score(_workers.mlp_signals, params, data, batch_size=32, progress=False)
 
 
+def test_bfloat16_inputs_reach_the_function_and_are_checked(data, params):
+    """bfloat16 fields (NumPy dtype kind 'V', from ml_dtypes) are inputs like any float:
+    passed on (not dropped) and checked for NaN."""
+    import ml_dtypes
+
+    half = dict(data, x=data["x"].astype(ml_dtypes.bfloat16))
+    seen = []
+
+    def fn(p, example):
+        seen.append(example["x"].dtype)
+        return _workers.mlp_signals(p, {**example, "x": example["x"].astype(jnp.float32)})
+
+    result = score(fn, params, half, batch_size=40, progress=False)
+    assert seen[0] == jnp.bfloat16
+    rounded = dict(data, x=half["x"].astype(np.float32))
+    np.testing.assert_allclose(result["loss"], reference_loss(rounded, params), rtol=1e-5,
+                               atol=1e-5)
+    half["x"][5, 0] = np.nan
+    with pytest.raises(InputError, match=r"input field 'x' has NaN or Inf at example index 5"):
+        score(fn, params, half, batch_size=40, progress=False)
+
+
 def test_nonfinite_scores_are_refused(data, params):
     params["w2"][:, 0] = np.inf
     with pytest.raises(InputError, match=r"score '(loss|logits)' is NaN or Inf for example id"):

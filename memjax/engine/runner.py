@@ -21,7 +21,6 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,6 +109,11 @@ def _process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:
     return lo, hi
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """NumPy floats and ml_dtypes' (bfloat16, float8: NumPy calls their kind 'V')."""
+    return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.floating)
+
+
 def _device_array(name: str, value: np.ndarray) -> np.ndarray:
     """Host array in a dtype JAX keeps without x64: float64 -> float32, int64 -> int32."""
     if value.dtype.kind == "f" and value.dtype.itemsize > 4:
@@ -126,7 +130,7 @@ def _device_array(name: str, value: np.ndarray) -> np.ndarray:
 def _check_finite_inputs(fields: dict[str, np.ndarray], valid: np.ndarray,
                          indices: np.ndarray) -> None:
     for name, value in fields.items():
-        if value.dtype.kind in "fc" and valid.any():
+        if _is_float(value.dtype) and valid.any():
             rows = value[valid]
             bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
             if bad.any():
@@ -155,9 +159,10 @@ def _flatten_outputs(tree: Any) -> dict[str, np.ndarray]:
 
 
 def _device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Fields the score function sees: numeric and boolean ones, without the id."""
+    """Fields the score function sees: numeric and boolean ones (bfloat16 included),
+    without the id."""
     return {k: _device_array(k, v) for k, v in batch.items()
-            if k != ID_FIELD and v.dtype.kind in "biuf"}
+            if k != ID_FIELD and (v.dtype.kind in "biu" or _is_float(v.dtype))}
 
 
 def _example_ids(source: Source, indices: np.ndarray) -> np.ndarray:
@@ -254,6 +259,8 @@ def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_fin
     if prefetch <= 0:
         yield from (load(i) for i in range(len(batches)))
         return
+    import grain  # only for read-ahead: in-memory scoring (prefetch 0) never needs it
+
     dataset = grain.MapDataset.range(len(batches)).map(load)
     options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=2 * prefetch)
     yield from dataset.to_iter_dataset(options)
