@@ -5,8 +5,9 @@ tested here.
 SimCLR encoders f (shared + 300 candidates, 30 of them inverted-intensity outliers) and
 g (shared + 300 independent digits), same initialisation, 1,000 steps, one vmapped
 program (Wang et al. 2024, ICLR and NeurIPS); tiny CLIPs with 30 of 300 candidate pairs
-mis-captioned (Wang et al. 2025). Measurements over seeds 0-3 are in bench/README.md;
-the margins below hold for every seed measured there, not only seed 0.
+mis-captioned (Wang et al. 2025). Measurements over seeds 0-2 are in bench/README.md
+(bench/memorization_demo.py); the margins below hold for every seed measured, not only
+for seed 0, which is the one tested.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def simclr():
 
 def test_outliers_have_higher_sslmem(simclr):
     """SSLMem (the embedding's) ranks the outliers above the typical candidates.
-    Seeds 0-2: AUROC 0.99, 0.95, 0.93."""
+    Seeds 0-2: AUROC 0.99, 0.95, 0.93 (bootstrap lower bounds 0.98, 0.89, 0.87)."""
     outlier = simclr["splits"]["outlier"][simclr["rows"]]
     last = simclr["layermem"]["raw"][:, -1]
     auc = roc_auc(last, outlier)
@@ -62,18 +63,19 @@ def test_layermem_increases_from_first_to_last_layer(simclr):
 
 def test_top_unitmem_units_point_at_outliers(simclr):
     """The argmax examples of the 10 highest-UnitMem units of every layer are outliers far
-    more often than the outliers' 2.3% share of f's training set (binomial p < 1e-9;
-    seeds 0-3: 21, 15, 11, 15 of 40)."""
+    more often than the outliers' 2.3% share of f's training set (binomial p < 1e-8;
+    seeds 0-3: 21, 15, 11, 15 of 40; seed 2's p = 1.2e-9)."""
     enrichment = unit_enrichment(simclr)
     print(enrichment)
     assert enrichment["units"] == 10 * len(LAYERS)
     assert enrichment["fraction"] >= 5 * enrichment["base_rate"]
-    assert enrichment["p_value"] < 1e-9
+    assert enrichment["p_value"] < 1e-8
 
 
 def test_miscaptioned_pairs_have_the_highest_clipmem():
     """CLIPMem ranks the 30 mis-captioned pairs above the 270 others (seeds 0-3: AUROC
-    0.83, 0.77, 0.74, 0.83) and they fill the top 30 at 3x+ their 10% share."""
+    0.83, 0.77, 0.74, 0.83; bootstrap lower bounds 0.75, 0.68, 0.63 for seeds 0-2) and
+    they fill the top 30 at 3x+ their 10% share (seeds 0-2: 43%, 33%, 50%)."""
     out = clipmem_demo(0)
     score, bad = out["clipmem"], out["miscaptioned"]
     assert bad.sum() == 30 and len(bad) == 300
@@ -81,7 +83,7 @@ def test_miscaptioned_pairs_have_the_highest_clipmem():
     low, _ = auc_confidence_interval(score, bad)
     top = top_fraction(score, bad)
     print(f"CLIPMem AUROC {auc:.3f} (lower bound {low:.3f}); top-30 {top:.2f}")
-    assert auc >= 0.75 and low >= 0.65
+    assert auc >= 0.7 and low >= 0.6
     assert top >= 3 * bad.mean()
     assert np.all(out["caption_class"][bad] != out["labels"][bad])
     assert np.all(out["caption_class"][~bad] == out["labels"][~bad])
