@@ -44,7 +44,8 @@ def test_outliers_have_higher_sslmem(simclr):
 
 def test_layermem_increases_from_first_to_last_layer(simclr):
     """LayerMem of the embedding exceeds that of the first conv layer, for the candidates
-    on average (paired bootstrap lower bound above 0) and for the outliers alone."""
+    on average (paired bootstrap lower bound above 0.01; seeds 1, 2: mean gain 0.036,
+    0.042, lower bounds 0.023, 0.028) and for the outliers alone."""
     per_layer = simclr["layermem"]
     assert per_layer["layers"] == LAYERS
     raw = per_layer["raw"]
