@@ -1,12 +1,14 @@
 """Memorization benchmarks (issue 6): UnitMem vs PyTorch peers, LayerMem one pass vs per layer.
 
 - UnitMem of a SimCLR CNN encoder (:func:`memjax.train.simclr.encoder_layers`, conv 32-64,
-  dense 256, embedding 128, random init) on the first N = 384 digits upsampled 4x
+  dense 256, embedding 128, random init) on the first N = 192 digits upsampled 4x
   (nearest) to 32x32 and repeated to 3 channels, n_aug = 10 SimCLR views per example,
   layers conv2 and dense1 (mean over space), UnitMem with the mean over the other examples:
   * ``memjax``: :func:`memjax.memorization.unitmem` (views made on the device, keyed by
-    (example id, view id)), warm (compile time reported separately), engine batch 16
-    examples (the fastest here) and 64.
+    (example id, view id)), engine batch 16 examples (the fastest here). It recompiles on
+    every call (a new closure per call; see ``memjax_cached_fn``), so its "warm" time
+    includes compilation; ``memjax_cached_fn`` memoises that closure (a bench-only patch,
+    the suggested fix) and shows the steady state.
   * ``torch_reference``: written the way the UnitMem reference code does it: for each
     example, for each of the 10 views, a SimCLR augmentation on the CPU (random resized
     crop, flip, colour jitter in random order, grayscale; plain torch ops, one image at a
@@ -25,7 +27,7 @@
   ``simclr_views`` jitted; the batched torch augmentation), the forward alone on ready
   views (JAX and torch), and views then forward as two jitted programs per block.
 - LayerMem (:func:`memjax.memorization.sslmem.layermem`) of the same encoder, f and g two
-  different inits, N = 384 digits, n_aug = 5 view pairs, all four layers in one call vs
+  different inits, N = 128 digits, n_aug = 5 view pairs, all four layers in one call vs
   one call per layer (``layers=(name,)``); per-layer results must be equal.
 - Floor: conv/matmul FLOPs of N·n_aug forward passes over the matmul peak measured in the
   same run (start and end, the better); memjax's time as a fraction of it.
@@ -66,8 +68,8 @@ N_AUG, BATCH = 10, 64  # examples per batch: 640 views per forward
 MEMJAX_BATCH = 16
 # The engine rows score N_UNIT examples; the reference loop (~0.5 s per example on this
 # machine) is timed in full on the first N_REF of them and compared by examples/s.
-N_UNIT, N_REF = 384, 96
-LAYERMEM_N, LAYERMEM_AUG = 384, 5
+N_UNIT, N_REF = 192, 96
+LAYERMEM_N, LAYERMEM_AUG = 128, 5
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue (SimCLR)
 
 
@@ -375,6 +377,31 @@ def memjax_unitmem(params, source, batch_size: int = MEMJAX_BATCH, return_mu: bo
                    batch_size=batch_size, return_mu=return_mu)
 
 
+def _unitmem_module():
+    # The package re-exports the function ``unitmem`` under the module's name.
+    import memjax.memorization.unitmem  # noqa: F401
+
+    return sys.modules["memjax.memorization.unitmem"]
+
+
+@functools.cache
+def _memoised_example_fn():
+    return functools.lru_cache(maxsize=8)(_unitmem_module()._example_fn)
+
+
+def memjax_cached_fn(params, source, batch_size: int = MEMJAX_BATCH):
+    """unitmem with its per-example function memoised (bench-only patch, undone after):
+    unitmem builds a new closure per call, so the engine, which caches executables by
+    function identity, recompiles on every call; this row shows the steady state."""
+    module = _unitmem_module()
+    original = module._example_fn
+    module._example_fn = _memoised_example_fn()
+    try:
+        return memjax_unitmem(params, source, batch_size=batch_size)
+    finally:
+        module._example_fn = original
+
+
 def check_agreement(model, params, data, torch_images) -> dict:
     """Torch reference == torch batched on identical (un-augmented) views; memjax's
     scores == unitmem_from_activations on its own mu."""
@@ -456,7 +483,7 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
     agreement["forward_max_abs_diff"] = check_forward(model, params, data["image"][:8])
 
     runs = {"memjax": lambda: memjax_unitmem(params, data),
-            "memjax_batch64": lambda: memjax_unitmem(params, data, batch_size=BATCH),
+            "memjax_cached_fn": lambda: memjax_cached_fn(params, data),
             "torch_batched": lambda: torch_batched(model, torch_images, N_AUG),
             "torch_batched_batch16": lambda: torch_batched(model, torch_images, N_AUG,
                                                            batch=16),
@@ -484,7 +511,7 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
     counts = {name: n_ref if name == "torch_reference" else n for name in rows}
     per_example = {name: medians[name] / counts[name] for name in rows}
     return {"N": n, "N_reference": n_ref, "n_aug": N_AUG, "layers": list(UNIT_LAYERS),
-            "batch_examples": {"memjax": MEMJAX_BATCH, "memjax_batch64": BATCH,
+            "batch_examples": {"memjax": MEMJAX_BATCH, "memjax_cached_fn": MEMJAX_BATCH,
                                "torch_batched": BATCH, "torch_batched_batch16": 16,
                                "diagnostics": BATCH},
             "encoder": CONFIG.describe() + " on 32x32x3, random init (key 0)",
@@ -496,7 +523,11 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
             "rows": rows, "examples_counted": counts,
             "examples_per_s": {k: 1.0 / v for k, v in per_example.items()},
             "first_call_s": first_call,
-            "compile_s": {k: first_call[k] - medians[k] for k in ("memjax", "memjax_batch64")},
+            "compile_s": {k: first_call[k] - medians[k] for k in ("memjax", "memjax_cached_fn")},
+            "speedup_cached_fn_vs_reference": per_example["torch_reference"]
+            / per_example["memjax_cached_fn"],
+            "speedup_cached_fn_vs_torch_batched": per_example["torch_batched"]
+            / per_example["memjax_cached_fn"],
             "speedup_vs_reference": per_example["torch_reference"] / per_example["memjax"],
             "speedup_vs_torch_batched": per_example["torch_batched"] / per_example["memjax"],
             "forward_flops": forward_flops(), "flops_per_example": N_AUG * forward_flops(),

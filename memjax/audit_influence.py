@@ -73,11 +73,27 @@ def train_digits(images: np.ndarray, labels: np.ndarray, seed: int, steps: int =
     return fit(jax.random.key(seed), images, labels, np.ones(len(labels), np.float32))
 
 
-def mislabeled_detection(seed: int = 0) -> dict:
-    """Self-influence vs loss vs LAVA at finding flipped labels (AUROC), one model."""
+def _digits_split(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images, labels, order): all digits and ``seed``'s permutation of them (the first
+    1,300 are the training examples of every digits experiment here)."""
     data = digits().arrays
     images, labels = data["image"], data["label"]
-    order = np.random.default_rng(seed).permutation(len(labels))
+    return images, labels, np.random.default_rng(seed).permutation(len(labels))
+
+
+def clean_model(seed: int = 0):
+    """The MLP trained on the 1,300 clean-label training digits of ``seed``'s split.
+
+    :func:`leakage_detection` and :func:`datamodeling_check` use the same model: the
+    section trains it once and passes it to both.
+    """
+    images, labels, order = _digits_split(seed)
+    return train_digits(images[order[:1300]], labels[order[:1300]], seed)
+
+
+def mislabeled_detection(seed: int = 0) -> dict:
+    """Self-influence vs loss vs LAVA at finding flipped labels (AUROC), one model."""
+    images, labels, order = _digits_split(seed)
     train, val = order[:1300], order[1300:]
     noisy, flipped = flip_labels(labels[train], FLIP_FRACTION, seed)
     params = train_digits(images[train], noisy, seed)
@@ -92,13 +108,16 @@ def mislabeled_detection(seed: int = 0) -> dict:
             "lava": values, "seconds": seconds, "n_train": len(train)}
 
 
-def leakage_detection(seed: int = 0, n_leaked: int = 50, noise: float = 0.05) -> dict:
-    """Near-duplicates of training digits as test examples: is their source found?"""
-    data = digits().arrays
-    images, labels = data["image"], data["label"]
-    order = np.random.default_rng(seed).permutation(len(labels))
+def leakage_detection(seed: int = 0, n_leaked: int = 50, noise: float = 0.05, *,
+                      params=None) -> dict:
+    """Near-duplicates of training digits as test examples: is their source found?
+
+    ``params``: :func:`clean_model` of the same ``seed`` (default: trained here).
+    """
+    images, labels, order = _digits_split(seed)
     train = order[:1300]
-    params = train_digits(images[train], labels[train], seed)
+    if params is None:
+        params = clean_model(seed)
     rng = np.random.default_rng(seed + 1)
     source = rng.choice(len(train), n_leaked, replace=False)
     leaked = np.clip(images[train][source] + rng.normal(0, noise, images[train][source].shape),
@@ -113,25 +132,26 @@ def leakage_detection(seed: int = 0, n_leaked: int = 50, noise: float = 0.05) ->
             "self_influence": influence, "images": images[train], "labels": labels[train]}
 
 
-def datamodeling_check(seed: int = 0, n_subsets: int = 32, n_test: int = 20) -> dict:
+def datamodeling_check(seed: int = 0, n_subsets: int = 32, n_test: int = 20, *,
+                       params=None) -> dict:
     """Linear datamodeling score (Park et al. 2023) of Forward-INF and grad-dot on digits.
 
     ``n_subsets`` MLPs with the full model's recipe are trained at once (vmap) on random
     halves of the 1,300 training digits; each subset model's output on a test example is
     its negative loss (higher = better supported). The LDS of a method is the Spearman
     correlation, over subsets, between that output and the sum of the method's scores
-    over the subset, averaged over the test examples.
+    over the subset, averaged over the test examples. ``params``: the full model,
+    :func:`clean_model` of the same ``seed`` (default: trained here).
     """
     from memjax.influence import grad_dot, lds
     from memjax.train import balanced_keep, train_classifiers
 
-    data = digits().arrays
-    images, labels = data["image"], data["label"]
-    order = np.random.default_rng(seed).permutation(len(labels))
+    images, labels, order = _digits_split(seed)
     train, test_rows = order[:1300], order[1300:1300 + n_test]
     train_set = {"image": images[train], "label": labels[train]}
     test = {"image": images[test_rows], "label": labels[test_rows]}
-    params = train_digits(images[train], labels[train], seed)
+    if params is None:
+        params = clean_model(seed)
     subsets = balanced_keep(n_subsets, len(train), seed + 2)
     config = MLPConfig(images.shape[1:], 10, hidden=(128,))
     stacked = train_classifiers(jax.random.key(seed + 3), images[train], labels[train],
@@ -192,9 +212,10 @@ def text_tracing(seed: int = 0, n_texts: int = 128, n_queries: int = 32,
 def influence_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Section:
     """Run the four applications and LAVA; one Section with its figure."""
     mislabeled = mislabeled_detection(seed)
-    leakage = leakage_detection(seed)
+    clean = clean_model(seed)  # one clean-label MLP for the leakage and LDS checks
+    leakage = leakage_detection(seed, params=clean)
     tracing = text_tracing(seed)
-    datamodels = datamodeling_check(seed)
+    datamodels = datamodeling_check(seed, params=clean)
     labels = leakage["labels"]
     plot_top_images(leakage["images"], leakage["self_influence"],
                     lambda i: f"label {labels[i]}", folder / "self_influence.png",

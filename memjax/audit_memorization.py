@@ -32,7 +32,11 @@ from memjax.train.simclr import encoder_layers, train_simclrs
 
 TITLE = "Memorization: SSLMem, LayerMem and UnitMem of SimCLR digit encoders"
 SEED_VIEWS = 0
-ENCODER = CNNConfig((8, 8, 1), 32, channels=(16, 32), hidden=(64,))
+#: The encoder f and g share: a small native ResNet (conv16 -> pool -> residual block,
+#: conv32 -> pool -> residual block, dense64, 32-d embedding), trained without BatchNorm.
+ENCODER = CNNConfig((8, 8, 1), 32, channels=(16, 32), hidden=(64,), residual=True)
+#: The same widths without residual blocks (bench/memorization_demo.py --encoder cnn).
+CNN_ENCODER = CNNConfig((8, 8, 1), 32, channels=(16, 32), hidden=(64,))
 # ~100 epochs of the 1,300 training examples: memorization grows with training (at 300
 # steps the embedding's SSLMem AUROC for rare-class candidates was 0.74, at 1,000 0.85).
 TRAINING = {"steps": 1000, "batch_size": 128, "temperature": 0.5, "learning_rate": 2e-3}
@@ -105,23 +109,25 @@ def rare_class_splits(seed: int, n_shared: int = 1000, n_candidates: int = 300,
     return leave_out_split(images, shared, candidates, independent, outlier)
 
 
-def train_encoders(splits: dict[str, np.ndarray], seed: int):
+def train_encoders(splits: dict[str, np.ndarray], seed: int, encoder: CNNConfig = ENCODER):
     """(f params, g params, seconds): both SimCLR encoders in one vmapped program, from
     the same initialisation."""
     start = time.perf_counter()
     stacked = train_simclrs(jax.random.key(seed), splits["images"],
                             np.arange(len(splits["images"])), splits["keep"],
-                            config=ENCODER, views_fn=digit_views, same_init=True, **TRAINING)
+                            config=encoder, views_fn=digit_views, same_init=True, **TRAINING)
     seconds = time.perf_counter() - start
     return (jax.tree.map(lambda a: a[0], stacked), jax.tree.map(lambda a: a[1], stacked),
             seconds)
 
 
-def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverted") -> dict:
+def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverted",
+                          encoder: CNNConfig = ENCODER) -> dict:
     """Train f and g, then LayerMem (SSLMem per layer) on the candidates and UnitMem of f
-    over its training set. ``setting``: "inverted" outliers or a "rare" class."""
+    over its training set. ``setting``: "inverted" outliers or a "rare" class; ``encoder``:
+    :data:`ENCODER` (the small ResNet) or e.g. :data:`CNN_ENCODER`."""
     splits = (memorization_splits if setting == "inverted" else rare_class_splits)(seed)
-    params_f, params_g, seconds = train_encoders(splits, seed)
+    params_f, params_g, seconds = train_encoders(splits, seed, encoder)
     rows = np.flatnonzero(splits["candidates"])
     source = {"image": splits["images"][rows]}
     per_layer = layermem(encoder_layers, encoder_layers, params_f, params_g, source,
@@ -300,8 +306,9 @@ def memorization_section(folder: Path, *, seed: int = 0, progress: bool = False)
         "representations; 5 view pairs keyed by example id). LayerMem applies it to every "
         "layer's output from one forward pass per view; UnitMem (Wang et al. 2024, "
         "NeurIPS) scores each unit of f by how much its most activating training example "
-        "stands out from the others (10 views). Setting: SimCLR CNN encoders (conv16-"
-        f"conv32-dense64-emb32) on digits; {int(atypical.sum())} of the "
+        "stands out from the others (10 views). Setting: SimCLR encoders, a small ResNet "
+        f"({ENCODER.describe()}: a residual block after each conv stage, no BatchNorm) "
+        f"trained for {TRAINING['steps']} steps on digits; {int(atypical.sum())} of the "
         f"{len(result['rows'])} candidates are outliers (inverted intensities). CLIPMem "
         "(Wang et al. 2025) applies the design to tiny CLIPs on digit-caption pairs, 30 of "
         "300 candidate pairs carrying the caption of another digit. Inverted digits are "

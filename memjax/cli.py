@@ -243,8 +243,9 @@ def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str
 
 def _example_ids(source) -> np.ndarray:
     """The example ids of a source (its ``id`` field; else the row numbers)."""
-    fields = source.read(np.arange(len(source)))
-    return np.asarray(fields.get("id", np.arange(len(source))))
+    from memjax.data.base import source_ids
+
+    return source_ids(source, np.arange(len(source)))
 
 
 def _write_json_atomically(path: Path, payload: dict) -> None:
@@ -261,6 +262,11 @@ def cmd_memorization(args: argparse.Namespace) -> int:
     from memjax.train import load_model
     from memjax.train.simclr import encoder_layers
 
+    if args.what == "dejavu":
+        return _dejavu_command(args)
+    if args.model is None:
+        raise InputError(f"memjax memorization {args.what} needs --model (f: a memjax.train "
+                         "model folder)")
     source = open_source(args.data)
     layers = tuple(args.layers.split(","))
     params_f, _ = load_model(args.model)
@@ -291,6 +297,47 @@ def cmd_memorization(args: argparse.Namespace) -> int:
         print(f"LayerMem {name}: mean {result['raw'][:, j].mean():+.4f}")
     write_parquet([columns], args.out)
     print(f"wrote LayerMem / ΔLayerMem of {len(result['id'])} examples to {args.out}")
+    return 0
+
+
+DEJAVU_ARRAYS = ("target", "reference", "reference_probs", "public", "target_public",
+                 "reference_public", "public_labels", "labels")
+
+
+def _dejavu_command(args: argparse.Namespace) -> int:
+    """Déjà vu label inference (Meehan et al. 2023) on precomputed crop embeddings."""
+    from memjax.memorization.dejavu import dejavu
+
+    if args.embeddings is None:
+        raise InputError("memjax memorization dejavu needs --embeddings (an .npz of the "
+                         f"arrays {', '.join(DEJAVU_ARRAYS)})")
+    with np.load(args.embeddings) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    unknown = sorted(set(arrays) - set(DEJAVU_ARRAYS))
+    missing = [name for name in ("target", "public_labels", "labels") if name not in arrays]
+    if unknown or missing:
+        raise InputError(f"--embeddings {args.embeddings}: missing {missing}, unknown "
+                         f"{unknown}; expected arrays among {list(DEJAVU_ARRAYS)}")
+    if "public" in arrays:
+        public = arrays["public"]
+    elif {"target_public", "reference_public"} <= set(arrays):
+        public = (arrays["target_public"], arrays["reference_public"])
+    else:
+        raise InputError(f"--embeddings {args.embeddings}: expected 'public' [P, D] or both "
+                         "'target_public' and 'reference_public'")
+    result = dejavu(arrays["target"], arrays.get("reference"), public, arrays["public_labels"],
+                    arrays["labels"], k=args.k, metric=args.metric,
+                    reference_probs=arrays.get("reference_probs"))
+    payload = {"fractions": result["fractions"].tolist(),
+               "gap": {t: np.asarray(v).tolist() for t, v in result["gap"].items()}}
+    for model in ("target", "reference"):
+        payload[model] = {t: np.asarray(result[model][t]).tolist() for t in ("top1", "top5")}
+    for j, fraction in enumerate(payload["fractions"]):
+        print(f"most confident {fraction:.0%}: top-1 target {payload['target']['top1'][j]:.3f} "
+              f"reference {payload['reference']['top1'][j]:.3f} gap "
+              f"{payload['gap']['top1'][j]:+.3f}; top-5 gap {payload['gap']['top5'][j]:+.3f}")
+    _write_json_atomically(Path(args.out), payload)
+    print(f"wrote the déjà vu accuracies and gaps to {args.out}")
     return 0
 
 
@@ -410,15 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     memorization = sub.add_parser("memorization", help="UnitMem of a memjax.train model, or "
                                   "LayerMem/SSLMem of f (--model) against g (--reference)")
-    memorization.add_argument("what", choices=["unitmem", "layermem"])
-    memorization.add_argument("--model", required=True, help="f: a memjax.train classifier or "
-                              "SimCLR encoder folder")
+    memorization.add_argument("what", choices=["unitmem", "layermem", "dejavu"])
+    memorization.add_argument("--model", help="unitmem/layermem, f: a memjax.train classifier "
+                              "or SimCLR encoder folder")
+    memorization.add_argument("--embeddings", help="dejavu: .npz with target [Q, D], reference "
+                              "[Q, D'] or reference_probs [Q, C], public [P, D] (or "
+                              "target_public and reference_public), public_labels [P], "
+                              "labels [Q]")
+    memorization.add_argument("--k", type=int, default=100, help="dejavu: neighbours")
+    memorization.add_argument("--metric", default="l2", choices=["l2", "cosine"])
     memorization.add_argument("--reference", help="layermem: g, trained without the data")
     memorization.add_argument("--data", default="digits")
     memorization.add_argument("--layers", default="dense1", help="comma-separated layer names "
                               "(conv1, conv2, ..., dense1, ..., embedding)")
     memorization.add_argument("--n-aug", type=int, default=5)
-    memorization.add_argument("--out", required=True, help="unitmem: .json; layermem: .parquet")
+    memorization.add_argument("--out", required=True, help="unitmem, dejavu: .json; layermem: "
+                              ".parquet")
     memorization.add_argument("--batch-size", type=int, default=64)
     memorization.add_argument("--no-progress", action="store_true")
     memorization.set_defaults(run=cmd_memorization)

@@ -323,3 +323,42 @@ def test_memorization_cli(report, tmp_path, capsys):
     assert main(["memorization", "layermem", "--model", model, "--data", small,
                  "--out", str(tmp_path / "x.parquet")]) == 2
     assert "needs --reference" in capsys.readouterr().err
+
+
+def test_memorization_dejavu_cli(tmp_path, capsys):
+    """memjax memorization dejavu on an .npz of crop embeddings equals the library call,
+    with a reference model or a correlation detector; bad files are named."""
+    from memjax.memorization.dejavu import dejavu
+
+    rng = np.random.default_rng(0)
+    arrays = {"target": rng.normal(size=(40, 6)), "reference": rng.normal(size=(40, 6)),
+              "public": rng.normal(size=(200, 6)), "public_labels": rng.integers(0, 4, 200),
+              "labels": rng.integers(0, 4, 40)}
+    path = tmp_path / "emb.npz"
+    np.savez(path, **arrays)
+    out = tmp_path / "dejavu.json"
+    assert main(["memorization", "dejavu", "--embeddings", str(path), "--k", "10",
+                 "--out", str(out)]) == 0
+    got = json.loads(out.read_text())
+    want = dejavu(arrays["target"], arrays["reference"], arrays["public"],
+                  arrays["public_labels"], arrays["labels"], k=10)
+    np.testing.assert_allclose(got["gap"]["top1"], want["gap"]["top1"])
+    np.testing.assert_allclose(got["target"]["top5"], want["target"]["top5"])
+    assert "gap" in capsys.readouterr().out
+
+    probs = rng.dirichlet(np.ones(4), size=40)
+    detector = {k: v for k, v in arrays.items() if k != "reference"}
+    np.savez(path, **detector, reference_probs=probs)
+    assert main(["memorization", "dejavu", "--embeddings", str(path), "--k", "10",
+                 "--metric", "cosine", "--out", str(out)]) == 0
+    want = dejavu(arrays["target"], None, arrays["public"], arrays["public_labels"],
+                  arrays["labels"], k=10, metric="cosine", reference_probs=probs)
+    np.testing.assert_allclose(json.loads(out.read_text())["gap"]["top5"], want["gap"]["top5"])
+
+    np.savez(path, target=arrays["target"], labels=arrays["labels"], extra=arrays["labels"])
+    assert main(["memorization", "dejavu", "--embeddings", str(path), "--out", str(out)]) == 2
+    assert "missing ['public_labels'], unknown ['extra']" in capsys.readouterr().err
+    assert main(["memorization", "dejavu", "--out", str(out)]) == 2
+    assert "needs --embeddings" in capsys.readouterr().err
+    assert main(["memorization", "unitmem", "--out", str(out)]) == 2
+    assert "needs --model" in capsys.readouterr().err

@@ -2,12 +2,12 @@
 margins: the audit's settings (memjax.audit_memorization), so the report shows what is
 tested here.
 
-SimCLR encoders f (shared + 300 candidates, 30 of them inverted-intensity outliers) and
-g (shared + 300 independent digits), same initialisation, 1,000 steps, one vmapped
-program (Wang et al. 2024, ICLR and NeurIPS); tiny CLIPs with 30 of 300 candidate pairs
-mis-captioned (Wang et al. 2025). Measurements over seeds 0-2 are in bench/README.md
-(bench/memorization_demo.py); the margins below hold for every seed measured, not only
-for seed 0, which is the one tested.
+SimCLR encoders (the audit's small ResNet) f (shared + 300 candidates, 30 of them
+inverted-intensity outliers) and g (shared + 300 independent digits), same
+initialisation, 1,000 steps, one vmapped program (Wang et al. 2024, ICLR and NeurIPS);
+tiny CLIPs with 30 of 300 candidate pairs mis-captioned (Wang et al. 2025). Seed 0 is
+tested; bench/memorization_demo.py measured seeds 0-2 (bench/README.md), and every
+margin below holds for each of them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def simclr():
 
 def test_outliers_have_higher_sslmem(simclr):
     """SSLMem (the embedding's) ranks the outliers above the typical candidates.
-    Seeds 0-2: AUROC 0.99, 0.95, 0.93 (bootstrap lower bounds 0.98, 0.89, 0.87)."""
+    Seeds 0-2: AUROC 0.993, 1.000, 0.984."""
     outlier = simclr["splits"]["outlier"][simclr["rows"]]
     last = simclr["layermem"]["raw"][:, -1]
     auc = roc_auc(last, outlier)
@@ -44,8 +44,9 @@ def test_outliers_have_higher_sslmem(simclr):
 
 def test_layermem_increases_from_first_to_last_layer(simclr):
     """LayerMem of the embedding exceeds that of the first conv layer, for the candidates
-    on average (paired bootstrap lower bound above 0.01; seeds 1, 2: mean gain 0.036,
-    0.042, lower bounds 0.023, 0.028) and for the outliers alone."""
+    on average (paired bootstrap lower bound above 0.01; seeds 0-2: mean gain 0.076,
+    0.071, 0.095) and for the outliers alone; both dense layers' mean LayerMem exceeds
+    both conv layers' (seeds 0-2: conv <= 0.016 < 0.055 <= dense)."""
     per_layer = simclr["layermem"]
     assert per_layer["layers"] == LAYERS
     raw = per_layer["raw"]
@@ -60,17 +61,19 @@ def test_layermem_increases_from_first_to_last_layer(simclr):
     assert raw[outlier, -1].mean() - raw[outlier, 0].mean() > 0.1
     # ΔLayerMem sums back to LayerMem: the increments are consistent with the levels.
     np.testing.assert_allclose(per_layer["delta_raw"].sum(1), raw[:, -1], atol=1e-12)
+    means = raw.mean(0)
+    assert min(means[2:]) > max(means[:2]) + 0.01
 
 
 def test_top_unitmem_units_point_at_outliers(simclr):
     """The argmax examples of the 10 highest-UnitMem units of every layer are outliers far
-    more often than the outliers' 2.3% share of f's training set (binomial p < 1e-8;
-    seeds 0-3: 21, 15, 11, 15 of 40; seed 2's p = 1.2e-9)."""
+    more often than the outliers' 2.3% share of f's training set (binomial p < 1e-6;
+    seeds 0-2: 15, 11, 9 of 40; seed 2's p = 5e-7)."""
     enrichment = unit_enrichment(simclr)
     print(enrichment)
     assert enrichment["units"] == 10 * len(LAYERS)
     assert enrichment["fraction"] >= 5 * enrichment["base_rate"]
-    assert enrichment["p_value"] < 1e-8
+    assert enrichment["p_value"] < 1e-6
 
 
 def test_miscaptioned_pairs_have_the_highest_clipmem():

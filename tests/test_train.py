@@ -38,11 +38,11 @@ def test_balanced_keep_puts_every_example_in_half_the_models():
         balanced_keep(3, 10, seed=0)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
 def test_vmapped_training_equals_separate_runs(small_data, kind):
     images, labels, config = small_data
-    if kind == "cnn":
-        config = CNNConfig((4, 4, 1), 3, channels=(4,), hidden=(8,))
+    if kind != "mlp":
+        config = CNNConfig((4, 4, 1), 3, channels=(4,), hidden=(8,), residual=kind == "resnet")
     keep = balanced_keep(4, len(labels), seed=2)
     key = jax.random.key(7)
     stacked = train_classifiers(key, images, labels, keep, config=config, steps=25)
@@ -55,11 +55,11 @@ def test_vmapped_training_equals_separate_runs(small_data, kind):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "resnet"])
 def test_save_and_load_models(small_data, tmp_path, kind):
     images, labels, config = small_data
-    if kind == "cnn":
-        config = CNNConfig((4, 4, 1), 3, channels=(2, 4), hidden=())
+    if kind != "mlp":
+        config = CNNConfig((4, 4, 1), 3, channels=(2, 4), hidden=(), residual=kind == "resnet")
     keep = balanced_keep(2, len(labels), seed=3)
     params = train_classifiers(jax.random.key(0), images, labels, keep, config=config, steps=5)
     save_models(tmp_path / "models", params, keep, config, training={"steps": 5})
@@ -95,6 +95,48 @@ def test_cnn_matches_numpy_forward():
     expected = np.maximum(h @ first["w"] + first["b"], 0) @ last["w"] + last["b"]
     got = classifier_logits(jax.tree.map(np.float32, params), image.astype(np.float32))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _numpy_conv3x3(image: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    height, width, _ = image.shape
+    padded = np.pad(image, ((1, 1), (1, 1), (0, 0)))
+    out = np.zeros((height, width, w.shape[-1]))
+    for i in range(height):
+        for j in range(width):
+            out[i, j] = np.einsum("abc,abcd->d", padded[i:i + 3, j:j + 3], w)
+    return out + b
+
+
+def test_resnet_matches_numpy_and_starts_as_the_cnn():
+    """The residual stage relu(h + conv(relu(conv(h)))) after conv-ReLU-pool equals a
+    float64 NumPy forward (with a non-zero second conv); at initialisation the zero second
+    conv makes the ResNet the plain CNN of the same key; training reaches that conv."""
+    plain = CNNConfig((4, 6, 2), 3, channels=(3,), hidden=(5,))
+    resnet = CNNConfig((4, 6, 2), 3, channels=(3,), hidden=(5,), residual=True)
+    image = np.random.default_rng(2).normal(size=(4, 6, 2))
+    start = resnet.init(jax.random.key(1))
+    np.testing.assert_array_equal(classifier_logits(start, image.astype(np.float32)),
+                                  classifier_logits(plain.init(jax.random.key(1)),
+                                                    image.astype(np.float32)))
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), start)
+    first_res, second_res = params["convs"][0]["res"]
+    second_res["w"] = np.random.default_rng(3).normal(size=second_res["w"].shape) * 0.3
+    conv = params["convs"][0]
+    h = np.maximum(_numpy_conv3x3(image, conv["w"], conv["b"]), 0)
+    h = h.reshape(2, 2, 3, 2, 3).mean(axis=(1, 3))
+    inner = np.maximum(_numpy_conv3x3(h, first_res["w"], first_res["b"]), 0)
+    h = np.maximum(h + _numpy_conv3x3(inner, second_res["w"], second_res["b"]), 0).ravel()
+    first, last = params["layers"]
+    expected = np.maximum(h @ first["w"] + first["b"], 0) @ last["w"] + last["b"]
+    got = classifier_logits(jax.tree.map(np.float32, params), image.astype(np.float32))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert CNNConfig.from_json(resnet.to_json()) == resnet and resnet.describe().startswith(
+        "ResNet")
+    labels = np.array([0, 1, 2, 1])
+    images = np.random.default_rng(4).normal(size=(4, 4, 6, 2)).astype(np.float32)
+    trained = fit_classifier(jax.random.key(1), images, labels, np.ones(4), config=resnet,
+                             steps=3)
+    assert np.abs(np.asarray(trained["convs"][0]["res"][1]["w"])).max() > 0
 
 
 def test_vmapped_cnns_learn_digits():

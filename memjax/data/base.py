@@ -186,3 +186,11 @@ def example_ids(batch: Mapping[str, np.ndarray], indices: np.ndarray) -> np.ndar
     if ID_FIELD in batch:
         return np.asarray(batch[ID_FIELD])
     return np.asarray(indices, dtype=np.int64)
+
+
+def source_ids(source: Any, indices: np.ndarray) -> np.ndarray:
+    """Ids of examples ``indices`` of a source: its ``ids(indices)`` method when it has one
+    (array sources: no other field is read), else :func:`example_ids` of a full read."""
+    ids = getattr(source, "ids", None)
+    return np.asarray(ids(indices)) if callable(ids) else example_ids(source.read(indices),
+                                                                      indices)

@@ -27,7 +27,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from memjax.data.base import ID_FIELD, ArraySource, Source, as_source, example_ids
+from memjax.data.base import (
+    ID_FIELD,
+    ArraySource,
+    Source,
+    as_source,
+    example_ids,
+    source_ids,
+)
 from memjax.engine.fingerprint import run_fingerprint
 from memjax.engine.mesh import (
     DATA_AXIS,
@@ -167,10 +174,7 @@ def _device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _example_ids(source: Source, indices: np.ndarray) -> np.ndarray:
     """Ids of examples ``indices``: the source's ``ids()``, else its ``id`` field, else index."""
-    ids = getattr(source, "ids", None)
-    ids = np.asarray(ids(indices)) if callable(ids) else example_ids(source.read(indices),
-                                                                       indices)
-    return _storable_ids(ids)
+    return _storable_ids(source_ids(source, indices))
 
 
 def _storable_ids(ids: np.ndarray) -> np.ndarray:

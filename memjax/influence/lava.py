@@ -47,7 +47,7 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
-from memjax.errors import InputError
+from memjax.errors import InputError, check_float_array
 
 
 class LavaResult(NamedTuple):
@@ -189,8 +189,10 @@ def _padded_classes(labels: np.ndarray, num_classes: int):
 
 
 def _validated(train_features, train_labels, val_features, val_labels, num_classes):
-    xt = _features(train_features, "train_features")
-    xv = _features(val_features, "val_features")
+    xt = check_float_array(train_features, "train_features", ndim=2,
+                           shape_doc="[rows, D]", integers=True)
+    xv = check_float_array(val_features, "val_features", ndim=2,
+                           shape_doc="[rows, D]", integers=True)
     if xt.shape[1] != xv.shape[1]:
         raise InputError(f"train_features has {xt.shape[1]} features but val_features has "
                          f"{xv.shape[1]}: expected the same dimension")
@@ -206,17 +208,6 @@ def _validated(train_features, train_labels, val_features, val_labels, num_class
         raise InputError(f"num_classes={num_classes!r} but labels reach {top}: expected an "
                          "int larger than every label")
     return jnp.asarray(xt, jnp.float32), yt, jnp.asarray(xv, jnp.float32), yv, int(num_classes)
-
-
-def _features(x, name) -> np.ndarray:
-    x = np.asarray(x)
-    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise InputError(f"{name} has shape {x.shape}: expected a non-empty [rows, D] array")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise InputError(f"{name} has dtype {x.dtype}: expected real numbers")
-    if not np.all(np.isfinite(x)):
-        raise InputError(f"{name} has NaN or Inf values: expected finite features")
-    return x
 
 
 def _labels(y, name, n) -> np.ndarray:

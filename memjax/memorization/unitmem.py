@@ -25,6 +25,7 @@ negative everywhere. Both leave post-ReLU activations unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax.augment import check_image_shape, output_size, simclr_view, view_key
-from memjax.data.base import ID_FIELD, Source, as_source, example_ids
+from memjax.data.base import ID_FIELD, Source, as_source, source_ids
 from memjax.engine import make_mesh, param_shardings, score
 from memjax.engine.mesh import place_params
 from memjax.errors import InputError
@@ -231,7 +232,7 @@ class _KeyedSlice:
         return self.stop - self.start
 
     def ids(self, indices: np.ndarray) -> np.ndarray:
-        return _source_ids(self.source, self.start + np.asarray(indices, np.int64))
+        return source_ids(self.source, self.start + np.asarray(indices, np.int64))
 
     def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         base = self.start + np.asarray(indices, np.int64)
@@ -246,12 +247,6 @@ class _KeyedSlice:
                 "stop": self.stop}
 
 
-def _source_ids(source: Source, indices: np.ndarray) -> np.ndarray:
-    ids = getattr(source, "ids", None)
-    return np.asarray(ids(indices)) if callable(ids) else example_ids(source.read(indices),
-                                                                       indices)
-
-
 def unit_means(activation: jax.Array, spatial: str = "mean") -> jax.Array:
     """``[K, ..., U]`` activations of K views -> ``[U]``: each view reduced over every
     axis but the last (space or tokens) by ``spatial``, then averaged over views."""
@@ -262,9 +257,27 @@ def unit_means(activation: jax.Array, spatial: str = "mean") -> jax.Array:
     return per_view.mean(axis=0)
 
 
+def _frozen(value: Any) -> tuple | None:
+    """A hashable copy of an array-like (shape, values), for cache keys; None stays None."""
+    if value is None:
+        return None
+    array = np.asarray(value, np.float32)
+    return array.shape, tuple(array.ravel().tolist())
+
+
+def _thawed(frozen: tuple) -> np.ndarray:
+    shape, values = frozen
+    return np.asarray(values, np.float32).reshape(shape)
+
+
+# Cached by its (hashable) configuration, as sslmem's: the engine caches compiled programs
+# by function identity, so a new closure per call would recompile every call.
+@functools.lru_cache(maxsize=32)
 def _example_fn(apply_fn: ApplyFn, layers: tuple[str, ...], *, image_field: str,
-                n_aug: int, seed: int, size, spatial: str, normalize):
-    """fn(params, example) -> tuple of mu [U_l] per layer, for ONE example."""
+                n_aug: int, seed: int, size, spatial: str,
+                normalize: tuple[tuple, tuple] | None):
+    """fn(params, example) -> tuple of mu [U_l] per layer, for ONE example. ``normalize``
+    is ``(_frozen(mean), _frozen(std))`` or None."""
 
     def fn(params, example):
         image = example[image_field]
@@ -274,8 +287,8 @@ def _example_fn(apply_fn: ApplyFn, layers: tuple[str, ...], *, image_field: str,
             jnp.arange(n_aug))
         views = jax.vmap(lambda k: simclr_view(k, image, size=size))(keys)
         if normalize is not None:  # after augmentation: jitter/clip act in [0, 1] space
-            mean, std = normalize
-            views = (views - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+            mean, std = (_thawed(v) for v in normalize)
+            views = (views - mean) / std
         acts = jax.vmap(apply_fn, in_axes=(None, 0))(params, views)
         return tuple(unit_means(acts[name], spatial) for name in layers)
 
@@ -384,8 +397,10 @@ def unitmem(apply_fn: ApplyFn, params: Any, source: Any, *, layers: Sequence[str
                          f"{batch_size}")
     mesh = make_mesh() if mesh is None else mesh
     params = place_params(params, param_shardings(params, mesh))  # once, not per chunk
+    frozen = None if normalize is None else (_frozen(normalize[0]), _frozen(normalize[1]))
     fn = _example_fn(apply_fn, layers, image_field=image_field, n_aug=int(n_aug),
-                     seed=seed, size=size, spatial=spatial, normalize=normalize)
+                     seed=int(seed), size=tuple(size) if isinstance(size, list) else size,
+                     spatial=spatial, normalize=frozen)
     keep_mu = return_mu or others == "median"
     stats: list[RunningStats | None] = [None] * len(layers)
     mus: list[list[np.ndarray]] = [[] for _ in layers]

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from memjax.errors import InputError
+from memjax.errors import InputError, check_float_array
 from memjax.metrics import roc_auc
 from memjax.signals.contrastive import EPS, contrastive
 
@@ -40,24 +40,10 @@ MLP_HIDDEN = (512, 256, 128)
 # --------------------------------------------------------------------------- validation
 
 
-def _floats(x: ArrayLike, name: str, ndim: int, shape_doc: str) -> np.ndarray:
-    arr = np.asarray(x)
-    if arr.ndim != ndim:
-        raise InputError(f"{name} must be {ndim}-D {shape_doc}, got shape {arr.shape}")
-    if arr.size == 0 or any(s < 1 for s in arr.shape):
-        raise InputError(f"{name} must be non-empty {shape_doc}, got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise InputError(f"{name} must have a floating dtype, got {arr.dtype}")
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        raise InputError(f"{name} has {int(bad.sum())} NaN/Inf values; expected finite numbers")
-    return arr
-
-
 def _pairs(image_emb: ArrayLike, text_emb: ArrayLike, img_name: str, txt_name: str
            ) -> tuple[np.ndarray, np.ndarray]:
-    img = _floats(image_emb, img_name, 2, "[N, D]")
-    txt = _floats(text_emb, txt_name, 2, "[N, D]")
+    img = check_float_array(image_emb, img_name, ndim=2, shape_doc="[N, D]")
+    txt = check_float_array(text_emb, txt_name, ndim=2, shape_doc="[N, D]")
     if img.shape != txt.shape:
         raise InputError(f"{img_name} {img.shape} and {txt_name} {txt.shape} must have the "
                          "same shape [N, D]")
@@ -134,8 +120,8 @@ def aea(image_embs: ArrayLike, text_emb: ArrayLike, *, aggregate: str = "mean") 
     """
     if aggregate not in AGGREGATIONS:
         raise InputError(f"aggregate={aggregate!r}: expected one of {AGGREGATIONS}")
-    imgs = _floats(image_embs, "image_embs", 3, "[N, K, D]")
-    txt = _floats(text_emb, "text_emb", 2, "[N, D]")
+    imgs = check_float_array(image_embs, "image_embs", ndim=3, shape_doc="[N, K, D]")
+    txt = check_float_array(text_emb, "text_emb", ndim=2, shape_doc="[N, D]")
     if imgs.shape[0] != txt.shape[0] or imgs.shape[2] != txt.shape[1]:
         raise InputError(f"image_embs {imgs.shape} and text_emb {txt.shape}: expected "
                          "[N, K, D] and [N, D] with the same N and D")
@@ -362,8 +348,9 @@ def text_only_baseline(candidates_txt: ArrayLike, known_nonmember_txt: ArrayLike
     Raises:
         InputError: on bad shapes, NaN/Inf, too few rows or bad hyper-parameters.
     """
-    pool = _floats(candidates_txt, "candidates_txt", 2, "[M, D]")
-    non = _floats(known_nonmember_txt, "known_nonmember_txt", 2, "[Q, D]")
+    pool = check_float_array(candidates_txt, "candidates_txt", ndim=2, shape_doc="[M, D]")
+    non = check_float_array(known_nonmember_txt, "known_nonmember_txt", ndim=2,
+                            shape_doc="[Q, D]")
     if pool.shape[1] != non.shape[1]:
         raise InputError(f"candidates_txt {pool.shape} and known_nonmember_txt {non.shape}: "
                          "expected the same embedding size D")

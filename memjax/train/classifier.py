@@ -61,12 +61,22 @@ class MLPConfig:
 @dataclasses.dataclass(frozen=True)
 class CNNConfig:
     """A small CNN: [3x3 conv (SAME) -> ReLU -> 2x2 average pool] per entry of
-    ``channels``, then flatten -> hidden dense layers (ReLU) -> logits."""
+    ``channels``, then flatten -> hidden dense layers (ReLU) -> logits.
+
+    ``residual=True`` makes it a small ResNet in the layout of Page's ResNet-9 (conv ->
+    pool -> residual block): after its pool, every stage computes
+    ``relu(h + conv(relu(conv(h))))`` (He et al. 2016's basic block). There is no BatchNorm
+    (vmapped training of many models stays a pure function), so the block's second conv
+    starts at zero (Goyal et al. 2017's zero-init residual): each block begins as the
+    identity (h >= 0 after the stage's ReLU), and the network trains like the plain CNN at
+    first.
+    """
 
     input_shape: tuple[int, int, int]
     num_classes: int
     channels: tuple[int, ...] = (16, 32)
     hidden: tuple[int, ...] = (64,)
+    residual: bool = False
     kind = "cnn_classifier"
 
     def __post_init__(self):
@@ -79,27 +89,37 @@ class CNNConfig:
         height, width, channels_in = self.input_shape
         k_conv, k_dense = jax.random.split(key)
         widths = [channels_in, *self.channels]
-        convs = [{"w": jax.random.normal(k, (3, 3, c_in, c_out)) * jnp.sqrt(2.0 / (9 * c_in)),
-                  "b": jnp.zeros(c_out)}
-                 for k, c_in, c_out in zip(jax.random.split(k_conv, len(self.channels)),
-                                           widths[:-1], widths[1:], strict=True)]
+
+        def conv(k, c_in, c_out, scale=1.0):
+            return {"w": jax.random.normal(k, (3, 3, c_in, c_out)) * scale
+                    * jnp.sqrt(2.0 / (9 * c_in)), "b": jnp.zeros(c_out)}
+
+        convs = []
+        for k, c_in, c_out in zip(jax.random.split(k_conv, len(self.channels)),
+                                  widths[:-1], widths[1:], strict=True):
+            convs.append(conv(k, c_in, c_out))  # k as before residual blocks existed
+            if self.residual:  # second conv zero: the block starts as the identity
+                convs[-1]["res"] = [conv(jax.random.fold_in(k, 1), c_out, c_out),
+                                    conv(k, c_out, c_out, scale=0.0)]
         flat = (height * width // 4 ** len(self.channels)) * widths[-1]
         return {"convs": convs,
                 "layers": dense_layers(k_dense, [flat, *self.hidden, self.num_classes])}
 
     def describe(self) -> str:
-        return (f"CNN conv{'-'.join(map(str, self.channels))} "
+        return (f"{'ResNet' if self.residual else 'CNN'} "
+                f"conv{'-'.join(map(str, self.channels))} "
                 f"dense{'-'.join(map(str, self.hidden))}-{self.num_classes}")
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "input_shape": list(self.input_shape),
                 "num_classes": self.num_classes, "channels": list(self.channels),
-                "hidden": list(self.hidden)}
+                "hidden": list(self.hidden), "residual": self.residual}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> CNNConfig:
         return cls(tuple(value["input_shape"]), int(value["num_classes"]),
-                   tuple(value["channels"]), tuple(value["hidden"]))
+                   tuple(value["channels"]), tuple(value["hidden"]),
+                   bool(value.get("residual", False)))
 
 
 CONFIG_KINDS = {config.kind: config for config in (MLPConfig, CNNConfig)}
@@ -135,13 +155,24 @@ def conv3x3_same(image: jax.Array, kernel: jax.Array) -> jax.Array:
     return patches @ kernel.reshape(-1, kernel.shape[-1])
 
 
+def conv_stage(h: jax.Array, conv: dict[str, Any]) -> jax.Array:
+    """One CNN stage [H, W, C_in] -> [H/2, W/2, C_out]: 3x3 conv -> ReLU -> 2x2 average
+    pool, then the residual block ``relu(h + conv(relu(conv(h))))`` if it has one."""
+    h = jax.nn.relu(conv3x3_same(h, conv["w"]) + conv["b"])
+    height, width, channels = h.shape
+    h = h.reshape(height // 2, 2, width // 2, 2, channels).mean(axis=(1, 3))
+    if "res" in conv:
+        first, second = conv["res"]
+        inner = jax.nn.relu(conv3x3_same(h, first["w"]) + first["b"])
+        h = jax.nn.relu(h + conv3x3_same(inner, second["w"]) + second["b"])
+    return h
+
+
 def classifier_logits(params: dict[str, Any], image: jax.Array) -> jax.Array:
     """Logits [C] of one example [H, W, C_in] (an MLP flattens any shape)."""
     h = jnp.asarray(image, jnp.float32)
     for conv in params.get("convs", ()):
-        h = jax.nn.relu(conv3x3_same(h, conv["w"]) + conv["b"])
-        height, width, channels = h.shape
-        h = h.reshape(height // 2, 2, width // 2, 2, channels).mean(axis=(1, 3))
+        h = conv_stage(h, conv)
     h = jnp.ravel(h)
     *hidden, last = params["layers"]
     for layer in hidden:

@@ -67,16 +67,15 @@ def embed(params: dict[str, Any], image: jax.Array) -> jax.Array:
 
 def encoder_layers(params: dict[str, Any], image: jax.Array) -> dict[str, jax.Array]:
     """Every layer's output of one image from one forward pass (LayerMem / UnitMem taps):
-    ``conv{k}`` [H/2^k, W/2^k, C_k] after ReLU and pooling, ``dense{k}`` [width] after
-    ReLU, ``embedding`` [D]. The same computation as :func:`embed`."""
-    from memjax.train.classifier import conv3x3_same
+    ``conv{k}`` [H/2^k, W/2^k, C_k] the stage output (after ReLU and pooling, and the
+    residual block of a ResNet), ``dense{k}`` [width] after ReLU, ``embedding`` [D]. The
+    same computation as :func:`embed`."""
+    from memjax.train.classifier import conv_stage
 
     out = {}
     h = jnp.asarray(image, jnp.float32)
     for k, conv in enumerate(params.get("convs", ()), start=1):
-        h = jax.nn.relu(conv3x3_same(h, conv["w"]) + conv["b"])
-        height, width, channels = h.shape
-        h = out[f"conv{k}"] = h.reshape(height // 2, 2, width // 2, 2, channels).mean((1, 3))
+        h = out[f"conv{k}"] = conv_stage(h, conv)
     h = jnp.ravel(h)
     *hidden, last = params["layers"]
     for k, layer in enumerate(hidden, start=1):
