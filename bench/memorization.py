@@ -5,10 +5,10 @@
   (nearest) to 32x32 and repeated to 3 channels, n_aug = 10 SimCLR views per example,
   layers conv2 and dense1 (mean over space), UnitMem with the mean over the other examples:
   * ``memjax``: :func:`memjax.memorization.unitmem` (views made on the device, keyed by
-    (example id, view id)), engine batch 16 examples (the fastest here). It recompiles on
-    every call (a new closure per call; see ``memjax_cached_fn``), so its "warm" time
-    includes compilation; ``memjax_cached_fn`` memoises that closure (a bench-only patch,
-    the suggested fix) and shows the steady state.
+    (example id, view id)), engine batch 16 examples (the fastest here). When the recorded
+    run was made it recompiled on every call (a new closure per call), so its "warm" time
+    included compilation; ``memjax_cached_fn`` memoised that closure (a bench-only patch).
+    unitmem now caches it itself, so the two rows measure the same code today.
   * ``torch_reference``: written the way the UnitMem reference code does it: for each
     example, for each of the 10 views, a SimCLR augmentation on the CPU (random resized
     crop, flip, colour jitter in random order, grayscale; plain torch ops, one image at a
@@ -390,9 +390,9 @@ def _memoised_example_fn():
 
 
 def memjax_cached_fn(params, source, batch_size: int = MEMJAX_BATCH):
-    """unitmem with its per-example function memoised (bench-only patch, undone after):
-    unitmem builds a new closure per call, so the engine, which caches executables by
-    function identity, recompiles on every call; this row shows the steady state."""
+    """unitmem with its per-example function memoised (bench-only patch, undone after).
+    Written when unitmem built a new closure per call (the engine caches executables by
+    function identity, so it recompiled every call); unitmem now caches it itself."""
     module = _unitmem_module()
     original = module._example_fn
     module._example_fn = _memoised_example_fn()
