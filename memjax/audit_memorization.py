@@ -15,6 +15,7 @@ than g does.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -121,11 +122,23 @@ def train_encoders(splits: dict[str, np.ndarray], seed: int, encoder: CNNConfig 
             seconds)
 
 
+def _read_only(result: dict) -> dict:
+    """Freeze the NumPy arrays of a cached result, so no caller can change another's."""
+    for leaf in jax.tree.leaves(result):
+        if isinstance(leaf, np.ndarray):
+            leaf.setflags(write=False)
+    return result
+
+
+# Deterministic and expensive (two encoders trained for 1,000 steps): cached, so the audit
+# and the tests that assert on the same setting train once per process.
+@functools.lru_cache(maxsize=4)
 def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverted",
                           encoder: CNNConfig = ENCODER) -> dict:
     """Train f and g, then LayerMem (SSLMem per layer) on the candidates and UnitMem of f
     over its training set. ``setting``: "inverted" outliers or a "rare" class; ``encoder``:
-    :data:`ENCODER` (the small ResNet) or e.g. :data:`CNN_ENCODER`."""
+    :data:`ENCODER` (the small ResNet) or e.g. :data:`CNN_ENCODER`. Cached: the arrays
+    of the result are read-only and shared by every caller with the same arguments."""
     splits = (memorization_splits if setting == "inverted" else rare_class_splits)(seed)
     params_f, params_g, seconds = train_encoders(splits, seed, encoder)
     rows = np.flatnonzero(splits["candidates"])
@@ -136,8 +149,9 @@ def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverte
     train_rows = np.flatnonzero(splits["keep"][0])
     units = unitmem(encoder_layers, params_f, {"image": splits["images"][train_rows]},
                     layers=LAYERS, n_aug=UNITMEM_VIEWS, batch_size=64, progress=False)
-    return {"splits": splits, "rows": rows, "train_rows": train_rows, "layermem": per_layer,
-            "unitmem": units, "seconds": seconds, "n_aug": n_aug}
+    return _read_only({"splits": splits, "rows": rows, "train_rows": train_rows,
+                       "layermem": per_layer, "unitmem": units, "seconds": seconds,
+                       "n_aug": n_aug})
 
 
 def unit_enrichment(result: dict, top: int = 10) -> dict[str, float]:
@@ -163,6 +177,7 @@ def unit_enrichment(result: dict, top: int = 10) -> dict[str, float]:
             "all_units_fraction": float(every.mean())}
 
 
+@functools.lru_cache(maxsize=4)
 def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEPS,
                  n_aug: int = 5) -> dict:
     """CLIPMem (Wang et al. 2025) of candidate image–caption pairs, ``n_miscaptioned`` of
@@ -204,9 +219,10 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEP
     result = clipmem(towers, towers, f, g, {"image": images[candidates],
                                             "text": captions[candidates]},
                      views_fn=digit_views, n_aug=n_aug, batch_size=64, progress=False)
-    return {"clipmem": result["raw"], "miscaptioned": np.isin(candidates, miscaptioned),
-            "images": images[candidates], "labels": labels[candidates],
-            "caption_class": caption_class[candidates]}
+    return _read_only({"clipmem": result["raw"],
+                       "miscaptioned": np.isin(candidates, miscaptioned),
+                       "images": images[candidates], "labels": labels[candidates],
+                       "caption_class": caption_class[candidates]})
 
 
 def plot_memorization(result: dict, path: Path) -> None:
