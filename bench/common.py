@@ -181,6 +181,16 @@ def machine_info() -> dict[str, object]:
     }
 
 
+def memory_analysis(compiled) -> dict[str, int]:
+    """XLA's memory plan of a compiled function (bytes): temp, argument, output, alias and
+    total = temp + argument + output - alias."""
+    stats = compiled.memory_analysis()
+    out = {k: int(getattr(stats, f"{k}_size_in_bytes"))
+           for k in ("temp", "argument", "output", "alias")}
+    out["total"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
+    return out
+
+
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     return _status_kib("VmRSS") * 1024

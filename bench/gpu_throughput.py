@@ -262,14 +262,6 @@ def memory_probe(run: Callable[[], object]) -> dict:
     return {"peak_rss_delta_bytes": common.peak_rss_bytes() - before, "peak_reset": reset}
 
 
-def memory_analysis(compiled) -> dict[str, int]:
-    stats = compiled.memory_analysis()
-    out = {k: int(getattr(stats, f"{k}_size_in_bytes"))
-           for k in ("temp", "argument", "output", "alias")}
-    out["total"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
-    return out
-
-
 # ---------------------------------------------------------------------------- FLOPs
 
 
@@ -507,8 +499,8 @@ def clip_runs(graphdef, state, hf16, data: dict, batch: int) -> tuple[dict, dict
         "memjax_image_tower": jax_tower,
         "torch_image_tower": torch_tower,
     }
-    xla = {"jax_raw_jit": memory_analysis(step.lower(state, batches[0]).compile()),
-           "memjax_image_tower": memory_analysis(tower.lower(state, images[0]).compile())}
+    xla = {"jax_raw_jit": common.memory_analysis(step.lower(state, batches[0]).compile()),
+           "memjax_image_tower": common.memory_analysis(tower.lower(state, images[0]).compile())}
     return runs, xla, {"host": host, "dev_images": dev_images}
 
 
@@ -616,7 +608,7 @@ def lm_runs(graphdef, state, hf16, data: dict, batch: int, chunk: int) -> tuple[
                                                   progress=False),
             **{name: partial(raw, step) for name, step in steps.items()},
             "torch_batched": lambda: torch_lm_scores(hf16, host, batch, k)}
-    xla = {name: memory_analysis(step.lower(state, batches[0]).compile())
+    xla = {name: common.memory_analysis(step.lower(state, batches[0]).compile())
            for name, step in steps.items()}
     return runs, xla
 

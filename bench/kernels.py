@@ -143,14 +143,6 @@ def make_runner(case: str, variant: str, inputs: tuple[np.ndarray, ...], shape: 
     return run, compiled
 
 
-def memory_analysis(compiled) -> dict[str, int]:
-    stats = compiled.memory_analysis()
-    out = {k: int(getattr(stats, f"{k}_size_in_bytes"))
-           for k in ("temp", "argument", "output", "alias")}
-    out["total"] = out["temp"] + out["argument"] + out["output"] - out["alias"]
-    return out
-
-
 def agreement(case: str, outputs: dict[str, dict]) -> dict[str, float]:
     """Largest deviation of each variant from the case's baseline (asserted small)."""
     base = outputs[BASELINE[case]]
@@ -182,7 +174,7 @@ def time_case(case: str, shape: dict, repeats: int) -> dict:
         outputs[variant] = run()  # warm-up
         runners[variant] = run
         if compiled is not None:
-            xla[variant] = memory_analysis(compiled)
+            xla[variant] = common.memory_analysis(compiled)
     diffs = agreement(case, outputs)
     del outputs
     gc.collect()
