@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from memjax.errors import InputError
+from memjax.errors import InputError, check_positive_int
 from memjax.signals.tokens import VocabStats, finalize_stats
 
 from . import knn as _knn
 from . import token_stats as _token_stats
 from . import unit_stats as _unit_stats
-from ._dispatch import ENV, MEASURED_FASTER, MODES, interpret, mode, positive_int, resolve
+from ._dispatch import ENV, MEASURED_FASTER, MODES, interpret, mode, resolve
 
 __all__ = ["ENV", "MEASURED_FASTER", "MODES", "knn", "knn_scores", "mode", "resolve",
            "token_stats", "unit_stats", "vocab_stats"]
@@ -103,7 +103,7 @@ def token_stats(hidden: ArrayLike, unembedding: ArrayLike, targets: ArrayLike,
         bias = _floating(bias, "bias")
         if bias.shape != (vocab,):
             raise InputError(f"bias: expected shape ({vocab},) = [V], got {bias.shape}")
-    chunk_size = positive_int(chunk_size, "chunk_size")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
     flat = targets.reshape(-1)
     index = jnp.where((flat >= 0) & (flat < vocab), flat, vocab).astype(jnp.int32)
     stats, target_logit = vocab_stats(

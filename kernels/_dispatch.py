@@ -86,12 +86,5 @@ def compiler_params(backend: str | None = None):
     return None
 
 
-def positive_int(value, name: str) -> int:
-    """``value`` as an int >= 1, or an InputError naming ``name``."""
-    if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < 1:
-        raise InputError(f"{name}: expected a positive int, got {value!r}")
-    return int(value)
-
-
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

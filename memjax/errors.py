@@ -24,6 +24,14 @@ class StoreError(MemjaxError):
     """A score store cannot be used as asked (different configuration, incomplete, corrupt)."""
 
 
+def check_positive_int(value: Any, name: str) -> int:
+    """``value`` as an ``int`` >= 1 (Python or NumPy integer, not bool), or an InputError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_float_array(x: Any, name: str, *, ndim: int, shape_doc: str,
                       integers: bool = False) -> np.ndarray:
     """``x`` as a numpy array, checked to be a non-empty, finite ``ndim``-D array of reals.

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
 from memjax.engine.mesh import DATA_AXIS, make_mesh
-from memjax.errors import InputError
+from memjax.errors import InputError, check_positive_int
 from memjax.signals.contrastive import EPS
 
 METRICS = ("l2", "cosine")
@@ -147,10 +147,10 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
     if q.shape[1] != p.shape[1]:
         raise InputError(f"queries and public must have the same dimension D, got "
                          f"{q.shape[1]} and {p.shape[1]}")
-    k = _positive_int(k, "k")
+    k = check_positive_int(k, "k")
     if k > p.shape[0]:
         raise InputError(f"k={k}: expected at most the public set size ({p.shape[0]})")
-    block_size = _positive_int(block_size, "block_size")
+    block_size = check_positive_int(block_size, "block_size")
     from memjax import kernels
 
     mesh = make_mesh() if mesh is None else mesh
@@ -205,7 +205,7 @@ def background_box(boxes: ArrayLike, height: int, width: int) -> tuple[int, int,
     Raises:
       InputError: bad boxes, or boxes that leave no background pixel.
     """
-    height, width = _positive_int(height, "height"), _positive_int(width, "width")
+    height, width = check_positive_int(height, "height"), check_positive_int(width, "width")
     b = _boxes(boxes, height, width)
     # Whole pixels an object touches: floor the start, ceil the end.
     x0, y0 = np.floor(b[:, 0]).astype(int), np.floor(b[:, 1]).astype(int)
@@ -278,7 +278,7 @@ def label_inference(neighbour_labels: ArrayLike, num_classes: int
       (top-1 [Q], top-5 [Q, min(5, C)] most frequent labels, ties to the lower label;
       confidence [Q] = -entropy (natural log) of the neighbour label histogram).
     """
-    num_classes = _positive_int(num_classes, "num_classes")
+    num_classes = check_positive_int(num_classes, "num_classes")
     labels = _labels(neighbour_labels, "neighbour_labels", num_classes, ndim=2)
     return _histogram_jit(jnp.asarray(labels, jnp.int32), num_classes=num_classes)
 
@@ -347,7 +347,7 @@ def dejavu(target_emb: ArrayLike, reference_emb: ArrayLike | None,
     if num_classes is None:
         num_classes = int(max(_int_max(pub_labels, "public_labels"),
                               _int_max(truth, "true_labels"))) + 1
-    num_classes = _positive_int(num_classes, "num_classes")
+    num_classes = check_positive_int(num_classes, "num_classes")
     pub_labels = _labels(pub_labels, "public_labels", num_classes, ndim=1)
     truth = _labels(truth, "true_labels", num_classes, ndim=1)
     if isinstance(public_emb, (tuple, list)):
@@ -418,7 +418,7 @@ def neighbour_objects(public_sets: ArrayLike, indices: ArrayLike, top: int) -> n
                          f"{sets.shape}")
     if idx.ndim != 2 or idx.dtype.kind not in "iu" or idx.min() < 0 or idx.max() >= len(sets):
         raise InputError(f"indices: expected [Q, k] ints in [0, {len(sets)})")
-    top = _positive_int(top, "top")
+    top = check_positive_int(top, "top")
     counts = np.zeros((len(idx), sets.shape[1]), np.int64)
     for j in range(idx.shape[1]):  # k adds of [Q, C]: never a [Q, k, C] array
         counts += sets[idx[:, j]]
@@ -475,12 +475,6 @@ def dejavu_sets(target_sets: ArrayLike, reference_sets: ArrayLike, true_sets: Ar
 
 
 # --------------------------------------------------------------------------- validation
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
 
 
 def _matrix(x: ArrayLike, name: str) -> np.ndarray:

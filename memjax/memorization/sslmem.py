@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 
 from memjax.data.base import as_source, example_ids
 from memjax.engine import score
-from memjax.errors import InputError
+from memjax.errors import InputError, check_positive_int
 from memjax.signals.contrastive import EPS, contrastive
 
 DISTANCES = ("l2", "sq_l2")
@@ -245,12 +245,6 @@ class _KeyedSource:
 # --------------------------------------------------------------------------- validation
 
 
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise InputError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
 def _choice(value: str, name: str, options: Sequence[str]) -> str:
     if value not in options:
         raise InputError(f"{name}: expected one of {list(options)}, got {value!r}")
@@ -351,7 +345,7 @@ def _trace_outputs(apply: Apply, params: Any, view: Any) -> tuple[Any, list[str]
 def _alignment_run(f, g, params_f, params_g, source, *, views_fn, n_aug, layers, batch_size,
                    mesh, stack, distance, pairing, image_field, progress, single):
     _callables(f=f, g=g, views_fn=views_fn)
-    n_aug = _positive_int(n_aug, "n_aug")
+    n_aug = check_positive_int(n_aug, "n_aug")
     _choice(distance, "distance", DISTANCES)
     _choice(pairing, "pairing", PAIRINGS)
     source = _KeyedSource(as_source(source))
@@ -463,7 +457,7 @@ def clipmem(f: ClipApply, g: ClipApply, params_f: Any, params_g: Any, pairs: Any
                          f"{type(f).__name__} and {type(g).__name__}")
     _callables(f_image=f.image, f_text=f.text, g_image=g.image, g_text=g.text,
                views_fn=views_fn, alignment=alignment)
-    n_aug = _positive_int(n_aug, "n_aug")
+    n_aug = check_positive_int(n_aug, "n_aug")
     pairs = _KeyedSource(as_source(pairs))
     first = _first_example(pairs, [image_field, text_field])
     view = _abstract_view(views_fn, first[image_field], "views")
