@@ -195,8 +195,8 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEP
     from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
 
     images, captions, words, _ = digit_caption_pairs(seed)
-    caption_class = digits().arrays["label"].copy()
     labels = digits().arrays["label"]
+    caption_class = labels.copy()  # the digit each caption names (changed when swapped)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     shared, candidates, independent = order[:1000], order[1000:1300], order[1300:1600]
