@@ -5,7 +5,7 @@ images) the same per-example signals (loss, p_true, phi, hinge, entropy, correct
 computed by:
 
 - ``memjax``: ``memjax.engine.score(fn, params, data, batch_size=B, progress=False)`` with
-  ``fn = model forward + memjax.signals.classification`` (engine defaults otherwise).
+  ``fn = model forward + memjax.signals._classification`` (engine defaults otherwise).
 - ``jax_raw_jit``: ``jax.jit(jax.vmap(fn))`` over the same padded batches, already on the
   device; results fetched to NumPy. The engine's own cost is memjax minus this row.
 - ``torch_batched``: the fair PyTorch peer: batches of B sliced from in-memory tensors,
@@ -178,7 +178,7 @@ def bench_model(name: str, *, jax_logits, torch_logits, params: dict, data: dict
     """All rows for one model (see module docstring); timings interleaved round-robin."""
     n = len(data["label"])
     n_batches = -(-n // batch)
-    fn = lambda p, ex: memjax.signals.classification(jax_logits(p, ex["image"]), ex["label"])
+    fn = lambda p, ex: memjax.signals._classification(jax_logits(p, ex["image"]), ex["label"])
     device_params = jax.device_put(params)
     tparams = models.to_torch(params)
     step = jax.jit(jax.vmap(fn, in_axes=(None, 0)))

@@ -15,10 +15,10 @@ memjax's bf16 params; not autocast) in ``torch.inference_mode()``, HF's default 
   12 layers, 8 heads, 77 tokens; projection 512). Per example (one image-text pair):
   uint8 image [224, 224, 3] -> normalise on the device (OpenAI CLIP mean/std) -> image
   embedding; token ids + mask [77] -> text embedding; cosine of the pair
-  (``memjax.signals.contrastive``; PyTorch: ``F.cosine_similarity`` in float32).
+  (``memjax.signals._contrastive``; PyTorch: ``F.cosine_similarity`` in float32).
 - **Pythia-160M** (width 768, 12 layers, 12 heads, vocab 50,304, rotary 0.25, parallel
   residual), sequences of ``--seq`` random tokens (512). Per example: final hidden states
-  + unembedding -> ``memjax.signals.tokens`` (log p, Min-K%++ mu/sigma, vocabulary streamed
+  + unembedding -> ``memjax.signals._tokens`` (log p, Min-K%++ mu/sigma, vocabulary streamed
   in chunks of ``--chunk``) -> per-example ``mean_loss``, ``min_k`` (mean of the 20%
   lowest log p) and ``min_k_pp`` (mean of the 20% lowest (log p - mu) / sigma). PyTorch:
   ``model(ids).logits``, ``log_softmax`` over the vocabulary in float32, the same

@@ -192,7 +192,7 @@ def one_thread(run):
 def bench_digits(peak_flops_start: float, repeats: int = 5) -> dict:
     import torch
 
-    from memjax.influence.forward_inf import _finite_score_fn, _per_test_fn, forward_inf
+    from memjax.influence._forward_inf import _finite_score_fn, _per_test_fn, forward_inf
 
     params, train, test = trained_model()
     model = torch_model(params)
@@ -318,7 +318,7 @@ class SyntheticSource:
 
 def _child_stream(n: int) -> None:
     from memjax.engine.store import ScoreStore
-    from memjax.influence.forward_inf import forward_inf
+    from memjax.influence._forward_inf import forward_inf
 
     params, _, test = trained_model()
     test = {"image": test["image"][:STREAM_T].reshape(STREAM_T, -1),

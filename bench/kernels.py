@@ -7,7 +7,7 @@ against the naive formulation that materialises the big intermediate:
 - ``token_stats``: N = 512 tokens, D = 768, V = 50,257 (GPT-2 small). ``streamed_chunk_8192``
   (``kernels.token_stats`` reference: lax.scan over vocab chunks, no [N, V] tensor) vs
   ``naive_log_softmax`` (float32 logits [N, V] and a full log-softmax, the
-  ``chunk_size=None`` path of ``memjax.signals.tokens``).
+  ``chunk_size=None`` path of ``memjax.signals._tokens``).
 - ``knn``: Q = 512 queries, P = 50,000 public rows, D = 128, k = 100 (déjà vu's k), squared
   L2. ``blockwise_1024`` (``knn_scan``: 1,024 public rows per step, running top-k) vs
   ``full_matrix_top_k`` (the [Q, P] score matrix, then one ``lax.top_k``).
@@ -96,9 +96,9 @@ def make_runner(case: str, variant: str, inputs: tuple[np.ndarray, ...], shape: 
     import jax.numpy as jnp
 
     from memjax import kernels
-    from memjax.memorization import dejavu
-    from memjax.memorization.unitmem import batch_stats, combine
-    from memjax.signals.tokens import _full_vocab, _project
+    from memjax.memorization import _dejavu as dejavu
+    from memjax.memorization._unitmem import batch_stats, combine
+    from memjax.signals._tokens import _full_vocab, _project
 
     if case == "unit_stats" and variant.startswith("host"):
         (mu,) = inputs

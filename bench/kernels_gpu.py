@@ -63,7 +63,7 @@ def jax_runner(variant: str, inputs, dtype: str, blocks: tuple[int, int], chunk:
     import jax.numpy as jnp
 
     from memjax import kernels
-    from memjax.signals.tokens import _full_vocab, _project
+    from memjax.signals._tokens import _full_vocab, _project
 
     hidden, weight, bias, targets = inputs
     cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32

@@ -4,7 +4,7 @@
   dense 256, embedding 128, random init) on the first N = 192 digits upsampled 4x
   (nearest) to 32x32 and repeated to 3 channels, n_aug = 10 SimCLR views per example,
   layers conv2 and dense1 (mean over space), UnitMem with the mean over the other examples:
-  * ``memjax``: :func:`memjax.memorization.unitmem` (views made on the device, keyed by
+  * ``memjax``: :func:`memjax.memorization._unitmem` (views made on the device, keyed by
     (example id, view id)), engine batch 16 examples (the fastest here). When the recorded
     run was made it recompiled on every call (a new closure per call), so its "warm" time
     included compilation; ``memjax_cached_fn`` memoised that closure (a bench-only patch).
@@ -26,7 +26,7 @@
   on its own mu. Diagnostics (64 examples per block): the augmentation alone (memjax's
   ``simclr_views`` jitted; the batched torch augmentation), the forward alone on ready
   views (JAX and torch), and views then forward as two jitted programs per block.
-- LayerMem (:func:`memjax.memorization.sslmem.layermem`) of the same encoder, f and g two
+- LayerMem (:func:`memjax.memorization._sslmem.layermem`) of the same encoder, f and g two
   different inits, N = 128 digits, n_aug = 5 view pairs, all four layers in one call vs
   one call per layer (``layers=(name,)``); per-layer results must be equal.
 - Floor: conv/matmul FLOPs of N·n_aug forward passes over the matmul peak measured in the
@@ -379,9 +379,9 @@ def memjax_unitmem(params, source, batch_size: int = MEMJAX_BATCH, return_mu: bo
 
 def _unitmem_module():
     # The package re-exports the function ``unitmem`` under the module's name.
-    import memjax.memorization.unitmem  # noqa: F401
+    import memjax.memorization._unitmem  # noqa: F401
 
-    return sys.modules["memjax.memorization.unitmem"]
+    return sys.modules["memjax.memorization._unitmem"]
 
 
 @functools.cache
@@ -405,7 +405,7 @@ def memjax_cached_fn(params, source, batch_size: int = MEMJAX_BATCH):
 def check_agreement(model, params, data, torch_images) -> dict:
     """Torch reference == torch batched on identical (un-augmented) views; memjax's
     scores == unitmem_from_activations on its own mu."""
-    from memjax.memorization.unitmem import unitmem_from_activations
+    from memjax.memorization._unitmem import unitmem_from_activations
 
     small = torch_images[:96]
     ref = torch_reference(model, small, N_AUG, augment=False)
@@ -548,7 +548,7 @@ def add_floor(result: dict, peak: float) -> None:
 # ---- LayerMem -------------------------------------------------------------------------------
 
 def bench_layermem(quick: bool, repeats: int) -> dict:
-    from memjax.memorization.sslmem import layermem
+    from memjax.memorization._sslmem import layermem
 
     data = digits32(128 if quick else LAYERMEM_N)
     params_f = jax.tree.map(np.asarray, CONFIG.init(jax.random.key(1)))

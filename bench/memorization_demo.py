@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from bench.common import machine_info, write_json
-from memjax.audit_memorization import (
+from memjax.audit.memorization import (
     CNN_ENCODER,
     ENCODER,
     clipmem_demo,

@@ -1,12 +1,12 @@
 """Membership-inference benchmarks (issue 4): RMIA sort vs naive, LiRA vectorised vs a loop,
 and training M classifiers with one vmap vs one after another.
 
-- RMIA at N = Z = 50,000, M = 8: ``memjax.mia.rmia`` (sort + searchsorted, O((N+Z) log Z))
+- RMIA at N = Z = 50,000, M = 8: ``memjax.mia._rmia`` (sort + searchsorted, O((N+Z) log Z))
   vs the naive N×Z comparison the reference code materialises (computed in row blocks of
   1,000 so the naive peer fits in memory; its full matrix would be N·Z bytes = 2.5 GB as
   bool). Time, and the peak memory each allocates beyond its inputs (tracemalloc, which
   sees NumPy's buffers), in a fresh subprocess each.
-- LiRA at N = 50,000, M = 64: ``memjax.mia.lira`` vs the reference code's per-example
+- LiRA at N = 50,000, M = 64: ``memjax.mia._lira`` vs the reference code's per-example
   Python loop (NumPy), timed on 2,000 examples and extrapolated.
 - Training M = 16 digits MLPs: ``memjax.train.train_classifiers`` (one vmapped program,
   each model on its kept rows) vs ``fit_classifier`` called once per model (jitted once,

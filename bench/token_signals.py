@@ -1,6 +1,6 @@
 """Token signals at GPT-2-small scale: vocab-chunked streaming vs the naive full softmax.
 
-``memjax.signals.tokens`` computes per-position ``logp``, ``mu``, ``sigma``, ``entropy``,
+``memjax.signals._tokens`` computes per-position ``logp``, ``mu``, ``sigma``, ``entropy``,
 ``lse`` from final hidden states [T, D] and the unembedding [D, V]. The naive path
 (``chunk_size=None``) materialises float32 logits [B, T, V]; the chunked path streams the
 vocabulary ``chunk_size`` columns at a time and never holds more than [B, T, chunk].

@@ -7,11 +7,11 @@ One public function per hot path picks the kernel or its reference:
 
 - :func:`token_stats` / :func:`vocab_stats`: fused ``hidden @ W + b`` -> log p(target),
   logsumexp, mu and sigma of log p over the vocabulary (Min-K%++), streamed over
-  vocabulary tiles (reference: ``memjax.signals.tokens.streamed_hidden_stats``).
+  vocabulary tiles (reference: ``memjax.signals._tokens.streamed_hidden_stats``).
 - :func:`knn` / :func:`knn_scores`: blockwise exact k-NN with a running top-k
-  (reference: ``memjax.memorization.dejavu.knn_scan``).
+  (reference: ``memjax.memorization._dejavu.knn_scan``).
 - :func:`unit_stats`: per-unit max / argmax / sum / min over examples for UnitMem
-  (reference: a float32 jnp version of ``memjax.memorization.unitmem.batch_stats``).
+  (reference: a float32 jnp version of ``memjax.memorization._unitmem.batch_stats``).
 
 The choice is made when the function is called (at trace time under ``jit``): the
 ``impl`` argument if given, else ``MEMJAX_KERNELS=auto|kernel|reference``. ``auto`` picks
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from memjax.errors import InputError, check_positive_int
-from memjax.signals.tokens import VocabStats, finalize_stats
+from memjax.signals._tokens import VocabStats, finalize_stats
 
 from . import knn as _knn
 from . import token_stats as _token_stats
@@ -110,7 +110,7 @@ def token_stats(hidden: ArrayLike, unembedding: ArrayLike, targets: ArrayLike,
         hidden.reshape(-1, hidden.shape[-1]), unembedding, bias, index,
         chunk_size=chunk_size, impl=impl, block_rows=block_rows, block_vocab=block_vocab)
     lse, mu, sigma = finalize_stats(stats)
-    # As memjax.signals.tokens: (z_t - m) - log w avoids rounding a large lse; log p <= 0.
+    # As memjax.signals._tokens: (z_t - m) - log w avoids rounding a large lse; log p <= 0.
     logp = jnp.minimum((target_logit - stats.m) - jnp.log(stats.w), 0.0)
     shape = targets.shape
     return {"logp": logp.reshape(shape), "lse": lse.reshape(shape),
@@ -144,7 +144,7 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
         (values [Q, k] float32, indices [Q, k] int32), nearest first, ties to the lower
         public index: squared L2 distances ascending or cosine similarities descending.
     """
-    from memjax.memorization.dejavu import knn as validated_knn
+    from memjax.memorization._dejavu import knn as validated_knn
 
     return validated_knn(queries, public, k, metric=metric, block_size=block_size,
                          impl=impl, block_queries=block_queries)
@@ -157,7 +157,7 @@ def unit_stats(mu: ArrayLike, *, impl: str | None = None, block_units: int | Non
                block_examples: int | None = None) -> dict[str, jax.Array]:
     """Per-unit max, argmax (first example on ties), sum and min of ``mu`` [N, U], float32.
 
-    The float32 counterpart of ``memjax.memorization.unitmem.batch_stats`` (which stays
+    The float32 counterpart of ``memjax.memorization._unitmem.batch_stats`` (which stays
     float64 on the host); NaN activations are not supported.
 
     Returns:

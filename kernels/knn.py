@@ -1,6 +1,6 @@
 """Blockwise exact k-NN with a running top-k: query tiles x public blocks.
 
-The reference that defines it is :func:`memjax.memorization.dejavu.knn_scan`: nearness
+The reference that defines it is :func:`memjax.memorization._dejavu.knn_scan`: nearness
 scores (-squared L2 as ``|q|^2 + |p|^2 - 2 q.p`` clamped at 0, or cosine of unit rows)
 of a query block against one public block at a time, merged into a running top-k; ties
 go to the lower public index. The kernel computes each block's scores with the same
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from memjax.memorization.dejavu import _block_scores, _unit_rows, knn_scan
+from memjax.memorization._dejavu import _block_scores, _unit_rows, knn_scan
 
 from ._dispatch import cdiv, compiler_params
 

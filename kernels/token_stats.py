@@ -2,12 +2,12 @@
 
 From final hidden states [N, D], the unembedding [D, V] (optional bias [V]) and target ids
 [N], the kernel produces the softmax statistics of every row over the whole vocabulary
-(:class:`memjax.signals.tokens.VocabStats`: running max, rescaled partition sum, mean and
+(:class:`memjax.signals._tokens.VocabStats`: running max, rescaled partition sum, mean and
 M2) and the target logit, without ever holding more than one [block_rows, block_vocab]
 tile of logits. ``finalize_stats`` turns them into logsumexp, mu_t = E_p[log p] and
 sigma_t = std_p[log p] (Min-K%++) and log p(target).
 
-The reference that defines it is :func:`memjax.signals.tokens.streamed_hidden_stats` (an
+The reference that defines it is :func:`memjax.signals._tokens.streamed_hidden_stats` (an
 XLA ``lax.scan`` over vocabulary chunks). Both use the same per-tile statistics
 (``chunk_stats``) and the same numerically careful merge (``merge_stats``), imported from
 there, so the kernel differs from the reference only in tile boundaries and in the
@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from memjax.signals.tokens import (
+from memjax.signals._tokens import (
     VocabStats,
     chunk_stats,
     merge_stats,

@@ -48,10 +48,10 @@ def test_audit_writes_a_complete_report(report):
     assert "roc.png" in html and "LOSS attack" in html and "TPR@1%FPR" in html
     # The membership demonstrations on a tiny CLIP and a tiny GPT-2 (tested in depth in
     # test_mia_clip_demo / test_mia_demos) are in the report with their figures.
-    from memjax.audit_clip import TITLE as CLIP_TITLE
-    from memjax.audit_influence import TITLE as INFLUENCE_TITLE
-    from memjax.audit_memorization import TITLE as MEMORIZATION_TITLE
-    from memjax.audit_text import TITLE as TEXT_TITLE
+    from memjax.audit.clip import TITLE as CLIP_TITLE
+    from memjax.audit.influence import TITLE as INFLUENCE_TITLE
+    from memjax.audit.memorization import TITLE as MEMORIZATION_TITLE
+    from memjax.audit.text import TITLE as TEXT_TITLE
 
     assert metrics[CLIP_TITLE]["CSA AUC"] > 0.5 and metrics[TEXT_TITLE]["LOSS AUC"] > 0.5
     influence = metrics[INFLUENCE_TITLE]
@@ -170,7 +170,7 @@ def test_kernels_install_as_memjax_kernels_only(tmp_path):
 
 
 def test_models_section_says_how_to_enable_it_without_the_package(monkeypatch):
-    import memjax.audit_models as audit_models
+    import memjax.audit.models as audit_models
 
     monkeypatch.setattr(audit_models, "minilm_folder", lambda: None)
     section = audit_models.models_section()
@@ -244,7 +244,7 @@ def test_influence_cli(report, tmp_path, capsys):
     (a test set of training duplicates finds its sources) and LAVA values."""
     import pyarrow.parquet as pq
 
-    from memjax.audit_influence import classifier_loss
+    from memjax.audit.influence import classifier_loss
     from memjax.influence import self_influence
     from memjax.train import load_model
 
@@ -290,7 +290,7 @@ def test_memorization_cli(report, tmp_path, capsys):
     LayerMem of the target (f) against a reference model (g) equal the library calls."""
     import pyarrow.parquet as pq
 
-    from memjax.audit_memorization import digit_views
+    from memjax.audit.memorization import digit_views
     from memjax.memorization import layermem, unitmem
     from memjax.train import load_model, load_models, save_model
     from memjax.train.simclr import encoder_layers
@@ -328,7 +328,7 @@ def test_memorization_cli(report, tmp_path, capsys):
 def test_memorization_dejavu_cli(tmp_path, capsys):
     """memjax memorization dejavu on an .npz of crop embeddings equals the library call,
     with a reference model or a correlation detector; bad files are named."""
-    from memjax.memorization.dejavu import dejavu
+    from memjax.memorization._dejavu import dejavu
 
     rng = np.random.default_rng(0)
     arrays = {"target": rng.normal(size=(40, 6)), "reference": rng.normal(size=(40, 6)),

@@ -1,4 +1,4 @@
-"""Déjà vu memorization (memjax.memorization.dejavu) vs float64 NumPy brute force."""
+"""Déjà vu memorization (memjax.memorization._dejavu) vs float64 NumPy brute force."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from memjax.errors import InputError
-from memjax.memorization.dejavu import dejavu, dejavu_sets, knn, label_inference, neighbour_objects
+from memjax.memorization._dejavu import dejavu, dejavu_sets, knn, label_inference, neighbour_objects
 
 
 def _brute_knn(q, p, k, metric):
@@ -220,7 +220,7 @@ def _brute_force_background(boxes, height, width):
 
 @pytest.mark.parametrize("seed", range(12))
 def test_background_box_is_the_largest_empty_rectangle(seed):
-    from memjax.memorization.dejavu import background_box
+    from memjax.memorization._dejavu import background_box
 
     rng = np.random.default_rng(seed)
     height, width = rng.integers(5, 11, size=2)
@@ -239,7 +239,7 @@ def test_background_crop_and_bad_boxes():
     import jax.numpy as jnp
 
     from memjax.augment import resample_box
-    from memjax.memorization.dejavu import background_box, background_crop
+    from memjax.memorization._dejavu import background_box, background_crop
 
     image = np.random.default_rng(0).random((8, 10, 3)).astype(np.float32)
     # An object filling the left 6 columns: the background is the right 4 columns.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from memjax.audit_influence import mislabeled_detection
+from memjax.audit.influence import mislabeled_detection
 from memjax.errors import InputError
 from memjax.influence import (
     hit_rates,

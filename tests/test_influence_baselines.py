@@ -9,14 +9,14 @@ import pytest
 import scipy.stats
 
 from memjax.errors import InputError
-from memjax.influence.gradients import (
+from memjax.influence._gradients import (
     grad_dot,
     per_example_grads,
     project,
     projection_matrix,
     tracin,
 )
-from memjax.influence.stats import lds, pearson, rankdata, spearman
+from memjax.influence._stats import lds, pearson, rankdata, spearman
 
 D, C = 5, 3
 

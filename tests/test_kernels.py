@@ -16,9 +16,9 @@ import pytest
 
 from memjax import kernels
 from memjax.errors import InputError
-from memjax.memorization.dejavu import knn as dejavu_knn
-from memjax.memorization.unitmem import batch_stats
-from memjax.signals.tokens import tokens
+from memjax.memorization._dejavu import knn as dejavu_knn
+from memjax.memorization._unitmem import batch_stats
+from memjax.signals._tokens import tokens
 
 # float32 kernels vs references: the same per-tile formulas, different tile boundaries and
 # matmul accumulation order, so agreement to a few float32 ulps of the logit scale.
@@ -114,7 +114,7 @@ def test_token_stats_masked_vocab_and_bad_targets(rng):
 
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_tokens_dispatches_through_the_switch(rng, monkeypatch, use_bias):
-    """memjax.signals.tokens (hidden form, streamed) under vmap + jit gives the same
+    """memjax.signals._tokens (hidden form, streamed) under vmap + jit gives the same
     numbers with MEMJAX_KERNELS=kernel as with reference."""
     hidden, weight, bias, targets = _lm_inputs(rng, (3, 9), 16, 600, scale=8.0)
     fn = partial(tokens, unembedding=weight, bias=bias if use_bias else None, chunk_size=128)

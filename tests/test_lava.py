@@ -7,7 +7,7 @@ from scipy.special import logsumexp
 
 from memjax.data.arrays import digits
 from memjax.errors import InputError
-from memjax.influence.lava import calibrated_gradient, lava, lava_values
+from memjax.influence._lava import calibrated_gradient, lava, lava_values
 from memjax.metrics import roc_auc
 
 

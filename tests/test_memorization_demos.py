@@ -1,5 +1,5 @@
 """The memorization papers' qualitative findings on real data (digits), asserted with
-margins: the audit's settings (memjax.audit_memorization), so the report shows what is
+margins: the audit's settings (memjax.audit.memorization), so the report shows what is
 tested here.
 
 SimCLR encoders (the audit's small ResNet) f (shared + 300 candidates, 30 of them
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memjax.audit_memorization import (
+from memjax.audit.memorization import (
     LAYERS,
     clipmem_demo,
     run_memorization_demo,

@@ -5,7 +5,7 @@ import pytest
 
 from memjax.errors import InputError
 from memjax.metrics import roc_auc, tpr_at_fpr
-from memjax.mia.clip import aea, csa, text_only_baseline, wsa
+from memjax.mia._clip import aea, csa, text_only_baseline, wsa
 
 
 def _cos64(a, b):

@@ -1,6 +1,6 @@
 """Membership and dataset inference on real data: a tiny GPT-2 trained on real texts.
 
-One module-scoped model (memjax.audit_text): a byte-level GPT-2 trained on 500 random
+One module-scoped model (memjax.audit.text): a byte-level GPT-2 trained on 500 random
 first paragraphs of standard-library docstrings; the rest of the corpus are non-members.
 """
 
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from memjax.audit_text import (
+from memjax.audit.text import (
     MEMBERS,
     TITLE,
     demo_section,

@@ -7,8 +7,8 @@ import pytest
 from scipy.stats import norm
 
 from memjax.errors import InputError
-from memjax.mia.lira import lira
-from memjax.mia.rmia import choose_a, rmia
+from memjax.mia._lira import lira
+from memjax.mia._rmia import choose_a, rmia
 
 FLOOR = 1e-30
 

@@ -9,8 +9,8 @@ import pytest
 from scipy import stats
 
 from memjax.errors import InputError
-from memjax.mia import inference as di
-from memjax.mia import tokens
+from memjax.mia import _inference as di
+from memjax.mia import _tokens as tokens
 
 
 def _random_tokens(rng, n=7, t=13):

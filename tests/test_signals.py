@@ -17,7 +17,7 @@ import pytest
 
 from memjax.errors import InputError
 from memjax.signals import SIGNALS, check_labels, classification, contrastive, tokens
-from memjax.signals.tokens import chunk_stats, empty_stats, finalize_stats, merge_stats
+from memjax.signals._tokens import chunk_stats, empty_stats, finalize_stats, merge_stats
 
 RTOL = 1e-5
 ATOL = 1e-6  # values that are ~0 (confident losses, small entropies)

@@ -1,4 +1,4 @@
-"""SSLMem, LayerMem and CLIPMem (memjax.memorization.sslmem) vs float64 NumPy references.
+"""SSLMem, LayerMem and CLIPMem (memjax.memorization._sslmem) vs float64 NumPy references.
 
 Encoders are tiny random MLPs written here (with activation taps); views come from a
 keyed shift/flip/crop/brightness ``views_fn`` also written here, evaluated once in JAX and
@@ -18,7 +18,7 @@ import pytest
 
 from memjax.engine import compile_cache_info, make_mesh
 from memjax.errors import InputError
-from memjax.memorization.sslmem import ClipApply, clipmem, layermem, sslmem
+from memjax.memorization._sslmem import ClipApply, clipmem, layermem, sslmem
 from memjax.models.taps import tap, with_taps
 
 H, W, C = 6, 6, 2

@@ -10,23 +10,23 @@
 - :func:`lava_values` (Just et al. 2023): data values from class-wise optimal transport.
 """
 
-from memjax.influence.applications import (
+from memjax.influence._applications import (
     hit_rates,
     relative_influence,
     self_influence,
     top_sources,
 )
-from memjax.influence.forward_inf import forward_inf, make_optimizer, trainable_mask
-from memjax.influence.gradients import grad_dot, per_example_grads, project, tracin
-from memjax.influence.lava import lava, lava_values
-from memjax.influence.loo import (
+from memjax.influence._forward_inf import forward_inf, make_optimizer, trainable_mask
+from memjax.influence._gradients import grad_dot, per_example_grads, project, tracin
+from memjax.influence._lava import lava, lava_values
+from memjax.influence._loo import (
     dual_loo_influence,
     fit_logistic,
     logistic_loss,
     loo_influence,
     refit_logistic,
 )
-from memjax.influence.stats import lds, pearson, spearman
+from memjax.influence._stats import lds, pearson, spearman
 
 __all__ = [
     "dual_loo_influence",

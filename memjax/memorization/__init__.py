@@ -8,12 +8,12 @@
   per layer from one pass, and on image–caption pairs.
 - :func:`background_crop` (the largest rectangle outside the object boxes), :func:`knn`,
   :func:`label_inference`, :func:`dejavu_sets` and
-  ``memjax.memorization.dejavu.dejavu`` (Meehan et al. 2023; Jayaraman et al. 2024): déjà
+  ``memjax.memorization._dejavu.dejavu`` (Meehan et al. 2023; Jayaraman et al. 2024): déjà
   vu label inference from background crops (the function is not re-exported here: it
-  would shadow its module, ``memjax.memorization.dejavu``).
+  would shadow its module, ``memjax.memorization._dejavu``).
 """
 
-from memjax.memorization.dejavu import (
+from memjax.memorization._dejavu import (
     accuracy_by_confidence,
     background_box,
     background_crop,
@@ -24,8 +24,8 @@ from memjax.memorization.dejavu import (
     neighbour_objects,
     set_precision_recall,
 )
-from memjax.memorization.sslmem import ClipApply, clipmem, layermem, sslmem
-from memjax.memorization.unitmem import (
+from memjax.memorization._sslmem import ClipApply, clipmem, layermem, sslmem
+from memjax.memorization._unitmem import (
     LayerUnitMem,
     RunningStats,
     UnitMemResult,

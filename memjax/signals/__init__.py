@@ -7,9 +7,9 @@ value checks that need the data (label ranges) are done on the host with
 :func:`check_labels`.
 """
 
-from memjax.signals.classification import check_labels, classification
-from memjax.signals.contrastive import contrastive
-from memjax.signals.tokens import tokens
+from memjax.signals._classification import check_labels, classification
+from memjax.signals._contrastive import contrastive
+from memjax.signals._tokens import tokens
 
 SIGNALS = {
     "classification": classification,

@@ -123,7 +123,7 @@ def clip_embed(params: dict[str, Any], image: jax.Array, caption_ids: jax.Array
     """Embeddings of ONE pair: (image_emb [D], text_emb [D]), unnormalised.
 
     Like CLIP's ``encode_image`` / ``encode_text`` these are the raw projections; the loss
-    and the attacks (:mod:`memjax.mia.clip`) L2-normalise them.
+    and the attacks (:mod:`memjax.mia._clip`) L2-normalise them.
 
     Args:
       image: [*image_shape] float image (flattened here).

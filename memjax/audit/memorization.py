@@ -25,7 +25,7 @@ import numpy as np
 from memjax.augment import color_jitter, random_resized_crop, view_key
 from memjax.data import digits
 from memjax.memorization import unitmem
-from memjax.memorization.sslmem import layermem
+from memjax.memorization._sslmem import layermem
 from memjax.metrics import auc_confidence_interval, roc_auc
 from memjax.report import Section, plot_top_images
 from memjax.train import CNNConfig
@@ -191,7 +191,7 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEP
     """
     import jax.numpy as jnp
 
-    from memjax.memorization.sslmem import ClipApply, clipmem
+    from memjax.memorization._sslmem import ClipApply, clipmem
     from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
 
     images, captions, words, _ = digit_caption_pairs(seed)

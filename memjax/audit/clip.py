@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
-from memjax.mia.clip import aea, csa, text_only_baseline, wsa
+from memjax.mia._clip import aea, csa, text_only_baseline, wsa
 from memjax.report import Section
 from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
 
@@ -30,7 +30,7 @@ TITLE = "Membership inference: tiny CLIP on digit image\u2013caption pairs"
 TRAINING = {"steps": 70, "learning_rate": 2e-3, "batch_size": 128}
 #: WSA as in Ko et al. 2023 (lam = 1.5, the reference attack MLP), with the elementwise
 #: product features: the image-text alignment is a product of the two embeddings, which
-#: a 15-epoch MLP on their concatenation barely represents (see memjax.mia.clip.wsa).
+#: a 15-epoch MLP on their concatenation barely represents (see memjax.mia._clip.wsa).
 WSA_OPTIONS = {"lam": 1.5, "classifier": "mlp", "features": "concat_product"}
 #: AEA's views: the image and its one-pixel shifts (zero fill), cheap augmentations.
 SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))

@@ -44,7 +44,7 @@ from jax.sharding import Mesh
 from memjax.data.base import as_source, example_ids
 from memjax.engine import score
 from memjax.errors import InputError, check_positive_int
-from memjax.signals.contrastive import EPS, contrastive
+from memjax.signals._contrastive import EPS, contrastive
 
 DISTANCES = ("l2", "sq_l2")
 PAIRINGS = ("views", "clean")

@@ -3,7 +3,7 @@
 A byte-level GPT-2 is trained on a random set of real texts (first paragraphs of
 standard-library docstrings, :func:`memjax.data.stdlib_docstrings`); every other text of
 the corpus is a non-member from the same distribution. The engine scores every text once
-(per-token signals, :func:`memjax.signals.tokens`), and from those signals come
+(per-token signals, :func:`memjax.signals._tokens`), and from those signals come
 
 - per-example attacks: LOSS (Yeom et al. 2018), Min-K% (Shi et al. 2024), Min-K%++ (Zhang
   et al. 2024) and zlib (Carlini et al. 2021), judged by AUC and TPR at low FPR;
@@ -28,7 +28,7 @@ from memjax.data import stdlib_docstrings
 from memjax.engine import score
 from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
 from memjax.mia import dataset_inference, loss, min_k, min_k_plus_plus, zlib
-from memjax.mia.inference import DatasetInferenceResult
+from memjax.mia._inference import DatasetInferenceResult
 from memjax.models.gpt2 import GPT2Config
 from memjax.report import Section
 from memjax.signals import tokens

@@ -28,7 +28,7 @@ from jax.typing import ArrayLike
 
 from memjax.errors import InputError, check_float_array
 from memjax.metrics import roc_auc
-from memjax.signals.contrastive import EPS, contrastive
+from memjax.signals._contrastive import EPS, contrastive
 
 AGGREGATIONS = ("mean", "max", "min", "median")
 CLASSIFIERS = ("logistic", "mlp")
@@ -88,7 +88,7 @@ def csa(image_emb: ArrayLike, text_emb: ArrayLike) -> jax.Array:
         text_emb: [N, D] float text embeddings of the paired captions.
 
     Returns:
-        [N] float32 cosine similarity of each pair (``memjax.signals.contrastive``, vmapped:
+        [N] float32 cosine similarity of each pair (``memjax.signals._contrastive``, vmapped:
         norms clamped at ``EPS``, clipped to [-1, 1]). Higher = more likely member.
 
     Raises:

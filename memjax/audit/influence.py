@@ -24,9 +24,9 @@ import numpy as np
 import optax
 
 from memjax.data import digits, stdlib_docstrings
-from memjax.influence.applications import hit_rates, relative_influence, self_influence
-from memjax.influence.forward_inf import forward_inf
-from memjax.influence.lava import lava_values
+from memjax.influence._applications import hit_rates, relative_influence, self_influence
+from memjax.influence._forward_inf import forward_inf
+from memjax.influence._lava import lava_values
 from memjax.metrics import roc_auc
 from memjax.report import Section, plot_top_images
 from memjax.train import MLPConfig, classifier_logits, fit_classifier
@@ -177,7 +177,7 @@ def text_tracing(seed: int = 0, n_texts: int = 128, n_queries: int = 32,
     bytes replaced at random; Forward-INF should rank each query's source first."""
     from flax import nnx
 
-    from memjax.audit_text import CONFIG, LEARNING_RATE
+    from memjax.audit.text import CONFIG, LEARNING_RATE
     from memjax.train.lm import byte_tokens, fit_gpt2, gpt2_graph, next_token_loss
 
     texts = stdlib_docstrings()

@@ -24,7 +24,7 @@ import numpy as np
 
 from memjax.engine import score as engine_score
 from memjax.errors import InputError
-from memjax.influence.forward_inf import (
+from memjax.influence._forward_inf import (
     LossFn,
     check_settings,
     loss_at,

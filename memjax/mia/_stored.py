@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from memjax.errors import InputError
-from memjax.mia.tokens import loss, min_k, min_k_plus_plus, zlib
+from memjax.mia._tokens import loss, min_k, min_k_plus_plus, zlib
 
 
 def token_mask(signals: dict[str, np.ndarray]) -> np.ndarray:

@@ -106,7 +106,7 @@ def cmd_mia(args: argparse.Namespace) -> int:
 
 
 def _mia_from_models(args: argparse.Namespace):
-    from memjax.audit_mia import all_model_signals, attack_metrics, attack_suite
+    from memjax.audit.mia import all_model_signals, attack_metrics, attack_suite
     from memjax.data import open_source
     from memjax.engine import score
     from memjax.scoring import classifier_validator
@@ -134,9 +134,9 @@ def _mia_from_models(args: argparse.Namespace):
 
 
 def _mia_from_scores(args: argparse.Namespace):
-    from memjax.audit_mia import attack_metrics
+    from memjax.audit.mia import attack_metrics
     from memjax.engine import ScoreStore
-    from memjax.mia.stored import attacks_from_signals, jsonl_texts, member_flags
+    from memjax.mia._stored import attacks_from_signals, jsonl_texts, member_flags
 
     if args.members is None:
         raise InputError("--scores needs --members (a .npy bool mask by example id, or the "
@@ -151,7 +151,7 @@ def _mia_from_scores(args: argparse.Namespace):
     metrics = [("examples", int(is_member.size)), ("members", int(is_member.sum()))]
     metrics += attack_metrics(attacks, is_member)
     return ("Attacks on stored signals", "Attacks that need no reference models, on the "
-            f"signals stored in {args.scores} (see memjax.mia.stored).", attacks, is_member,
+            f"signals stored in {args.scores} (see memjax.mia._stored).", attacks, is_member,
             metrics)
 
 
@@ -162,7 +162,7 @@ def cmd_influence(args: argparse.Namespace) -> int:
     train = open_source(args.train)
     if args.what == "lava":
         return _influence_lava(args, train)
-    from memjax.audit_influence import classifier_loss
+    from memjax.audit.influence import classifier_loss
     from memjax.influence import forward_inf, self_influence
     from memjax.train import load_model
 
@@ -189,11 +189,11 @@ def cmd_influence(args: argparse.Namespace) -> int:
                     store=ScoreStore(args.out), progress=progress)
         print(f"wrote Forward-INF scores (field 'score', [N, T]) to {args.out}")
         return 0
-    from memjax.audit_influence import relative_first_order
+    from memjax.audit.influence import relative_first_order
     from memjax.influence import top_sources
 
     # Ranked by first-order influence relative to self-influence (a gradient cosine): an
-    # exact copy of a training example ranks its source first (see memjax.audit_influence).
+    # exact copy of a training example ranks its source first (see memjax.audit.influence).
     top = top_sources(relative_first_order(classifier_loss, params, test, train,
                                            batch_size=args.batch_size), args.k)
     ids = _example_ids(train)
@@ -256,7 +256,7 @@ def _write_json_atomically(path: Path, payload: dict) -> None:
 
 def cmd_memorization(args: argparse.Namespace) -> int:
     """UnitMem of one memjax.train classifier/encoder, or SSLMem/LayerMem of two (f, g)."""
-    from memjax.audit_memorization import digit_views
+    from memjax.audit.memorization import digit_views
     from memjax.data import open_source
     from memjax.memorization import layermem, unitmem
     from memjax.train import load_model
@@ -306,7 +306,7 @@ DEJAVU_ARRAYS = ("target", "reference", "reference_probs", "public", "target_pub
 
 def _dejavu_command(args: argparse.Namespace) -> int:
     """Déjà vu label inference (Meehan et al. 2023) on precomputed crop embeddings."""
-    from memjax.memorization.dejavu import dejavu
+    from memjax.memorization._dejavu import dejavu
 
     if args.embeddings is None:
         raise InputError("memjax memorization dejavu needs --embeddings (an .npz of the "

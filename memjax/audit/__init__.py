@@ -46,11 +46,11 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
               reference_steps: int = 300, demos: bool = True) -> Path:
     """Run the audit and write its report folder; returns the folder.
 
-    ``models=False`` leaves out the open-weight model section (see memjax.audit_models);
-    ``references=0`` the reference-model attacks (see memjax.audit_mia); ``demos=False``
+    ``models=False`` leaves out the open-weight model section (see memjax.audit.models);
+    ``references=0`` the reference-model attacks (see memjax.audit.mia); ``demos=False``
     the CLIP and language-model membership demonstrations and the influence and
-    memorization sections (memjax.audit_clip, memjax.audit_text, memjax.audit_influence,
-    memjax.audit_memorization).
+    memorization sections (memjax.audit.clip, memjax.audit.text, memjax.audit.influence,
+    memjax.audit.memorization).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -75,7 +75,7 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     phi_attack = signals["phi"]
     reference_section = None
     if references:
-        from memjax.audit_mia import membership_section
+        from memjax.audit.mia import membership_section
 
         reference_section = functools.partial(
             membership_section, images, labels, seed=seed, n_refs=references,
@@ -83,17 +83,17 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
             progress=progress)
     demo_sections = []
     if demos:
-        from memjax.audit_clip import clip_section
-        from memjax.audit_influence import influence_section
-        from memjax.audit_memorization import memorization_section
-        from memjax.audit_text import text_section
+        from memjax.audit.clip import clip_section
+        from memjax.audit.influence import influence_section
+        from memjax.audit.memorization import memorization_section
+        from memjax.audit.text import text_section
 
         demo_sections += [functools.partial(section, seed=seed, progress=progress)
                           for section in (clip_section, text_section, influence_section,
                                           memorization_section)]
     extra_sections = []
     if models:
-        from memjax.audit_models import models_section
+        from memjax.audit.models import models_section
 
         extra_sections.append(models_section(progress=progress))
 

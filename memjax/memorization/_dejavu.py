@@ -37,7 +37,7 @@ from jax.typing import ArrayLike
 
 from memjax.engine.mesh import DATA_AXIS, make_mesh
 from memjax.errors import InputError, check_positive_int
-from memjax.signals.contrastive import EPS
+from memjax.signals._contrastive import EPS
 
 METRICS = ("l2", "cosine")
 
