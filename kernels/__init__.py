@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from memjax.errors import InputError, check_positive_int
+from memjax._checks import check_positive_int
+from memjax.errors import InputError
 from memjax.signals._tokens import VocabStats, finalize_stats
 
 from . import knn as _knn

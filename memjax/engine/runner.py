@@ -27,6 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from memjax._checks import to_device_dtype
 from memjax.data.base import (
     ID_FIELD,
     ArraySource,
@@ -121,19 +122,6 @@ def _is_float(dtype: np.dtype) -> bool:
     return dtype.kind in "fc" or jnp.issubdtype(dtype, jnp.floating)
 
 
-def _device_array(name: str, value: np.ndarray) -> np.ndarray:
-    """Host array in a dtype JAX keeps without x64: float64 -> float32, int64 -> int32."""
-    if value.dtype.kind == "f" and value.dtype.itemsize > 4:
-        return value.astype(np.float32)
-    if value.dtype.kind in "iu" and value.dtype.itemsize > 4:
-        info = np.iinfo(np.int32)
-        if value.size and (value.min() < info.min or value.max() > info.max):
-            raise InputError(f"input field {name!r}: integer values outside the int32 range; "
-                             "expected values that fit in int32")
-        return value.astype(np.int32)
-    return value
-
-
 def _check_finite_inputs(fields: dict[str, np.ndarray], valid: np.ndarray,
                          indices: np.ndarray) -> None:
     for name, value in fields.items():
@@ -168,7 +156,7 @@ def _flatten_outputs(tree: Any) -> dict[str, np.ndarray]:
 def _device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Fields the score function sees: numeric and boolean ones (bfloat16 included),
     without the id."""
-    return {k: _device_array(k, v) for k, v in batch.items()
+    return {k: to_device_dtype(f"input field {k!r}", v) for k, v in batch.items()
             if k != ID_FIELD and (v.dtype.kind in "biu" or _is_float(v.dtype))}
 
 

@@ -29,48 +29,13 @@ from typing import Any
 
 import numpy as np
 
+from memjax._io import atomic_write_bytes, atomic_write_json, umask_mode
 from memjax.engine.fingerprint import fingerprint_diff, fingerprint_hash
 from memjax.errors import StoreError
 
 FORMAT_VERSION = 1
 ID_COLUMN = "id"
 DEFAULT_CHUNK_EXAMPLES = 8192
-
-
-def _umask_mode(mode: int = 0o666) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _umask_mode())  # mkstemp makes 0600 files; match ordinary files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, json.dumps(value, indent=1, sort_keys=True).encode())
 
 
 def _sha256(data: bytes) -> str:
@@ -318,7 +283,7 @@ def write_parquet(chunks: Iterable[dict[str, np.ndarray]], path: str | os.PathLi
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _umask_mode())
+    os.fchmod(fd, umask_mode())
     os.close(fd)
     writer = None
     try:

@@ -47,7 +47,8 @@ from ott.geometry import geometry
 from ott.problems.linear import linear_problem
 from ott.solvers.linear import sinkhorn
 
-from memjax.errors import InputError, check_float_array
+from memjax._checks import check_float_array
+from memjax.errors import InputError
 
 
 class LavaResult(NamedTuple):

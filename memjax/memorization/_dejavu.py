@@ -35,8 +35,9 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
+from memjax._checks import check_positive_int
 from memjax.engine.mesh import DATA_AXIS, make_mesh
-from memjax.errors import InputError, check_positive_int
+from memjax.errors import InputError
 from memjax.signals._contrastive import EPS
 
 METRICS = ("l2", "cosine")

@@ -41,9 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from memjax._checks import check_positive_int
 from memjax.data.base import as_source, example_ids
 from memjax.engine import score
-from memjax.errors import InputError, check_positive_int
+from memjax.errors import InputError
 from memjax.signals._contrastive import EPS, contrastive
 
 DISTANCES = ("l2", "sq_l2")

@@ -26,7 +26,8 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from memjax.errors import InputError, check_float_array
+from memjax._checks import check_float_array
+from memjax.errors import InputError
 from memjax.metrics import roc_auc
 from memjax.signals._contrastive import EPS, contrastive
 

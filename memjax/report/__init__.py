@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from memjax.engine.store import _umask_mode
+from memjax._io import umask_mode
 
 
 @dataclasses.dataclass
@@ -83,7 +83,7 @@ def write_report(out_dir: str | os.PathLike, title: str,
     out_dir = Path(out_dir).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    staging.chmod(_umask_mode(0o777))  # mkdtemp makes 0700 folders; match ordinary ones
+    staging.chmod(umask_mode(0o777))  # mkdtemp makes 0700 folders; match ordinary ones
     try:
         sections = build(staging)
         metrics = {s.title: {name: value for name, value in s.metrics} for s in sections}
