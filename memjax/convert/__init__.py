@@ -1,8 +1,10 @@
-"""Hugging Face checkpoints -> memjax Flax NNX models, and orbax save/restore.
+"""Checkpoint folders -> memjax models, and the one on-disk model format.
 
-``load_pretrained(path)`` reads config.json + safetensors (single or sharded), detects the
-architecture, maps keys and layouts, and reports every missing, unexpected or mis-shaped
-tensor; ``save``/``restore`` round-trip converted models through orbax-checkpoint.
+- :func:`load` (``memjax.load``): any model folder memjax understands -> :class:`memjax.Model`.
+- :func:`load_pretrained`: a Hugging Face folder (config.json + safetensors, single or
+  sharded) -> (NNX module, config), reporting every missing, unexpected or mis-shaped
+  tensor; :func:`save` / :func:`restore` round-trip ported modules (``memjax convert``).
+- :mod:`memjax.convert.saved`: the folder format every model memjax writes uses.
 """
 
 from memjax.convert.checkpoint import TensorReader, read_config, read_tensors
@@ -14,15 +16,9 @@ from memjax.convert.core import (
     partition_rules,
     register,
 )
+from memjax.convert.loading import from_port, interface, load
 from memjax.convert.orbax_io import cast, is_converted, restore, save
-
-
-def load(path, **kwargs):
-    """A model from a converted folder (memjax convert) or a Hugging Face folder."""
-    if is_converted(path):
-        return restore(path, dtype=kwargs.get("dtype"))
-    return load_pretrained(path, **kwargs)
-
+from memjax.convert.saved import is_model_folder, read_meta, write_model
 
 __all__ = [
     "ARCHITECTURES",
@@ -30,13 +26,18 @@ __all__ = [
     "TensorReader",
     "cast",
     "check_config",
+    "from_port",
+    "interface",
     "is_converted",
+    "is_model_folder",
     "load",
     "load_pretrained",
     "partition_rules",
     "read_config",
+    "read_meta",
     "read_tensors",
     "register",
     "restore",
     "save",
+    "write_model",
 ]

@@ -194,3 +194,21 @@ def source_ids(source: Any, indices: np.ndarray) -> np.ndarray:
     ids = getattr(source, "ids", None)
     return np.asarray(ids(indices)) if callable(ids) else example_ids(source.read(indices),
                                                                       indices)
+
+
+def integer_ids(ids: np.ndarray) -> np.ndarray:
+    """Example ids as int32, for the device (keys of augmentations and noise draws).
+
+    Integer ids are kept as they are (they must fit in int32); any other id (text) maps to
+    a stable 31-bit hash of its string form, the same in every process and run.
+    """
+    ids = np.asarray(ids)
+    if ids.dtype.kind in "iub":
+        info = np.iinfo(np.int32)
+        if ids.size and (ids.min() < info.min or ids.max() > info.max):
+            raise InputError("example ids: integer ids outside the int32 range; expected ids "
+                             "that fit in int32 (they key augmentations on the device)")
+        return ids.astype(np.int32)
+    digest = lambda v: int.from_bytes(
+        hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
+    return np.asarray([digest(v) for v in ids.tolist()], np.int32)

@@ -34,8 +34,10 @@ from memjax.data.base import (
     Source,
     as_source,
     example_ids,
+    integer_ids,
     source_ids,
 )
+from memjax.engine.cache import value_key
 from memjax.engine.fingerprint import run_fingerprint
 from memjax.engine.mesh import (
     DATA_AXIS,
@@ -176,8 +178,9 @@ def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: 
     """The compiled vmapped step for these shapes and shardings (cached)."""
     param_spec = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params)
     batch_spec = {k: (v.shape, v.dtype, v.sharding) for k, v in batch.items()}
-    key = (fn, jax.tree.structure(params), str(param_spec), str(sorted(batch_spec.items())),
-           mesh)
+    # The function by value: a re-created closure with equal settings reuses the executable.
+    key = (value_key(fn), jax.tree.structure(params), str(param_spec),
+           str(sorted(batch_spec.items())), mesh)
     if key in _COMPILED:
         _CACHE_STATS["hits"] += 1
         _COMPILED.move_to_end(key)
@@ -224,7 +227,7 @@ def _global_batch(fields: dict[str, np.ndarray], sharding: NamedSharding,
 
 
 def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_finite: bool,
-                  prefetch: int, validate: Validator | None
+                  prefetch: int, validate: Validator | None, with_ids: bool = False
                   ) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray | None]]:
     """This process's rows of each batch in ``batches``, read ahead by grain threads.
 
@@ -246,6 +249,8 @@ def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_fin
             _check_finite_inputs(fields, valid, indices)
         if validate is not None:
             validate({k: v[valid] for k, v in fields.items()}, indices[valid])
+        if with_ids:  # padding rows repeat the batch's first example, id included
+            fields[ID_FIELD] = integer_ids(example_ids(raw, indices))
         return batch, fields, ids
 
     if prefetch <= 0:
@@ -318,6 +323,7 @@ def score(
     params_fingerprint: str | None = None,
     prefetch: int | None = None,
     validate: Validator | None = None,
+    with_ids: bool = False,
 ) -> dict[str, np.ndarray] | ScoreStore:
     """Score every example of ``source`` with ``fn(params, example)``.
 
@@ -342,6 +348,10 @@ def score(
         bench/engine_overhead.py), 2 for every other source (files, memmaps, decoding).
       validate: ``validate(fields, indices)`` called on the host for each batch's real
         rows before scoring; raise ``InputError`` to refuse bad values.
+      with_ids: also hand ``fn`` each example's id as ``example["id"]`` (int32 scalar:
+        integer ids as they are, other ids by a stable hash; see
+        :func:`memjax.data.base.integer_ids`), e.g. to key its augmentations by identity
+        so they do not depend on batch size, device count or resume point.
 
     Returns:
       Without a store: ``{"id": [N], field: [N, ...]}`` in example order (output pytree
@@ -373,6 +383,8 @@ def score(
     chunk_size = 0
     if store is not None:
         fingerprint = run_fingerprint(fn, params, source.spec(), batch_size, params_fingerprint)
+        if with_ids:  # only then, so stores made before the option existed still resume
+            fingerprint["with_ids"] = True
         done_mask = np.zeros(plan.n_batches, dtype=np.int32)
         if is_writer:
             done = store.begin(fingerprint, plan.n_examples, batch_size)
@@ -394,7 +406,7 @@ def score(
         in_flight: list[tuple[int, Any]] = []
         step = None
         for batch, fields, ids in _load_batches(source, plan, todo, check_finite, prefetch,
-                                            validate):
+                                                validate, with_ids):
             global_batch = _global_batch(fields, batch_sharding, batch_size)
             step = step or _compiled_step(fn, placed, global_batch, mesh)
             in_flight.append((batch, step(placed, global_batch), ids))

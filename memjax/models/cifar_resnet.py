@@ -51,9 +51,9 @@ import numpy as np
 from flax import nnx
 
 from memjax.convert.checkpoint import TensorReader, _torch_to_numpy
-from memjax.convert.core import Architecture, fill_params, register
 from memjax.errors import InputError
 from memjax.models.layers import Dense
+from memjax.models.registry import Architecture, fill_params, register
 from memjax.models.resnet import ConvBN, ResNetBlock, conv_bn_params, max_pool, needs_shortcut
 from memjax.models.taps import Taps, tap
 

@@ -36,9 +36,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from memjax.convert.core import Architecture, check_config, register
 from memjax.errors import InputError
 from memjax.models.layers import Dense, LayerNorm, causal_mask
+from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 from memjax.models.vit import (
     EncoderBlock,
@@ -204,6 +204,14 @@ class CLIPModel(nnx.Module):
                     taps: Taps | None = None) -> jax.Array:
         """Projected text embeddings [B, E] (unnormalised) of token ids [B, T]."""
         return self.text_projection(self.text_model(input_ids, attention_mask, taps)[1])
+
+    def embed(self, pixel_values: jax.Array, input_ids: jax.Array,
+              attention_mask: jax.Array | None = None, *,
+              taps: Taps | None = None) -> dict[str, jax.Array]:
+        """``{"image": [B, E], "text": [B, E]}``: both projected (unnormalised) embeddings
+        of B image-caption pairs (what ``memjax.Model.apply`` returns for a CLIP)."""
+        return {"image": self.encode_image(pixel_values, taps=taps),
+                "text": self.encode_text(input_ids, attention_mask, taps=taps)}
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array,
                  attention_mask: jax.Array | None = None, *,

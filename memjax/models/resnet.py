@@ -43,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from memjax.convert.core import Architecture, check_config, register
 from memjax.errors import InputError
 from memjax.models.layers import ACTIVATIONS, Dense
+from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
 LAYER_TYPES = ("basic", "bottleneck")

@@ -33,9 +33,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from memjax.convert.core import Architecture, check_config, register
 from memjax.errors import InputError
 from memjax.models.layers import ACTIVATIONS, Dense, LayerNorm, attention
+from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
 # ----------------------------------------------------------------------------------------

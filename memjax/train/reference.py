@@ -10,30 +10,23 @@ subset with weight 0), not on all N rows weighted by the mask: half the FLOPs wh
 keep half the data, with the same full-batch gradient as :func:`fit_classifier` on the
 mask (up to float summation order).
 
-Saved layout (``save_models`` / ``load_models``)::
-
-    models/
-      models.json    {"kind": "mlp_classifier" | "cnn_classifier", config...,
-                      "n_models": M, "n_examples": N, "training": {steps, learning_rate,
-                      seed, ...}}
-      keep.npy       [M, N] bool: keep[m, n] = model m trained on example n
-      params/        orbax checkpoint of the stacked params (leading axis M)
+Saved in memjax's one model format (:mod:`memjax.convert.saved`): the metadata records
+``n_models`` M, ``n_examples`` N and the training settings; ``keep.npy`` [M, N] bool says
+which examples model m trained on; ``params/`` holds the stacked params (leading axis M).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from memjax.convert.saved import MODEL_FILE, is_model_folder, restore_classifiers, write_model
 from memjax.errors import InputError
-from memjax.train.classifier import CNNConfig, MLPConfig, config_from_json, fit_classifier
-
-MODELS_FILE = "models.json"
+from memjax.train.classifier import CNNConfig, MLPConfig, fit_classifier
 
 
 def balanced_keep(n_models: int, n_examples: int, seed: int) -> np.ndarray:
@@ -107,35 +100,22 @@ def _train_on_rows(keys, images, labels, rows, weight, *, config, steps, learnin
 
 def save_models(directory: str | Path, params: Any, keep: np.ndarray, config: MLPConfig, *,
                 training: dict[str, Any]) -> Path:
-    """Write stacked params, keep mask and config in the layout of the module docstring."""
-    import orbax.checkpoint as ocp
-
-    directory = Path(directory).absolute()
-    directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / "keep.npy", keep)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / "params", params, force=True)
-    checkpointer.wait_until_finished()
-    meta = {**config.to_json(), "n_models": int(keep.shape[0]),
-            "n_examples": int(keep.shape[1]), "training": training}
-    (directory / MODELS_FILE).write_text(json.dumps(meta, indent=1))
-    return directory
+    """Write stacked params [M, ...], keep mask [M, N] and config (memjax's model format,
+    :mod:`memjax.convert.saved`; ``memjax.load(directory, index=m)`` opens model m)."""
+    return write_model(directory, params, config, kind="classifier", keep=keep,
+                       training=training)
 
 
 def load_models(directory: str | Path
                 ) -> tuple[Any, np.ndarray, MLPConfig | CNNConfig, dict[str, Any]]:
-    """(stacked params, keep [M, N], config, metadata) saved by :func:`save_models`."""
-    import orbax.checkpoint as ocp
-
+    """(stacked params, keep [M, N], config, metadata) saved by :func:`save_models` (this
+    release's format or the previous ``models.json`` layout)."""
     directory = Path(directory).absolute()
-    if not (directory / MODELS_FILE).is_file():
+    if not is_model_folder(directory):
         raise InputError(f"{str(directory)!r}: expected a folder written by "
-                         f"memjax.train.save_models (with {MODELS_FILE})")
-    meta = json.loads((directory / MODELS_FILE).read_text())
-    config = config_from_json(meta)
-    keep = check_keep(np.load(directory / "keep.npy"), meta["n_examples"])
-    one = jax.eval_shape(config.init, jax.random.key(0))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((keep.shape[0], *a.shape),
-                                                           a.dtype), one)
-    params = ocp.StandardCheckpointer().restore(directory / "params", abstract)
-    return jax.tree.map(np.asarray, params), keep, config, meta
+                         f"memjax.train.save_models (with {MODEL_FILE})")
+    params, config, keep, meta = restore_classifiers(directory)
+    if keep is None:
+        raise InputError(f"{str(directory)!r} holds one model, not a set written by "
+                         "memjax.train.save_models (with keep.npy)")
+    return params, check_keep(keep, meta["n_examples"]), config, meta

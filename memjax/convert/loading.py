@@ -1,0 +1,131 @@
+"""``memjax.load``: any model folder memjax understands -> a :class:`memjax.Model`.
+
+Folders: a Hugging Face checkpoint (config.json + safetensors, sharded or not), a folder
+written by ``memjax convert``, or one written by ``memjax.train.save_model`` /
+``save_models`` (then ``index`` picks one model of the set). The returned model carries
+the checkpoint's preprocessing config (``preprocessor_config.json``), its tokenizer folder
+(when it has tokenizer files) and the architecture's partition rules.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from memjax.convert.core import load_pretrained
+from memjax.convert.orbax_io import cast
+from memjax.convert.saved import read_meta, restore_classifiers, restore_port
+from memjax.errors import InputError
+from memjax.models.classifier import CONFIG_KINDS
+from memjax.models.protocol import Model
+from memjax.models.registry import partition_rules
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "spiece.model", "tokenizer.model")
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+# What each port's module computes on one example: (kind, method, input fields). Vision
+# models read NHWC images; text models token ids and their attention mask.
+_INTERFACES = {
+    "CLIPModel": ("clip", "embed", ("image", "input_ids", "attention_mask")),
+    "GPT2LMHeadModel": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
+    "GPTNeoXForCausalLM": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
+    "BertModel": ("text_encoder", "__call__", ("input_ids", "attention_mask")),
+    "ViTForImageClassification": ("classifier", "__call__", ("image",)),
+    "ViTModel": ("encoder", "__call__", ("image",)),
+    "CifarResNet": ("classifier", "__call__", ("image",)),
+}
+
+
+def interface(module: nnx.Module) -> tuple[str, str, tuple[str, ...]]:
+    """(kind, method, input fields) of a ported module."""
+    name = type(module).__name__
+    if name == "ResNet":
+        return ("encoder" if module.classifier is None else "classifier", "__call__",
+                ("image",))
+    if name not in _INTERFACES:
+        raise InputError(f"no model interface is registered for {name}; expected one of "
+                         f"{sorted([*_INTERFACES, 'ResNet'])}")
+    return _INTERFACES[name]
+
+
+def from_port(module: nnx.Module, config: Any, *, source: str | None = None,
+              preprocess: dict[str, Any] | None = None, tokenizer: str | None = None
+              ) -> Model:
+    """A :class:`Model` from a ported NNX module and its config."""
+    kind, method, inputs = interface(module)
+    rules = tuple(partition_rules(config)) if config is not None else ()
+    return Model.from_nnx(module, method=method, inputs=inputs, kind=kind, config=config,
+                          partition_rules=rules, source=source, preprocess=preprocess,
+                          tokenizer=tokenizer)
+
+
+def _preprocess(folder: Path) -> dict[str, Any] | None:
+    path = folder / PREPROCESSOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+
+
+def _tokenizer(folder: Path) -> str | None:
+    return str(folder) if any((folder / f).is_file() for f in TOKENIZER_FILES) else None
+
+
+def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
+         index: int | None = None) -> Model:
+    """Open any model folder memjax understands as a :class:`Model`.
+
+    Args:
+      path: a Hugging Face checkpoint folder, a ``memjax convert`` folder, or a
+        ``memjax.train`` folder (one model, or a set of models with ``index``).
+      dtype: cast floating-point params (e.g. ``jnp.bfloat16``); default: as stored
+        (Hugging Face checkpoints load as float32).
+      allow_pickle: accept ``.bin``/``.pt`` weights (``torch.load(weights_only=True)``).
+      index: which model of a saved set (``memjax.train.save_models``).
+
+    Returns:
+      The :class:`Model`; ``model.source`` is the folder.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InputError(f"model {str(path)!r}: expected a model folder (Hugging Face "
+                         "checkpoint, memjax convert output, or memjax.train output)")
+    source = str(folder.absolute())
+    try:
+        meta = read_meta(folder)
+    except InputError:
+        if not (folder / "config.json").is_file():
+            raise
+        meta = None
+    if meta is not None and meta["architecture"] in CONFIG_KINDS:
+        params, config, keep, meta = restore_classifiers(folder, meta)
+        if keep is not None:
+            if index is None or not 0 <= index < keep.shape[0]:
+                raise InputError(f"model {str(path)!r} is a set of {keep.shape[0]} models: "
+                                 f"pass index=0..{keep.shape[0] - 1} (got {index!r})")
+            params = jax.tree.map(lambda a: a[index], params)
+        elif index is not None:
+            raise InputError(f"index={index!r}: model {str(path)!r} is one model, not a set")
+        model = Model.from_classifier(params, config, kind=meta["kind"], source=source)
+        if dtype is not None:
+            model = model.replace(params=jax.tree.map(lambda a: a.astype(dtype), params))
+        return model
+    if index is not None:
+        raise InputError(f"index={index!r}: model {str(path)!r} is one model, not a set")
+    if meta is not None:
+        module, config = restore_port(folder, meta)
+        if dtype is not None:
+            module = cast(module, dtype)
+    else:
+        module, config = load_pretrained(folder, dtype=dtype or jnp.float32,
+                                         allow_pickle=allow_pickle)
+    return from_port(module, config, source=source, preprocess=_preprocess(folder),
+                     tokenizer=_tokenizer(folder))

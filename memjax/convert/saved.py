@@ -1,0 +1,262 @@
+"""The one on-disk format of every model memjax writes, and ``memjax.load``.
+
+A model folder holds::
+
+    memjax_model.json   {"format": "memjax-model", "version": 1,
+                         "architecture": "vit" | "gpt2" | ... | "mlp_classifier" | "cnn_classifier",
+                         "kind": "classifier" | "encoder" | "causal_lm" | "clip" | "text_encoder",
+                         "config": {...},                 # the architecture's config
+                         "n_models": M, "n_examples": N,   # only for a set of models
+                         "training": {...}}               # optional: how it was trained
+    params/             orbax checkpoint of the params (a set: leading axis M)
+    keep.npy            only for a set: [M, N] bool, model m trained on example n
+
+Written by ``memjax convert`` (ported checkpoints), ``memjax.train.save_model`` (one
+native classifier or encoder) and ``memjax.train.save_models`` (reference models with
+their keep mask). The previous release wrote three layouts — convert's ``{"architecture",
+"config"}``, a classifier's config with a ``kind`` field, and ``models.json`` beside
+``keep.npy`` — :func:`read_meta` reads all three as version 1 and refuses anything else
+with a message saying what it found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from memjax._io import atomic_write_json
+from memjax.errors import InputError
+from memjax.models.classifier import CONFIG_KINDS, config_from_json
+from memjax.models.protocol import Model
+from memjax.models.registry import ARCHITECTURES
+
+MODEL_FILE = "memjax_model.json"
+LEGACY_SET_FILE = "models.json"  # memjax.train.save_models before format version 1
+FORMAT = "memjax-model"
+VERSION = 1
+KEEP_FILE = "keep.npy"
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def config_to_json(config: Any) -> dict[str, Any]:
+    """A config dataclass as JSON values (tuples -> lists); native classifier configs keep
+    their own schema without the ``kind`` field."""
+    if isinstance(config, tuple(CONFIG_KINDS.values())):
+        return {k: v for k, v in config.to_json().items() if k != "kind"}
+    return json.loads(json.dumps(dataclasses.asdict(config), default=list))
+
+
+def config_from_dict(architecture: str, value: dict[str, Any]) -> Any:
+    """The config object of ``architecture`` from :func:`config_to_json`'s output."""
+    if architecture in CONFIG_KINDS:
+        return config_from_json({**value, "kind": architecture})
+    import memjax.models  # noqa: F401 - registers the ported architectures
+
+    arch = ARCHITECTURES.get(architecture)
+    if arch is None or arch.config_class is None:
+        raise InputError(f"{MODEL_FILE}: unknown architecture {architecture!r}; expected one "
+                         f"of {sorted([*ARCHITECTURES, *CONFIG_KINDS])}")
+    cls = arch.config_class
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise InputError(f"{MODEL_FILE}: unknown config fields {unknown} for {cls.__name__}")
+    converted = {}
+    for name, item in value.items():
+        default = fields[name].default
+        converted[name] = tuple(item) if isinstance(item, list) and isinstance(
+            default, tuple) else item
+    return cls(**converted)
+
+
+def is_model_folder(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a model memjax wrote (this format or a previous one)."""
+    directory = Path(directory)
+    return (directory / MODEL_FILE).is_file() or (directory / LEGACY_SET_FILE).is_file()
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The folder's metadata as format version 1 (previous layouts upgraded on read)."""
+    directory = Path(directory)
+    path = directory / MODEL_FILE
+    if not path.is_file() and (directory / LEGACY_SET_FILE).is_file():
+        path = directory / LEGACY_SET_FILE
+    if not path.is_file():
+        raise InputError(f"{str(directory)!r}: expected a model folder with {MODEL_FILE} "
+                         "(written by memjax convert, memjax.train.save_model or save_models)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(meta, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if "version" in meta:
+        if meta.get("format") != FORMAT or meta["version"] != VERSION:
+            raise InputError(f"{path}: format {meta.get('format')!r} version "
+                             f"{meta['version']!r}; this memjax reads {FORMAT!r} version "
+                             f"{VERSION} (and the layouts before it): upgrade memjax")
+        return meta
+    if "architecture" in meta and "config" in meta:  # memjax convert, before version 1
+        return {"format": FORMAT, "version": VERSION, "architecture": meta["architecture"],
+                "kind": _port_kind(meta["architecture"], meta["config"]),
+                "config": meta["config"]}
+    if meta.get("kind") in CONFIG_KINDS:  # memjax.train classifier (set), before version 1
+        extra = {k: meta[k] for k in ("n_models", "n_examples", "training") if k in meta}
+        return {"format": FORMAT, "version": VERSION, "architecture": meta["kind"],
+                "kind": "classifier",
+                "config": {k: v for k, v in meta.items()
+                           if k not in ("kind", "n_models", "n_examples", "training")},
+                **extra}
+    raise InputError(f"{path}: not a memjax model description (no 'version', no "
+                     f"'architecture' and no classifier 'kind'; keys: {sorted(meta)})")
+
+
+def _port_kind(architecture: str, config: dict[str, Any]) -> str:
+    """What a ported architecture's module computes (see :func:`interface`)."""
+    if architecture in ("gpt2", "gpt_neox"):
+        return "causal_lm"
+    if architecture == "clip":
+        return "clip"
+    if architecture == "bert":
+        return "text_encoder"
+    if architecture in ("vit", "resnet"):
+        return "classifier" if config.get("num_labels", 0) > 0 else "encoder"
+    return "classifier"
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _save_params(directory: Path, params: Any) -> None:
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "params", jax.tree.map(np.asarray, params), force=True)
+    checkpointer.wait_until_finished()
+
+
+def _architecture_name(config: Any) -> str:
+    if isinstance(config, tuple(CONFIG_KINDS.values())):
+        return config.kind
+    for arch in ARCHITECTURES.values():
+        if arch.config_class is not None and isinstance(config, arch.config_class):
+            return arch.name
+    raise InputError(f"no architecture is registered for config {type(config).__name__}")
+
+
+def write_model(directory: str | Path, params: Any, config: Any, *, kind: str,
+                keep: np.ndarray | None = None, training: dict[str, Any] | None = None
+                ) -> Path:
+    """Write params (a pure pytree of arrays; a set: leading axis M) and metadata.
+
+    The metadata file is written last, atomically, so a folder with a readable
+    ``memjax_model.json`` always has its params.
+    """
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
+                            "architecture": _architecture_name(config), "kind": kind,
+                            "config": config_to_json(config)}
+    if keep is not None:
+        keep = np.asarray(keep, bool)
+        np.save(directory / KEEP_FILE, keep)
+        meta.update(n_models=int(keep.shape[0]), n_examples=int(keep.shape[1]))
+    if training is not None:
+        meta["training"] = training
+    _save_params(directory, params)
+    atomic_write_json(directory / MODEL_FILE, meta)
+    return directory
+
+
+def save(model: Model | nnx.Module, config_or_directory: Any, directory: Any = None) -> Path:
+    """Save a model: ``save(model, directory)`` for a :class:`Model`, or
+    ``save(nnx_module, config, directory)`` for a port (as ``memjax convert`` does)."""
+    if isinstance(model, Model):
+        directory = config_or_directory
+        if model.config is None:
+            raise InputError("save: the model has no config (built with Model.from_apply?); "
+                             "only ports and memjax.train models can be saved")
+        params = model.params
+        if isinstance(params, nnx.State):
+            params = nnx.to_pure_dict(params)
+        return write_model(directory, params, model.config, kind=model.kind)
+    config = config_or_directory
+    state = jax.tree.map(np.asarray, nnx.state(model))
+    return write_model(directory, nnx.to_pure_dict(state), config,
+                       kind=_port_kind(_architecture_name(config), config_to_json(config)))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _key(path: tuple) -> tuple[str, ...]:
+    """A pytree path as strings (orbax metadata names list indices by strings)."""
+    return tuple(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _restore(directory: Path, target: Any) -> Any:
+    """Restore params into ``target``'s structure, keeping the stored dtypes."""
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    stored = checkpointer.metadata(directory / "params").item_metadata
+    stored = stored.tree if hasattr(stored, "tree") else stored
+    dtypes = {_key(path): meta.dtype
+              for path, meta in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    target = jax.tree_util.tree_map_with_path(
+        lambda path, v: jax.ShapeDtypeStruct(v.shape, dtypes.get(_key(path), v.dtype)), target)
+    return checkpointer.restore(directory / "params", target)
+
+
+def restore_port(directory: str | Path, meta: dict[str, Any] | None = None
+                 ) -> tuple[nnx.Module, Any]:
+    """(module, config) of a ported model folder; no random initialisation runs."""
+    directory = Path(directory).absolute()
+    meta = read_meta(directory) if meta is None else meta
+    config = config_from_dict(meta["architecture"], meta["config"])
+    if meta["architecture"] in CONFIG_KINDS:
+        raise InputError(f"{str(directory)!r} holds a memjax.train {meta['architecture']}, "
+                         "not a ported architecture: open it with memjax.load")
+    arch = ARCHITECTURES[meta["architecture"]]
+    abstract = nnx.eval_shape(lambda: arch.build(config, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    # The abstract model is float32; the checkpoint's own dtypes (e.g. bfloat16 from
+    # memjax convert --dtype) are kept by restoring to its stored metadata.
+    restored = _restore(directory, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(graphdef, state), config
+
+
+def restore_classifiers(directory: str | Path, meta: dict[str, Any] | None = None
+                        ) -> tuple[Any, Any, np.ndarray | None, dict[str, Any]]:
+    """(params, config, keep or None, meta) of a memjax.train folder (one model or a set:
+    then params have a leading axis M and ``keep`` is [M, N])."""
+    directory = Path(directory).absolute()
+    meta = read_meta(directory) if meta is None else meta
+    if meta["architecture"] not in CONFIG_KINDS:
+        raise InputError(f"{str(directory)!r} holds a ported {meta['architecture']!r} model, "
+                         "not a memjax.train classifier")
+    config = config_from_dict(meta["architecture"], meta["config"])
+    one = jax.eval_shape(config.init, jax.random.key(0))
+    keep = None
+    if "n_models" in meta:
+        keep_path = directory / KEEP_FILE
+        if not keep_path.is_file():
+            raise InputError(f"{str(directory)!r}: a set of {meta['n_models']} models needs "
+                             f"{KEEP_FILE} beside {MODEL_FILE}")
+        keep = np.load(keep_path)
+        if keep.shape != (meta["n_models"], meta["n_examples"]):
+            raise InputError(f"{keep_path}: shape {keep.shape}; expected "
+                             f"{(meta['n_models'], meta['n_examples'])}")
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct((keep.shape[0], *a.shape), a.dtype),
+                           one)
+    params = jax.tree.map(np.asarray, _restore(directory, one))
+    return params, config, keep, meta
