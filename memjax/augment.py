@@ -2,10 +2,10 @@
 
 Pure functions of ``(key, image)`` for ONE image ``[H, W, C]`` in ``[0, 1]`` (before any
 mean/std normalisation, so clamping never wipes out negative normalised values — a bug of
-the UnitMem reference code, see FIELD-NOTES). Batch them with ``jax.vmap``; nothing here
-calls ``jit``.
+the UnitMem reference code, sprintml/LocalizingMemorizationInSSL). Batch them with
+``jax.vmap``; nothing here calls ``jit``.
 
-Randomness is keyed by identity (DESIGN convention 4): view ``k`` of example ``i`` uses
+Randomness is keyed by identity: view ``k`` of example ``i`` uses
 ``view_key(seed, i, k) = fold_in(fold_in(key(seed), i), k)``, so a view does not depend on
 batch size or composition, device count, resume point or the model looking at it.
 
@@ -19,13 +19,15 @@ Visual Representations", Appendix A) follows torchvision's transforms:
   antialiasing (torchvision >= 0.17 antialiases when downscaling a tensor);
 - the crop's 10 rejection-sampling tries are drawn at once and the first valid one wins,
   with torchvision's centre-crop fallback, so the shape of the computation is static;
-- colour jitter applies its four operations in a random order as torchvision does (a
-  ``lax.switch`` per position); an operation whose strength is 0 is skipped, exactly as
-  torchvision skips it, so all-zero strengths are the identity.
+- colour jitter applies its four operations in a random order as torchvision does (the
+  hue shift computed once, the cheap operations in ``lax.switch`` slots before and after
+  it); an operation whose strength is 0 is skipped, exactly as torchvision skips it, so
+  all-zero strengths are the identity.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
@@ -221,10 +223,9 @@ def hsv_to_rgb(image: jax.Array) -> jax.Array:
     p = jnp.clip(v * (1.0 - s), 0.0, 1.0)
     q = jnp.clip(v * (1.0 - s * f), 0.0, 1.0)
     t = jnp.clip(v * (1.0 - s * (1.0 - f)), 0.0, 1.0)
-    table = jnp.stack([jnp.stack(c, axis=-1) for c in
-                       ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))], axis=-2)
-    # table [..., 3, 6]: pick sector i for each channel.
-    return jnp.take_along_axis(table, i[..., None, None], axis=-1)[..., 0]
+    # Each channel takes one of v, p, q, t by the sector i (a select, no gather).
+    sectors = ((v, q, p, p, t, v), (t, v, v, q, p, p), (p, p, t, v, v, q))
+    return jnp.stack([jax.lax.select_n(i, *c) for c in sectors], axis=-1)
 
 
 def _blend(image, other, factor):
@@ -269,6 +270,11 @@ def _jitter_ops(channels: int, brightness: float, contrast: float, saturation: f
     return ops
 
 
+def _jitter_slot(image, op, branches):
+    """Apply ``branches[op]``; ``op == len(branches)`` is the identity (an empty slot)."""
+    return jax.lax.switch(op, [*branches, lambda x: x], image)
+
+
 def color_jitter(key: jax.Array, image: jax.Array, brightness: float = 0.4,
                  contrast: float = 0.4, saturation: float = 0.4, hue: float = 0.1,
                  p: float = 0.8, *, random_order: bool = True) -> jax.Array:
@@ -277,6 +283,12 @@ def color_jitter(key: jax.Array, image: jax.Array, brightness: float = 0.4,
     Factors are uniform in ``[max(0, 1-s), 1+s]`` (hue shift uniform in ``[-h, h]``, h <=
     0.5); the operations run in a random permutation (``random_order=True``, as
     torchvision) or in the order brightness, contrast, saturation, hue.
+
+    The hue shift (RGB -> HSV -> RGB) is computed once per image even under ``vmap``
+    (where a ``lax.switch`` on a batched index evaluates every branch): the cheap
+    operations that the permutation puts before the hue run in slots before it, the ones
+    after it in slots after it, an empty slot being the identity. Each operation sees the
+    same input as in a plain loop over the permutation, so the result is the same.
     """
     _check_image(image, "color_jitter")
     p = _check_prob(p, "color_jitter")
@@ -293,13 +305,23 @@ def color_jitter(key: jax.Array, image: jax.Array, brightness: float = 0.4,
     factors = [sample(k) for (_, sample), k in zip(ops, k_ops, strict=True)]
     branches = [lambda x, f=f, op=op: op(x, f) for (op, _), f in zip(ops, factors, strict=True)]
     out = image.astype(jnp.float32)
-    if random_order:
+    if not random_order:
+        for branch in branches:
+            out = branch(out)
+    elif ops[-1][0] is adjust_hue:  # hue, when on, is the last of `ops`
+        order = jax.random.permutation(k_order, len(ops))
+        *cheap, hue_op = branches
+        empty = len(cheap)  # the identity slot; also the hue's index in `order`
+        at = jnp.argmax(order == empty)  # the hue's position in the permutation
+        for position in range(len(cheap)):  # positions before the hue's
+            out = _jitter_slot(out, jnp.where(position < at, order[position], empty), cheap)
+        out = hue_op(out)
+        for position in range(1, len(ops)):  # positions after the hue's
+            out = _jitter_slot(out, jnp.where(position > at, order[position], empty), cheap)
+    else:
         order = jax.random.permutation(k_order, len(ops))
         for position in range(len(ops)):
             out = jax.lax.switch(order[position], branches, out)
-    else:
-        for branch in branches:
-            out = branch(out)
     return jnp.where(jax.random.bernoulli(k_apply, p), out, image)
 
 
@@ -343,3 +365,48 @@ def simclr_views(images: jax.Array, ids: jax.Array, n_aug: int, *, seed: int = 0
         return jax.vmap(lambda k: simclr_view(k, image, size=size))(keys)
 
     return jax.vmap(one)(images, jnp.asarray(ids))
+
+
+# --------------------------------------------------------------------------- view functions
+# A view function is ``views_fn(image [H, W, C], key) -> view [h, w, C]``: one augmented view
+# per key. The memorization methods key view k of example i by ``view_key(seed, i, k)``.
+# Frozen dataclasses, so equal settings hash equal (the engine caches compiled programs by
+# value).
+
+
+def keyed_views(views_fn, image: jax.Array, seed: int, example_id, n_views: int) -> jax.Array:
+    """Views ``0..n_views-1`` of one example: ``[n_views, h, w, C]``, view k keyed by
+    ``view_key(seed, example_id, k)``."""
+    keys = jax.vmap(lambda k: view_key(seed, example_id, k))(
+        jnp.arange(n_views, dtype=jnp.int32))
+    return jax.vmap(views_fn, in_axes=(None, 0))(image, keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimCLRView:
+    """The SimCLR view (:func:`simclr_view`) as a view function, at any ``size``
+    (default: the image's size)."""
+
+    size: tuple[int, int] | int | None = None
+
+    def __call__(self, image: jax.Array, key: jax.Array) -> jax.Array:
+        return simclr_view(key, image, size=self.size)
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallImageView:
+    """A SimCLR-style view of a small (e.g. 8×8 digit) image: a random resized crop of at
+    least ``min_scale`` of the area (smaller crops of a few pixels leave no object) and
+    brightness/contrast jitter with probability ``p`` (grayscale images: no saturation or
+    hue). The split of the key into crop and colour keys is part of the definition."""
+
+    min_scale: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    p: float = 0.8
+
+    def __call__(self, image: jax.Array, key: jax.Array) -> jax.Array:
+        k_crop, k_color = jax.random.split(key)
+        view = random_resized_crop(k_crop, image, scale=(self.min_scale, 1.0))
+        return color_jitter(k_color, view, brightness=self.brightness,
+                            contrast=self.contrast, saturation=0.0, hue=0.0, p=self.p)

@@ -14,12 +14,17 @@ from memjax.train import CNNConfig
 from memjax.train.simclr import fit_simclr, nt_xent, train_simclrs
 
 
-def keyed_views(image, example_id, aug_id):
+def keyed_views(image, key):
     """A small deterministic augmentation: keyed flip and brightness (test stand-in)."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), example_id), aug_id)
     k_flip, k_gain = jax.random.split(key)
     image = jnp.where(jax.random.bernoulli(k_flip), image[:, ::-1], image)
     return jnp.clip(image * jax.random.uniform(k_gain, minval=0.7, maxval=1.3), 0.0, 1.0)
+
+
+def view_of(image, example_id, aug_id):
+    """View ``aug_id`` of example ``example_id`` with the training keys (view seed 0)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), example_id), aug_id)
+    return keyed_views(image, key)
 
 
 def numpy_nt_xent(z1, z2, valid, temperature):
@@ -101,8 +106,8 @@ def test_simclr_training_lowers_the_loss_on_digits():
 
     def batch_loss(params):
         rows = np.arange(64)
-        v1 = jax.vmap(keyed_views, in_axes=(0, 0, None))(images[rows], ids[rows], 0)
-        v2 = jax.vmap(keyed_views, in_axes=(0, 0, None))(images[rows], ids[rows], 1)
+        v1 = jax.vmap(view_of, in_axes=(0, 0, None))(images[rows], ids[rows], 0)
+        v2 = jax.vmap(view_of, in_axes=(0, 0, None))(images[rows], ids[rows], 1)
         from memjax.train.simclr import embed
 
         z1 = jax.vmap(embed, in_axes=(None, 0))(params, v1)
@@ -119,13 +124,16 @@ def test_simclr_training_lowers_the_loss_on_digits():
     assert batch_loss(trained) < 0.8 * batch_loss(first)
 
 
-def test_encoder_layers_end_in_the_embedding():
-    from memjax.train.simclr import embed, encoder_layers
+def test_encoder_activations_end_in_the_embedding():
+    from memjax.train.simclr import embed, encoder_model
 
     config = CNNConfig((8, 8, 1), 6, channels=(4, 8), hidden=(12,))
     params = config.init(jax.random.key(0))
     image = np.random.default_rng(0).random((8, 8, 1)).astype(np.float32)
-    layers = encoder_layers(params, image)
+    model = encoder_model(params, config)
+    layers = model.activations("*")(params, image)
+    assert list(layers) == ["conv1", "conv2", "dense1", "embedding"]  # call order
     assert {k: v.shape for k, v in layers.items()} == {
         "conv1": (4, 4, 4), "conv2": (2, 2, 8), "dense1": (12,), "embedding": (6,)}
     np.testing.assert_allclose(layers["embedding"], embed(params, image), rtol=1e-6)
+    np.testing.assert_array_equal(model(image), embed(params, image))

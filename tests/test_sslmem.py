@@ -18,7 +18,9 @@ import pytest
 
 from memjax.engine import compile_cache_info, make_mesh
 from memjax.errors import InputError
-from memjax.memorization._sslmem import ClipApply, clipmem, layermem, sslmem
+from memjax.memorization import clipmem, layermem, sslmem
+from memjax.models import Model
+from memjax.models.protocol import ApplyForward
 from memjax.models.taps import tap, with_taps
 
 H, W, C = 6, 6, 2
@@ -28,27 +30,26 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 # Two float32 evaluations of the same formula: raw scores are differences of O(1) losses,
 # so they agree to a few float32 ulps of 1 (2^-23 = 1.2e-7) in absolute terms.
 ULP_TOL = {"rtol": 0, "atol": 1e-6}
+SEED = 0  # the methods' default view seed
 
 
-def _hash(example_id, aug_id):
-    """A keyed integer hash of (example, augmentation): cheap to compile, unlike threefry."""
-    h = example_id.astype(jnp.uint32) * jnp.uint32(2654435761)
-    h = (h ^ (aug_id.astype(jnp.uint32) + jnp.uint32(0x9E3779B9))) * jnp.uint32(2246822519)
-    return h ^ (h >> 15)
+def _bits(key):
+    """32 random bits of a view's key (cheap hashing of them below, not more threefry)."""
+    return jax.random.bits(key, dtype=jnp.uint32)
 
 
-def views_fn(image, example_id, aug_id):
+def views_fn(image, key):
     """Keyed augmentation: 4x4 crop, horizontal flip and brightness in [0.7, 1.3)."""
-    h = _hash(jnp.asarray(example_id), jnp.asarray(aug_id))
+    h = _bits(key)
     i, j = ((h >> 3) % 3).astype(jnp.int32), ((h >> 7) % 3).astype(jnp.int32)
     view = jax.lax.dynamic_slice(image, (i, j, jnp.int32(0)), VIEW)
     view = jnp.where((h >> 11) & 1, view[:, ::-1], view)
     return view * (0.7 + 0.6 * ((h >> 13) % 1024).astype(jnp.float32) / 1024)
 
 
-def same_size_views(image, example_id, aug_id):
+def same_size_views(image, key):
     """Keyed roll by -2..2 rows + flip (views the size of the image, for pairing='clean')."""
-    h = _hash(jnp.asarray(example_id), jnp.asarray(aug_id))
+    h = _bits(key)
     view = jnp.roll(image, (h % 5).astype(jnp.int32) - 2, axis=0)
     return jnp.where((h >> 11) & 1, view[:, ::-1], view)
 
@@ -90,14 +91,30 @@ def np_mlp(params, view):
 
 
 @functools.cache
-def _batched_views(fn):
-    return jax.jit(jax.vmap(jax.vmap(fn, in_axes=(None, None, 0)), in_axes=(0, 0, None)))
+def _batched_views(fn, n):
+    def one(image, example_id):
+        # The documented key of view k of example i: fold_in(fold_in(key(seed), i), k).
+        base = jax.random.fold_in(jax.random.key(SEED), example_id)
+        return jnp.stack([fn(image, jax.random.fold_in(base, k)) for k in range(n)])
+    return jax.jit(jax.vmap(one))
 
 
 def np_views(fn, images, ids, n):
     """[N, n, h, w, C] float64 views of every image (ids key them), computed by JAX once."""
-    views = _batched_views(fn)(jnp.asarray(images), jnp.asarray(ids, jnp.int32), jnp.arange(n))
+    views = _batched_views(fn, n)(jnp.asarray(images), jnp.asarray(ids, jnp.int32))
     return np.asarray(views, np.float64)
+
+
+def M(apply, params):
+    """A memjax.Model of a test encoder; (image encoder, text encoder) make a CLIP."""
+    if isinstance(apply, tuple):
+        image_enc, text_enc = apply
+        return Model.from_apply(
+            lambda p, x: {"image": image_enc(p, x["image"]), "text": text_enc(p, x["text"])},
+            params, inputs=("image", "text"), kind="clip",
+            towers=(("image", ApplyForward(image_enc), ("image",)),
+                    ("text", ApplyForward(text_enc), ("text",))))
+    return Model.from_apply(apply, params)
 
 
 def np_losses(params, images, ids, n_aug, layers, distance="l2", pairing="views",
@@ -135,7 +152,7 @@ def test_sslmem_matches_numpy(distance):
     rng = np.random.default_rng()
     src = data(rng)
     pf, pg = models(rng)
-    out = sslmem(mlp, mlp, pf, pg, src, views_fn=views_fn, n_aug=3, layer="out",
+    out = sslmem(M(mlp, pf), M(mlp, pg), src, views_fn=views_fn, n_aug=3, layer="out",
                     batch_size=8, distance=distance, progress=False)
     lf = np_losses(pf, src["image"], src["id"], 3, ["out"], distance)[:, 0]
     lg = np_losses(pg, src["image"], src["id"], 3, ["out"], distance)[:, 0]
@@ -147,7 +164,7 @@ def test_sslmem_matches_numpy(distance):
     np.testing.assert_allclose(out["normalized"], raw / (raw.max() - raw.min()), rtol=1e-12)
     # A bare-array encoder gives the same scores as the "out" tap, up to a few float32 ulps
     # of the O(1) losses (XLA fuses the two programs differently): ULP_TOL.
-    bare = sslmem(mlp_rep, mlp_rep, pf, pg, src, views_fn=views_fn, n_aug=3,
+    bare = sslmem(M(mlp_rep, pf), M(mlp_rep, pg), src, views_fn=views_fn, n_aug=3,
                      batch_size=8, distance=distance, progress=False)
     np.testing.assert_allclose(bare["raw"], out["raw"], **ULP_TOL)
 
@@ -156,7 +173,7 @@ def test_sslmem_clean_pairing_matches_numpy():
     rng = np.random.default_rng()
     src = data(rng, n=9)
     pf, pg = models(rng, d_in=H * W * C)
-    out = sslmem(other_mlp, mlp, pf, pg, src, views_fn=same_size_views, n_aug=4,
+    out = sslmem(M(other_mlp, pf), M(mlp, pg), src, views_fn=same_size_views, n_aug=4,
                     layer="hidden2", pairing="clean", batch_size=8, progress=False)
     lf = np_losses(pf, src["image"], src["id"], 4, ["hidden2"], pairing="clean",
                    fn=same_size_views)[:, 0]
@@ -169,7 +186,7 @@ def test_layermem_matches_numpy():
     rng = np.random.default_rng()
     src = data(rng)
     pf, pg = models(rng)
-    out = layermem(mlp, mlp, pf, pg, src, views_fn=views_fn, n_aug=2,
+    out = layermem(M(mlp, pf), M(mlp, pg), src, views_fn=views_fn, n_aug=2,
                       layers=["hidden*", "out"], batch_size=8, progress=False)
     layers = ["hidden1", "hidden2", "out"]
     assert out["layers"] == tuple(layers)
@@ -190,9 +207,9 @@ def test_stacked_equals_separate_and_devices():
     src = data(rng, n=10)
     pf, pg = models(rng)
     kw = dict(views_fn=views_fn, n_aug=2, layers=["hidden1", "out"], progress=False)
-    stacked = layermem(mlp, mlp, pf, pg, src, stack=True, batch_size=8, **kw)
-    separate = layermem(mlp, mlp, pf, pg, src, stack=False, batch_size=8, **kw)
-    one = layermem(mlp, mlp, pf, pg, src, batch_size=8,
+    stacked = layermem(M(mlp, pf), M(mlp, pg), src, stack=True, batch_size=8, **kw)
+    separate = layermem(M(mlp, pf), M(mlp, pg), src, stack=False, batch_size=8, **kw)
+    one = layermem(M(mlp, pf), M(mlp, pg), src, batch_size=8,
                       mesh=make_mesh(devices=jax.devices()[:1]), **kw)
     assert len(jax.devices()) == 8
     for field in ("loss_f", "loss_g", "raw"):
@@ -209,9 +226,9 @@ def test_views_keyed_by_id_not_position():
     pf, pg = models(rng)
     flipped = {k: v[::-1].copy() for k, v in src.items()}
     kw = dict(views_fn=views_fn, n_aug=2, layer="out", batch_size=8, progress=False)
-    a = sslmem(mlp, mlp, pf, pg, src, **kw)
+    a = sslmem(M(mlp, pf), M(mlp, pg), src, **kw)
     before = compile_cache_info()["compiles"]
-    b = sslmem(mlp, mlp, pf, pg, flipped, **kw)
+    b = sslmem(M(mlp, pf), M(mlp, pg), flipped, **kw)
     assert compile_cache_info()["compiles"] == before  # same config: executable reused
     np.testing.assert_array_equal(b["id"], src["id"][::-1])
     # Same views per id; only the example's batch row/device moves: ULP_TOL.
@@ -230,7 +247,7 @@ def test_clipmem_matches_numpy():
     def text_enc(p, tokens):
         return jnp.mean(p["emb"][tokens], axis=0) @ p["wt"]
 
-    enc = ClipApply(image_enc, text_enc)
+    enc = (image_enc, text_enc)
 
     def init():
         return {"wi": rng.normal(size=(int(np.prod(VIEW)), d)).astype(np.float32) / 6,
@@ -238,7 +255,7 @@ def test_clipmem_matches_numpy():
                 "wt": rng.normal(size=(6, d)).astype(np.float32)}
 
     pf, pg = init(), init()
-    out = clipmem(enc, enc, pf, pg, src, views_fn=views_fn, n_aug=3, batch_size=8,
+    out = clipmem(M(enc, pf), M(enc, pg), src, views_fn=views_fn, n_aug=3, batch_size=8,
                      progress=False)
 
     def np_align(p):
@@ -262,7 +279,7 @@ def test_clipmem_matches_numpy():
     def neg_sq(img, txt):
         return -jnp.sum(jnp.square(img - txt))
 
-    custom = clipmem(enc, enc, pf, pg, src, views_fn=views_fn, n_aug=1, alignment=neg_sq,
+    custom = clipmem(M(enc, pf), M(enc, pg), src, views_fn=views_fn, n_aug=1, alignment=neg_sq,
                         batch_size=8, progress=False)
     p = {k: np.asarray(v, np.float64) for k, v in pf.items()}
     v0 = np_views(views_fn, src["image"], np.arange(n), 1)[3, 0]
@@ -277,31 +294,31 @@ def test_bad_input():
     pf, pg = models(rng)
     kw = dict(views_fn=views_fn, batch_size=8, progress=False)
     with pytest.raises(InputError, match="available: hidden1, hidden2, out"):
-        layermem(mlp, mlp, pf, pg, src, n_aug=2, layers=["hidden1", "conv9"], **kw)
+        layermem(M(mlp, pf), M(mlp, pg), src, n_aug=2, layers=["hidden1", "conv9"], **kw)
     with pytest.raises(InputError, match="available: hidden1, hidden2, out"):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=2, layer="nope", **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=2, layer="nope", **kw)
     def unsorted(params, image):  # call order zeta, alpha: not the sorted pytree order
         return {"zeta": mlp(params, image)["hidden1"], "alpha": mlp(params, image)["out"]}
 
     with pytest.raises(InputError, match="available: zeta, alpha$"):
-        layermem(unsorted, unsorted, pf, pg, src, n_aug=1, layers=["beta"], **kw)
+        layermem(M(unsorted, pf), M(unsorted, pg), src, n_aug=1, layers=["beta"], **kw)
     with pytest.raises(InputError, match=r"matches 2 activations \['hidden1', 'hidden2'\]"):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=2, layer="hidden*", **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=2, layer="hidden*", **kw)
     with pytest.raises(InputError, match="n_aug"):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=0, layer="out", **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=0, layer="out", **kw)
     with pytest.raises(InputError, match="pass layer="):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=1, **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=1, **kw)
     wide = init_mlp(rng, D_VIEW, hidden=(9, 5))
     mismatch = r"stack=True.*\['b1'\] is \(7,\) float32 in params_f but \(9,\)"
     with pytest.raises(InputError, match=mismatch):
-        layermem(mlp, mlp, pf, wide, src, n_aug=1, layers=["out"], stack=True, **kw)
+        layermem(M(mlp, pf), M(mlp, wide), src, n_aug=1, layers=["out"], stack=True, **kw)
     with pytest.raises(InputError, match="stack=True.*different apply functions"):
-        layermem(mlp, other_mlp, pf, pg, src, n_aug=1, layers=["out"], stack=True, **kw)
+        layermem(M(mlp, pf), M(other_mlp, pg), src, n_aug=1, layers=["out"], stack=True, **kw)
     with pytest.raises(InputError, match="no field 'pixels'"):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", image_field="pixels", **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=1, layer="out", image_field="pixels", **kw)
     with pytest.raises(InputError, match="pairing='clean'"):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", pairing="clean", **kw)
-    with pytest.raises(InputError, match="ClipApply"):
-        clipmem(mlp, mlp, pf, pg, src, n_aug=1, **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=1, layer="out", pairing="clean", **kw)
+    with pytest.raises(InputError, match="no 'image' tower"):
+        clipmem(M(mlp, pf), M(mlp, pg), src, n_aug=1, **kw)
     with pytest.raises(InputError, match="distance"):
-        sslmem(mlp, mlp, pf, pg, src, n_aug=1, layer="out", distance="cos", **kw)
+        sslmem(M(mlp, pf), M(mlp, pg), src, n_aug=1, layer="out", distance="cos", **kw)

@@ -22,14 +22,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from memjax.augment import color_jitter, random_resized_crop, view_key
+from memjax.augment import SmallImageView
 from memjax.data import digits
-from memjax.memorization import unitmem
-from memjax.memorization._sslmem import layermem
+from memjax.memorization import layermem, unitmem
 from memjax.metrics import auc_confidence_interval, roc_auc
 from memjax.report import Section, plot_top_images
 from memjax.train import CNNConfig
-from memjax.train.simclr import encoder_layers, train_simclrs
+from memjax.train.simclr import encoder_model, train_simclrs
 
 TITLE = "Memorization: SSLMem, LayerMem and UnitMem of SimCLR digit encoders"
 SEED_VIEWS = 0
@@ -46,15 +45,10 @@ UNITMEM_VIEWS = 10  # the reference code's n_aug
 CLIP_STEPS = 150  # ~15 epochs: with 400 the CLIPs memorise every pair and CLIPMem flattens
 
 
-def digit_views(image: jax.Array, example_id: jax.Array, aug_id: jax.Array) -> jax.Array:
-    """SimCLR-style view of an 8×8 digit keyed by (example id, augmentation id): a random
-    resized crop of at least half the area (smaller crops of 8×8 pixels leave no digit)
-    and brightness/contrast jitter (the digits are grayscale: no saturation or hue)."""
-    key = view_key(SEED_VIEWS, example_id, aug_id)
-    k_crop, k_color = jax.random.split(key)
-    view = random_resized_crop(k_crop, image, scale=(0.5, 1.0))
-    return color_jitter(k_color, view, brightness=0.4, contrast=0.4, saturation=0.0,
-                        hue=0.0, p=0.8)
+#: The views of the 8×8 digits: crops of at least half the area (smaller crops leave no
+#: digit) and brightness/contrast jitter (grayscale: no saturation or hue), keyed by
+#: ``view_key(SEED_VIEWS, example id, augmentation id)``.
+digit_views = SmallImageView(min_scale=0.5, brightness=0.4, contrast=0.4, p=0.8)
 
 
 def leave_out_split(images: np.ndarray, shared: np.ndarray, candidates: np.ndarray,
@@ -116,7 +110,8 @@ def train_encoders(splits: dict[str, np.ndarray], seed: int, encoder: CNNConfig 
     start = time.perf_counter()
     stacked = train_simclrs(jax.random.key(seed), splits["images"],
                             np.arange(len(splits["images"])), splits["keep"],
-                            config=encoder, views_fn=digit_views, same_init=True, **TRAINING)
+                            config=encoder, views_fn=digit_views, view_seed=SEED_VIEWS,
+                            same_init=True, **TRAINING)
     seconds = time.perf_counter() - start
     return (jax.tree.map(lambda a: a[0], stacked), jax.tree.map(lambda a: a[1], stacked),
             seconds)
@@ -143,12 +138,12 @@ def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverte
     params_f, params_g, seconds = train_encoders(splits, seed, encoder)
     rows = np.flatnonzero(splits["candidates"])
     source = {"image": splits["images"][rows]}
-    per_layer = layermem(encoder_layers, encoder_layers, params_f, params_g, source,
-                         views_fn=digit_views, n_aug=n_aug, layers=LAYERS, batch_size=64,
-                         progress=False)
+    f, g = encoder_model(params_f, encoder), encoder_model(params_g, encoder)
+    per_layer = layermem(f, g, source, views_fn=digit_views, seed=SEED_VIEWS, n_aug=n_aug,
+                         layers=LAYERS, batch_size=64, progress=False)
     train_rows = np.flatnonzero(splits["keep"][0])
-    units = unitmem(encoder_layers, params_f, {"image": splits["images"][train_rows]},
-                    layers=LAYERS, n_aug=UNITMEM_VIEWS, batch_size=64, progress=False)
+    units = unitmem(f, {"image": splits["images"][train_rows]}, layers=LAYERS,
+                    n_aug=UNITMEM_VIEWS, batch_size=64, progress=False)
     return _read_only({"splits": splits, "rows": rows, "train_rows": train_rows,
                        "layermem": per_layer, "unitmem": units, "seconds": seconds,
                        "n_aug": n_aug})
@@ -189,10 +184,10 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEP
       ``{"clipmem": [300], "miscaptioned": [300] bool, "images": [300, 8, 8, 1],
       "labels": [300], "caption_class": [300]}`` over the candidates.
     """
-    import jax.numpy as jnp
 
-    from memjax.memorization._sslmem import ClipApply, clipmem
-    from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
+    from memjax.audit.data import digit_caption_pairs
+    from memjax.memorization import clipmem
+    from memjax.train.clip import ClipConfig, clip_model, train_clips
 
     images, captions, words, _ = digit_caption_pairs(seed)
     labels = digits().arrays["label"]
@@ -211,14 +206,10 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEP
                         caption_length=captions.shape[1])
     stacked = train_clips(jax.random.key(seed), images, captions, keep, config=config,
                           steps=steps, learning_rate=2e-3, batch_size=128, same_init=True)
-    no_text = jnp.zeros(captions.shape[1], jnp.int32)
-    no_image = jnp.zeros(images.shape[1:], jnp.float32)
-    towers = ClipApply(image=lambda p, image: clip_embed(p, image, no_text)[0],
-                       text=lambda p, tokens: clip_embed(p, no_image, tokens)[1])
-    f, g = (jax.tree.map(lambda a, m=m: a[m], stacked) for m in (0, 1))
-    result = clipmem(towers, towers, f, g, {"image": images[candidates],
-                                            "text": captions[candidates]},
-                     views_fn=digit_views, n_aug=n_aug, batch_size=64, progress=False)
+    f, g = (clip_model(jax.tree.map(lambda a, m=m: a[m], stacked), config) for m in (0, 1))
+    result = clipmem(f, g, {"image": images[candidates], "text": captions[candidates]},
+                     views_fn=digit_views, seed=SEED_VIEWS, n_aug=n_aug, batch_size=64,
+                     progress=False)
     return _read_only({"clipmem": result["raw"],
                        "miscaptioned": np.isin(candidates, miscaptioned),
                        "images": images[candidates], "labels": labels[candidates],

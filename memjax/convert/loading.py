@@ -22,7 +22,7 @@ from memjax.convert.orbax_io import cast
 from memjax.convert.saved import read_meta, restore_classifiers, restore_port
 from memjax.errors import InputError
 from memjax.models.classifier import CONFIG_KINDS
-from memjax.models.protocol import Model
+from memjax.models.protocol import Model, NNXForward
 from memjax.models.registry import partition_rules
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
@@ -60,9 +60,16 @@ def from_port(module: nnx.Module, config: Any, *, source: str | None = None,
     """A :class:`Model` from a ported NNX module and its config."""
     kind, method, inputs = interface(module)
     rules = tuple(partition_rules(config)) if config is not None else ()
-    return Model.from_nnx(module, method=method, inputs=inputs, kind=kind, config=config,
-                          partition_rules=rules, source=source, preprocess=preprocess,
-                          tokenizer=tokenizer)
+    model = Model.from_nnx(module, method=method, inputs=inputs, kind=kind, config=config,
+                           partition_rules=rules, source=source, preprocess=preprocess,
+                           tokenizer=tokenizer)
+    if kind == "clip":  # the towers CLIPMem and the CLIP attacks call on their own
+        graphdef = model.forward.graphdef
+        text = ("input_ids", "attention_mask")
+        model = model.replace(towers=(
+            ("image", NNXForward(graphdef, "encode_image", ("image",)), ("image",)),
+            ("text", NNXForward(graphdef, "encode_text", text), text)))
+    return model
 
 
 def _preprocess(folder: Path) -> dict[str, Any] | None:

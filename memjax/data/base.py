@@ -212,3 +212,32 @@ def integer_ids(ids: np.ndarray) -> np.ndarray:
     digest = lambda v: int.from_bytes(
         hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
     return np.asarray([digest(v) for v in ids.tolist()], np.int32)
+
+
+class SliceSource:
+    """Examples ``[start, stop)`` of ``source``, keeping their ids (a source without an
+    ``id`` field has ids = its row numbers, so row r of the slice reports ``start + r``).
+
+    Methods that stream a long source chunk by chunk score one slice per engine call.
+    """
+
+    def __init__(self, source: Source, start: int, stop: int):
+        if not 0 <= start <= stop <= len(source):
+            raise InputError(f"slice [{start}, {stop}) of a source of {len(source)} examples")
+        self.source, self.start, self.stop = source, int(start), int(stop)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def ids(self, indices: np.ndarray) -> np.ndarray:
+        return source_ids(self.source, self.start + np.asarray(indices, np.int64))
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = self.start + np.asarray(indices, np.int64)
+        fields = dict(self.source.read(rows))
+        fields.setdefault(ID_FIELD, rows)
+        return fields
+
+    def spec(self) -> dict[str, Any]:
+        return {"kind": "slice", "source": self.source.spec(), "start": self.start,
+                "stop": self.stop}

@@ -38,7 +38,7 @@ from memjax.data.base import (
     source_ids,
 )
 from memjax.engine.cache import value_key
-from memjax.engine.fingerprint import run_fingerprint
+from memjax.engine.fingerprint import describe_function, run_fingerprint
 from memjax.engine.mesh import (
     DATA_AXIS,
     PartitionRules,
@@ -174,39 +174,73 @@ def _storable_ids(ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: Mesh):
-    """The compiled vmapped step for these shapes and shardings (cached)."""
-    param_spec = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params)
-    batch_spec = {k: (v.shape, v.dtype, v.sharding) for k, v in batch.items()}
-    # The function by value: a re-created closure with equal settings reuses the executable.
-    key = (value_key(fn), jax.tree.structure(params), str(param_spec),
-           str(sorted(batch_spec.items())), mesh)
+def _vmapped(fn: Callable, single: bool, with_params: bool) -> Callable:
+    """``fn`` over the batch axis; a size-1 batch is squeezed instead (XLA:CPU runs a vmap
+    over a size-1 axis up to 15x slower, bench/)."""
+    def batched(p, b):
+        call = (lambda x: fn(p, x)) if with_params else fn
+        if single:
+            out = call(jax.tree.map(lambda x: x[0], b))
+            return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
+        return jax.vmap(call)(b)
+    return batched
+
+
+def _compile(key: Any, build: Callable[[], Any]) -> Any:
     if key in _COMPILED:
         _CACHE_STATS["hits"] += 1
         _COMPILED.move_to_end(key)
         return _COMPILED[key]
-
-    single = all(v.shape[0] == 1 for v in batch.values())
-
-    def step(p, b):
-        if single:  # XLA:CPU runs a vmap over a size-1 axis up to 15x slower (bench/)
-            out = fn(p, jax.tree.map(lambda x: x[0], b))
-            return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
-        return jax.vmap(fn, in_axes=(None, 0))(p, b)
-
-    replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(
-        step,
-        in_shardings=(jax.tree.map(lambda a: a.sharding, params),
-                      {k: v.sharding for k, v in batch.items()}),
-        out_shardings=replicated,
-    )
-    compiled = jitted.lower(params, batch).compile()
+    compiled = build()
     _COMPILED[key] = compiled
     if len(_COMPILED) > _MAX_COMPILED:
         _COMPILED.popitem(last=False)
     _CACHE_STATS["compiles"] += 1
     return compiled
+
+
+def _batch_spec(batch: dict[str, jax.Array]) -> str:
+    return str(sorted((k, (v.shape, v.dtype, v.sharding)) for k, v in batch.items()))
+
+
+def _compiled_prepare(prepare: Callable, batch: dict[str, jax.Array], mesh: Mesh):
+    """The compiled vmapped preparation stage (no params), its outputs sharded like the
+    batch over the data axis (cached by the function's value and the batch's shapes)."""
+    single = all(v.shape[0] == 1 for v in batch.values())
+    key = ("prepare", value_key(prepare), _batch_spec(batch), mesh)
+
+    def build():
+        step = _vmapped(lambda p, x: {**x, **prepare(x)}, single, True)
+        out = jax.eval_shape(lambda b: step(None, b), batch)
+        shardings = jax.tree.map(lambda o: NamedSharding(
+            mesh, PartitionSpec(DATA_AXIS, *[None] * (o.ndim - 1))), out)
+        jitted = jax.jit(lambda b: step(None, b),
+                         in_shardings=({k: v.sharding for k, v in batch.items()},),
+                         out_shardings=shardings)
+        return jitted.lower(batch).compile()
+
+    return _compile(key, build)
+
+
+def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: Mesh):
+    """The compiled vmapped step for these shapes and shardings (cached)."""
+    param_spec = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params)
+    # The function by value: a re-created closure with equal settings reuses the executable.
+    key = (value_key(fn), jax.tree.structure(params), str(param_spec), _batch_spec(batch),
+           mesh)
+
+    def build():
+        single = all(v.shape[0] == 1 for v in batch.values())
+        replicated = NamedSharding(mesh, PartitionSpec())
+        jitted = jax.jit(
+            _vmapped(fn, single, True),
+            in_shardings=(jax.tree.map(lambda a: a.sharding, params),
+                          {k: v.sharding for k, v in batch.items()}),
+            out_shardings=replicated,
+        )
+        return jitted.lower(params, batch).compile()
+
+    return _compile(key, build)
 
 
 def _in_memory(source: Source) -> bool:
@@ -324,6 +358,7 @@ def score(
     prefetch: int | None = None,
     validate: Validator | None = None,
     with_ids: bool = False,
+    prepare: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
 ) -> dict[str, np.ndarray] | ScoreStore:
     """Score every example of ``source`` with ``fn(params, example)``.
 
@@ -352,6 +387,10 @@ def score(
         integer ids as they are, other ids by a stable hash; see
         :func:`memjax.data.base.integer_ids`), e.g. to key its augmentations by identity
         so they do not depend on batch size, device count or resume point.
+      prepare: ``prepare(example) -> {field: array}``, a parameter-free stage run as its own
+        compiled program on each batch (vmapped, sharded over the data axis) before
+        ``fn``; its fields are added to the example ``fn`` sees (e.g. augmented views,
+        made once per batch). Part of the store fingerprint.
 
     Returns:
       Without a store: ``{"id": [N], field: [N, ...]}`` in example order (output pytree
@@ -385,6 +424,8 @@ def score(
         fingerprint = run_fingerprint(fn, params, source.spec(), batch_size, params_fingerprint)
         if with_ids:  # only then, so stores made before the option existed still resume
             fingerprint["with_ids"] = True
+        if prepare is not None:
+            fingerprint["prepare"] = describe_function(prepare)
         done_mask = np.zeros(plan.n_batches, dtype=np.int32)
         if is_writer:
             done = store.begin(fingerprint, plan.n_examples, batch_size)
@@ -404,10 +445,13 @@ def score(
     try:
         placed = place_params(params, param_shardings(params, mesh, param_rules))
         in_flight: list[tuple[int, Any]] = []
-        step = None
+        step = prep = None
         for batch, fields, ids in _load_batches(source, plan, todo, check_finite, prefetch,
                                                 validate, with_ids):
             global_batch = _global_batch(fields, batch_sharding, batch_size)
+            if prepare is not None:  # its own program: XLA fuses the two stages worse
+                prep = prep or _compiled_prepare(prepare, global_batch, mesh)
+                global_batch = prep(global_batch)
             step = step or _compiled_step(fn, placed, global_batch, mesh)
             in_flight.append((batch, step(placed, global_batch), ids))
             # Keep one batch in flight so the device computes while the host collects.

@@ -22,7 +22,6 @@ whose stacked copies fit ``memory_budget`` bytes.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -33,9 +32,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from memjax._checks import check_choice, device_dtype
 from memjax.data.base import ID_FIELD, as_source
 from memjax.engine import make_mesh
 from memjax.engine import score as engine_score
+from memjax.engine.cache import cached_jit
 from memjax.engine.mesh import DATA_AXIS, path_name
 from memjax.engine.store import ScoreStore
 from memjax.errors import InputError
@@ -162,9 +163,8 @@ def _finish(oriented_or_delta: jax.Array, score: str, orient: float, is_delta: b
     return orient * delta  # orient = ±1, so this is δ for ascent and −δ for descent
 
 
-# The makers below are cached on their (hashable) arguments: the same function object for
-# the same loss and settings, so the engine and jit reuse their compilations across calls.
-@functools.lru_cache(maxsize=32)
+# The makers below build fresh closures; the engine keys compiled programs by value, so
+# equal losses and settings reuse their compilations across calls.
 def _finite_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], score: str,
                      orient: float) -> Callable:
     def fn(p, example):
@@ -180,7 +180,6 @@ def _finite_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], scor
     return fn
 
 
-@functools.lru_cache(maxsize=32)
 def _first_order_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], score: str,
                           orient: float) -> Callable:
     def fn(p, example):
@@ -199,20 +198,10 @@ def _first_order_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...],
 
 # ---- validation ---------------------------------------------------------------------
 
-def _choice(name: str, value: Any, options: tuple[str, ...]) -> str:
-    if value not in options:
-        raise InputError(f"{name}={value!r}: expected one of {', '.join(options)}")
-    return value
-
-
 def _host_array(name: str, value: Any) -> np.ndarray:
     value = np.asarray(value)
     # The engine feeds training examples as float32/int32; test examples must match.
-    if value.dtype.kind == "f" and value.dtype.itemsize > 4:
-        return value.astype(np.float32)
-    if value.dtype.kind in "iu" and value.dtype.itemsize > 4:
-        return value.astype(np.int32)
-    return value
+    return value.astype(device_dtype(value.dtype))
 
 
 def _check_test(test: Any) -> dict[str, np.ndarray]:
@@ -264,8 +253,8 @@ def _check_positive(name: str, value: Any, integer: bool) -> None:
 
 def check_settings(*, mode: str, optimizer: str, lr: Any, steps: Any) -> None:
     """InputError unless mode, optimizer, lr > 0 and steps >= 1 are valid."""
-    _choice("mode", mode, MODES)
-    _choice("optimizer", optimizer, OPTIMIZERS)
+    check_choice("mode", mode, MODES)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_positive("lr", lr, integer=False)
     _check_positive("steps", steps, integer=True)
 
@@ -336,8 +325,8 @@ def forward_inf(
       float32 [T, N] (or [N] with ``group=True``), or the completed store.
     """
     check_settings(mode=mode, optimizer=optimizer, lr=lr, steps=steps)
-    direction = _choice("direction", direction, DIRECTIONS)
-    score = _choice("score", score, SCORES)
+    direction = check_choice("direction", direction, DIRECTIONS)
+    score = check_choice("score", score, SCORES)
     _check_positive("memory_budget", memory_budget, integer=True)
     test = _check_test(test)
     source = as_source(train, name="train")
@@ -383,7 +372,6 @@ def forward_inf(
     return scores[0] if group else scores
 
 
-@functools.lru_cache(maxsize=32)
 def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: str,
                  orient: float, optimizer: str, lr: float, steps: int,
                  group: bool) -> Callable[[list, dict[str, np.ndarray]], list]:
@@ -391,7 +379,8 @@ def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: st
     tangents (first order).
 
     With ``group`` the whole batch is one "test example" (mean loss) and the result has a
-    leading axis of 1. Jitted here, at the entry point.
+    leading axis of 1. Jitted here, at the entry point (shared by equal settings:
+    :func:`memjax.engine.cached_jit`).
     """
     def loss_on(leaves, train, example):
         return loss_at(loss_fn, treedef, leaves, mask, train, example)
@@ -412,6 +401,6 @@ def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: st
         return update_params(objective, train0, make_optimizer(optimizer, lr), steps)
 
     if group:
-        return jax.jit(lambda leaves, batch: jax.tree.map(lambda x: x[None],
-                                                          one(leaves, batch)))
-    return jax.jit(jax.vmap(one, in_axes=(None, 0)))
+        return cached_jit(lambda leaves, batch: jax.tree.map(lambda x: x[None],
+                                                             one(leaves, batch)))
+    return cached_jit(jax.vmap(one, in_axes=(None, 0)))

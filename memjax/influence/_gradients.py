@@ -9,7 +9,7 @@ the loss of ``z_t``).
 
 ``loss_fn(params, example) -> scalar`` scores ONE example; batches are pytrees whose
 leaves share a leading example axis, and per-example gradients are ``vmap(grad(loss_fn))``
-(DESIGN.md, convention 1). Nothing here calls ``jit``: every function traces, so callers
+(score one example, batch by transform). Nothing here calls ``jit``: every function traces, so callers
 jit at the edge with ``loss_fn`` and the keyword options static.
 
 Memory: only the [T, P] test gradients (or their [T, k] projections) are held; training

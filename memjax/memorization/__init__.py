@@ -1,5 +1,4 @@
-"""Localising memorization (DESIGN.md, "UnitMem", "SSLMem / LayerMem", "CLIPMem",
-"Déjà vu").
+"""Localising memorization: which examples a model memorizes, and in which units and layers.
 
 - :func:`unitmem`, :func:`unitmem_from_activations` (Wang et al. 2024, NeurIPS): per-unit
   memorization, streamed over examples.
@@ -7,10 +6,8 @@
   leave-out alignment gap of an encoder trained with an example vs one trained without,
   per layer from one pass, and on image–caption pairs.
 - :func:`background_crop` (the largest rectangle outside the object boxes), :func:`knn`,
-  :func:`label_inference`, :func:`dejavu_sets` and
-  ``memjax.memorization._dejavu.dejavu`` (Meehan et al. 2023; Jayaraman et al. 2024): déjà
-  vu label inference from background crops (the function is not re-exported here: it
-  would shadow its module, ``memjax.memorization._dejavu``).
+  :func:`label_inference`, :func:`dejavu` and :func:`dejavu_sets` (Meehan et al. 2023;
+  Jayaraman et al. 2024): déjà vu label inference from background crops.
 """
 
 from memjax.memorization._dejavu import (
@@ -18,13 +15,14 @@ from memjax.memorization._dejavu import (
     background_box,
     background_crop,
     classifier_inference,
+    dejavu,
     dejavu_sets,
     knn,
     label_inference,
     neighbour_objects,
     set_precision_recall,
 )
-from memjax.memorization._sslmem import ClipApply, clipmem, layermem, sslmem
+from memjax.memorization._sslmem import clipmem, layermem, sslmem
 from memjax.memorization._unitmem import (
     LayerUnitMem,
     RunningStats,
@@ -38,7 +36,6 @@ from memjax.memorization._unitmem import (
 )
 
 __all__ = [
-    "ClipApply",
     "LayerUnitMem",
     "RunningStats",
     "UnitMemResult",
@@ -49,6 +46,7 @@ __all__ = [
     "classifier_inference",
     "clipmem",
     "combine",
+    "dejavu",
     "dejavu_sets",
     "knn",
     "label_inference",

@@ -10,8 +10,8 @@ examples::
     UnitMem(u) = (mu_max - mu_-max) / (mu_max + mu_-max)
 
 A unit close to 1 fires for one example far more than for the rest. Unlike the reference
-code (FIELD-NOTES): augmentation happens in [0, 1] space before the model's own
-normalisation, BatchNorm uses running statistics (the model's ``train=False``), and the
+code (sprintml/LocalizingMemorizationInSSL): augmentation happens in [0, 1] space before the
+model's own normalisation, BatchNorm uses running statistics (the model's ``train=False``), and the
 ratio is eps-guarded so a dead unit scores exactly 0.
 
 Negative activations (GELU, pre-activation taps): UnitMem assumes non-negative
@@ -25,37 +25,29 @@ negative everywhere. Both leave post-ReLU activations unchanged.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memjax.augment import check_image_shape, output_size, simclr_view, view_key
-from memjax.data.base import ID_FIELD, Source, as_source, source_ids
+from memjax import kernels
+from memjax._checks import check_choice, check_positive_int
+from memjax.augment import SimCLRView, check_image_shape, keyed_views, output_size
+from memjax.data.base import ID_FIELD, SliceSource, as_source
 from memjax.engine import make_mesh, param_shardings, score
 from memjax.engine.mesh import place_params
 from memjax.errors import InputError
+from memjax.models import Model
 
 OTHERS = ("mean", "median")
 SPATIAL = ("mean", "max")
 NEGATIVE = ("clamp", "shift")
-# Field the per-example function reads its augmentation key from: the engine keeps the
-# source's ``id`` on the host, so the id travels to the device under this name.
-VIEW_ID_FIELD = "unitmem_view_id"
-
-ApplyFn = Callable[[Any, jax.Array], Mapping[str, jax.Array]]
+ViewsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 # --------------------------------------------------------------------------- formula
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise InputError(f"{name}={value!r}: expected one of {choices}")
-
 
 def _check_eps(eps: float) -> float:
     if not np.isfinite(eps) or eps < 0:
@@ -97,8 +89,8 @@ def unitmem_from_activations(mu: Any, *, others: str = "mean", eps: float = 1e-8
       ``(scores [U] float64 in [0, 1], argmax [U] int64)``; ties in the maximum go to the
       first (lowest) row index, as ``np.argmax``.
     """
-    _check_choice("others", others, OTHERS)
-    _check_choice("negative", negative, NEGATIVE)
+    check_choice("others", others, OTHERS)
+    check_choice("negative", negative, NEGATIVE)
     eps = _check_eps(eps)
     mu = np.asarray(mu, np.float64)
     if mu.ndim != 2 or mu.shape[0] < 2 or mu.shape[1] < 1:
@@ -211,41 +203,6 @@ def summarize(scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- engine glue
 
-def _int_ids(ids: np.ndarray) -> np.ndarray:
-    """Integer view-key ids: integer ids as they are; other ids (text) by a stable hash."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind in "iu":
-        return ids.astype(np.int64)
-    digest = lambda v: int.from_bytes(
-        hashlib.blake2b(str(v).encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF
-    return np.asarray([digest(v) for v in ids.tolist()], np.int64)
-
-
-class _KeyedSlice:
-    """Examples ``[start, stop)`` of ``source`` with their ids copied into a device field,
-    so the per-example function can key its augmentations by example id."""
-
-    def __init__(self, source: Source, start: int, stop: int):
-        self.source, self.start, self.stop = source, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def ids(self, indices: np.ndarray) -> np.ndarray:
-        return source_ids(self.source, self.start + np.asarray(indices, np.int64))
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        base = self.start + np.asarray(indices, np.int64)
-        fields = dict(self.source.read(base))
-        # The engine reports ids from the id field, else from its (slice-local) indices.
-        fields.setdefault(ID_FIELD, base)
-        fields[VIEW_ID_FIELD] = _int_ids(fields[ID_FIELD])
-        return fields
-
-    def spec(self) -> dict[str, Any]:
-        return {"kind": "unitmem_slice", "base": self.source.spec(), "start": self.start,
-                "stop": self.stop}
-
 
 def unit_means(activation: jax.Array, spatial: str = "mean") -> jax.Array:
     """``[K, ..., U]`` activations of K views -> ``[U]``: each view reduced over every
@@ -257,60 +214,47 @@ def unit_means(activation: jax.Array, spatial: str = "mean") -> jax.Array:
     return per_view.mean(axis=0)
 
 
-def _frozen(value: Any) -> tuple | None:
-    """A hashable copy of an array-like (shape, values), for cache keys; None stays None."""
-    if value is None:
-        return None
-    array = np.asarray(value, np.float32)
-    return array.shape, tuple(array.ravel().tolist())
+VIEWS_FIELD = "_unitmem_views"
 
 
-def _thawed(frozen: tuple) -> np.ndarray:
-    shape, values = frozen
-    return np.asarray(values, np.float32).reshape(shape)
-
-
-# Cached by its (hashable) configuration, as sslmem's: the engine caches compiled programs
-# by function identity, so a new closure per call would recompile every call.
-@functools.lru_cache(maxsize=32)
-def _example_fn(apply_fn: ApplyFn, layers: tuple[str, ...], *, image_field: str,
-                n_aug: int, seed: int, size, spatial: str,
-                normalize: tuple[tuple, tuple] | None):
-    """fn(params, example) -> tuple of mu [U_l] per layer, for ONE example. ``normalize``
-    is ``(_frozen(mean), _frozen(std))`` or None."""
-
-    def fn(params, example):
+def _views_stage(views_fn: ViewsFn, n_aug: int, seed: int, image_field: str,
+                 normalize: tuple[np.ndarray, np.ndarray] | None):
+    """prepare(example) -> the example's K views [K, h, w, C] (the engine runs this as its
+    own program per batch, before the encoder: measured faster than one fused program)."""
+    def prepare(example):
         image = example[image_field]
         if image.dtype == jnp.uint8:
             image = image.astype(jnp.float32) / 255.0
-        keys = jax.vmap(lambda k: view_key(seed, example[VIEW_ID_FIELD], k))(
-            jnp.arange(n_aug))
-        views = jax.vmap(lambda k: simclr_view(k, image, size=size))(keys)
+        views = keyed_views(views_fn, image, seed, example[ID_FIELD], n_aug)
         if normalize is not None:  # after augmentation: jitter/clip act in [0, 1] space
-            mean, std = (_thawed(v) for v in normalize)
+            mean, std = normalize
             views = (views - mean) / std
-        acts = jax.vmap(apply_fn, in_axes=(None, 0))(params, views)
-        return tuple(unit_means(acts[name], spatial) for name in layers)
+        return {VIEWS_FIELD: views}
+    return prepare
 
+
+def _unit_means_fn(activations, layers: tuple[str, ...], spatial: str):
+    """fn(params, example) -> tuple of mu [U_l] per layer, for ONE example's views."""
+    def fn(params, example):
+        acts = jax.vmap(activations, in_axes=(None, 0))(params, example[VIEWS_FIELD])
+        return tuple(unit_means(acts[name], spatial) for name in layers)
     return fn
 
 
-def _check_layers(apply_fn: ApplyFn, params: Any, view_shape: tuple[int, ...],
-                  layers: Sequence[str]) -> tuple[str, ...]:
-    """Layer names checked against ``apply_fn``'s outputs (shapes only, no compute)."""
+def _check_layers(model: Model, view: jax.ShapeDtypeStruct, layers: Sequence[str]
+                  ) -> tuple[str, ...]:
+    """Layer names checked against the model's activations (shapes only, no compute)."""
     if isinstance(layers, str):
         layers = [layers]
     layers = tuple(layers)
     if not layers:
         raise InputError("layers: expected at least one layer name")
-    shapes = jax.eval_shape(apply_fn, params, jax.ShapeDtypeStruct(view_shape, jnp.float32))
-    if not isinstance(shapes, Mapping):
-        raise InputError(f"apply_fn: expected apply_fn(params, image) -> {{layer: activation}}, "
-                         f"got {type(shapes).__name__}")
-    unknown = [name for name in layers if name not in shapes]
+    available = model.activation_names(view)
+    unknown = [name for name in layers if name not in available]
     if unknown:
-        raise InputError(f"layers {unknown} are not among apply_fn's activations; available: "
-                         f"{', '.join(sorted(shapes))}")
+        raise InputError(f"layers {unknown} are not among the model's activations; "
+                         f"available: {', '.join(available)}")
+    shapes = jax.eval_shape(model.activations(layers), model.params, view)
     for name in layers:
         if len(shapes[name].shape) < 1:
             raise InputError(f"layer {name!r} is a scalar; expected [..., units]")
@@ -328,52 +272,66 @@ def _check_images(image_field: str):
     return validate
 
 
-def unitmem(apply_fn: ApplyFn, params: Any, source: Any, *, layers: Sequence[str],
-            n_aug: int, seed: int = 0, others: str = "mean", spatial: str = "mean",
-            eps: float = 1e-8, size=None, batch_size: int, mesh=None,
+def chunk_stats(mu: np.ndarray, offset: int) -> RunningStats:
+    """:func:`batch_stats` of one chunk with max / argmax / min from the ``unit_stats``
+    kernel dispatch (``memjax.kernels``; exact in float32, as ``mu`` is) and the sum
+    accumulated in float64 on the host: a float32 sum moves the scores by ~1e-7 relative
+    (measured in tests/test_unitmem.py), above the 1e-12 agreement with the float64
+    formula that memjax keeps."""
+    mu = np.asarray(mu)
+    device = kernels.unit_stats(jnp.asarray(mu, jnp.float32))
+    return RunningStats(max=np.asarray(device["max"], np.float64),
+                        argmax=np.asarray(device["argmax"], np.int64) + offset,
+                        sum=mu.astype(np.float64).sum(axis=0),
+                        min=np.asarray(device["min"], np.float64), count=mu.shape[0])
+
+
+def unitmem(model: Model, source: Any, *, layers: Sequence[str], n_aug: int,
+            views_fn: ViewsFn | None = None, seed: int = 0, others: str = "mean",
+            spatial: str = "mean", eps: float = 1e-8, size=None, batch_size: int, mesh=None,
             return_mu: bool = False, image_field: str = "image",
             normalize: tuple[Any, Any] | None = None, negative: str = "clamp",
             chunk_size: int | None = None, progress: bool = False) -> UnitMemResult:
     """UnitMem of every unit of ``layers`` over the examples of ``source``.
 
     Args:
-      apply_fn: ``apply_fn(params, image [h, w, C]) -> {layer: activation [..., U]}`` for
-        ONE image (e.g. ``with_taps`` on a model, images given a batch axis of 1).
-      params: the encoder's params (replicated over the mesh by the engine).
+      model: a :class:`memjax.Model` image encoder (any port through ``memjax.load``, a
+        memjax.train encoder, or ``Model.from_apply``); ``layers`` name its activations.
       source: a dict of arrays or a memjax source with ``image_field`` ``[H, W, C]`` in
         [0, 1] (float) or uint8 (divided by 255); example ids key the augmentations.
-      layers: names among ``apply_fn``'s outputs.
-      n_aug: SimCLR views per example (the reference code uses 10).
-      seed: augmentation seed; view k of example id i is ``view_key(seed, i, k)``.
+      layers: activation names of the model (``model.activation_names``).
+      n_aug: views per example (the reference code uses 10).
+      views_fn: ``views_fn(image, key) -> view``; default: the SimCLR view
+        (:class:`memjax.augment.SimCLRView`) at ``size`` (default: the image size).
+      seed: view k of example id i uses ``view_key(seed, i, k)``.
       others: ``"mean"`` (paper; streamed) or ``"median"`` (reference code; materialises
         ``mu [N, U]`` on the host, as a median needs every value).
       spatial: reduce each view's activation over space/tokens by ``"mean"`` or ``"max"``.
       eps, negative: see :func:`unitmem_from_activations`.
-      size: view size (default: the image size).
       batch_size, mesh, progress: passed to :func:`memjax.engine.score`.
       return_mu: also return ``mu [N, U]`` per layer (materialised on the host).
       normalize: ``(mean, std)`` applied to each view after augmentation.
       chunk_size: examples per engine call (a multiple of ``batch_size``; default 64
         batches): with ``others="mean"`` only one chunk of ``mu`` exists at a time.
 
-    Streaming: the engine computes ``mu`` for a chunk of examples (vmapped, sharded on
-    the mesh's data axis; its outputs come back gathered); each chunk is reduced to
-    per-unit max/argmax/sum/min (:func:`batch_stats`) and merged into the running
-    statistics (:func:`combine`), in float64. Activations are never kept beyond a chunk.
+    The engine makes each batch's views in one program (``score(prepare=...)``) and runs
+    the encoder on them in a second (vmapped, sharded on the mesh's data axis); each
+    chunk's ``mu`` is reduced to per-unit max/argmax/sum/min (:func:`chunk_stats`) and
+    merged into the running statistics (:func:`combine`). Activations are never kept
+    beyond a chunk.
 
     Returns:
       :class:`UnitMemResult`.
     """
-    _check_choice("others", others, OTHERS)
-    _check_choice("spatial", spatial, SPATIAL)
-    _check_choice("negative", negative, NEGATIVE)
+    if not isinstance(model, Model):
+        raise InputError(f"model: expected a memjax.Model (memjax.load, Model.from_classifier, "
+                         f"Model.from_apply), got {type(model).__name__}")
+    check_choice("others", others, OTHERS)
+    check_choice("spatial", spatial, SPATIAL)
+    check_choice("negative", negative, NEGATIVE)
     eps = _check_eps(eps)
-    if isinstance(n_aug, bool) or not isinstance(n_aug, (int, np.integer)) or n_aug < 1:
-        raise InputError(f"n_aug={n_aug!r}: expected a positive integer (the reference "
-                         "code uses 10)")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise InputError(f"batch_size={batch_size!r}: expected a positive integer")
+    n_aug = check_positive_int(n_aug, "n_aug")
+    batch_size = check_positive_int(batch_size, "batch_size")
     source = as_source(source)
     n = len(source)
     if n < 2:
@@ -388,34 +346,38 @@ def unitmem(apply_fn: ApplyFn, params: Any, source: Any, *, layers: Sequence[str
         raise InputError(f"field {image_field!r} has per-example shape {image_shape}; "
                          "expected one image [H, W, C]")
     check_image_shape(image_shape, f"field {image_field!r}")
-    h, w = output_size(size, image_shape, "unitmem")
-    layers = _check_layers(apply_fn, params, (h, w, image_shape[2]), layers)
+    if views_fn is None:
+        h, w = output_size(size, image_shape, "unitmem")
+        views_fn = SimCLRView(None if size is None else (h, w))
+    view = jax.eval_shape(views_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32),
+                          jax.random.key(0))
+    layers = _check_layers(model, jax.ShapeDtypeStruct(view.shape, jnp.float32), layers)
 
     chunk = chunk_size or batch_size * 64
     if chunk % batch_size:
         raise InputError(f"chunk_size={chunk_size}: expected a multiple of batch_size="
                          f"{batch_size}")
     mesh = make_mesh() if mesh is None else mesh
-    params = place_params(params, param_shardings(params, mesh))  # once, not per chunk
-    frozen = None if normalize is None else (_frozen(normalize[0]), _frozen(normalize[1]))
-    fn = _example_fn(apply_fn, layers, image_field=image_field, n_aug=int(n_aug),
-                     seed=int(seed), size=tuple(size) if isinstance(size, list) else size,
-                     spatial=spatial, normalize=frozen)
+    params = place_params(model.params, param_shardings(model.params, mesh))  # once
+    if normalize is not None:
+        normalize = tuple(np.asarray(v, np.float32) for v in normalize)
+    prepare = _views_stage(views_fn, n_aug, int(seed), image_field, normalize)
+    fn = _unit_means_fn(model.activations(layers), layers, spatial)
     keep_mu = return_mu or others == "median"
     stats: list[RunningStats | None] = [None] * len(layers)
     mus: list[list[np.ndarray]] = [[] for _ in layers]
     ids = []
     for start in range(0, n, chunk):
-        out = score(fn, params, _KeyedSlice(source, start, min(n, start + chunk)),
+        out = score(fn, params, SliceSource(source, start, min(n, start + chunk)),
                     batch_size=batch_size, mesh=mesh, progress=progress,
-                    validate=_check_images(image_field))
+                    validate=_check_images(image_field), with_ids=True, prepare=prepare)
         ids.append(out[ID_FIELD])
         for l_idx in range(len(layers)):
-            mu = np.asarray(out[str(l_idx)], np.float64)
+            mu = np.asarray(out[str(l_idx)])
             clamped = np.maximum(mu, 0.0) if negative == "clamp" else mu
-            stats[l_idx] = combine(stats[l_idx], batch_stats(clamped, start))
+            stats[l_idx] = combine(stats[l_idx], chunk_stats(clamped, start))
             if keep_mu:  # raw mu: unitmem_from_activations(mu, ...) reproduces the scores
-                mus[l_idx].append(mu)
+                mus[l_idx].append(np.asarray(mu, np.float64))
 
     all_ids = np.concatenate(ids)
     results = {}

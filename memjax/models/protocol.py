@@ -146,6 +146,8 @@ class Model:
       tokenizer: folder of the checkpoint's tokenizer, if it has one.
       partition_rules: ``[(regex over param path, PartitionSpec)]`` for the ``model`` axis.
       source: where the model was loaded from (None if built in memory).
+      towers: separately callable parts sharing the params, ``((name, forward, inputs),
+        ...)``: a CLIP's ``"image"`` and ``"text"`` encoders (see :meth:`tower`).
     """
 
     forward: Callable[..., Any]
@@ -158,6 +160,7 @@ class Model:
     tokenizer: str | None = None
     partition_rules: tuple = ()
     source: str | None = None
+    towers: tuple = ()
 
     # ------------------------------------------------------------------ constructors
 
@@ -214,12 +217,12 @@ class Model:
             patterns = (patterns,)
         return Activations(self.forward, self.inputs, tuple(patterns))
 
-    def activation_names(self, example: Mapping[str, Any]) -> list[str]:
-        """Every tap name of the forward pass on ``example`` (arrays or ShapeDtypeStructs
-        for one example), in call order; shapes only, nothing is computed."""
+    def activation_names(self, example: Any) -> list[str]:
+        """Every tap name of the forward pass on ``example`` (one example's dict or the
+        model's inputs, as arrays or ShapeDtypeStructs), in call order; shapes only."""
         taps = Taps(())
         jax.eval_shape(lambda p, x: self.forward(p, _pick(x, self.inputs), taps),
-                       self.params, dict(example))
+                       self.params, example)
         return list(dict.fromkeys(taps.seen))
 
     def with_method(self, method: str, inputs: Sequence[str], kind: str) -> Model:
@@ -230,6 +233,16 @@ class Model:
         inputs = tuple(inputs)
         return dataclasses.replace(self, forward=NNXForward(self.forward.graphdef, method,
                                                             inputs), inputs=inputs, kind=kind)
+
+    def tower(self, name: str) -> Model:
+        """One part of the model as a model of its own (same params), e.g. a CLIP's
+        ``tower("image")`` (inputs ``("image",)``) and ``tower("text")``."""
+        for tower_name, forward, inputs in self.towers:
+            if tower_name == name:
+                return dataclasses.replace(self, forward=forward, inputs=tuple(inputs),
+                                           kind="encoder", towers=())
+        raise InputError(f"{self.name} has no {name!r} tower; it has "
+                         f"{[t[0] for t in self.towers] or 'none'}")
 
     def replace(self, **changes: Any) -> Model:
         """A copy with fields replaced (e.g. ``params=``)."""

@@ -98,10 +98,11 @@ class BatchNorm(nnx.Module):
 
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         x32 = x.astype(jnp.float32)
+        channels = (1,) * (x.ndim - 1) + (-1,)  # [C] -> [1, ..., 1, C]: explicit broadcast
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x32, axis=axes)
-            var = jnp.mean(jnp.square(x32 - mean), axis=axes)
+            var = jnp.mean(jnp.square(x32 - mean.reshape(channels)), axis=axes)
             n = int(np.prod([x.shape[a] for a in axes]))
             # PyTorch keeps the unbiased variance (n / (n - 1)) as the running estimate.
             unbiased = var * (n / max(n - 1, 1))
@@ -111,9 +112,9 @@ class BatchNorm(nnx.Module):
         else:
             mean = self.mean[...].astype(jnp.float32)
             var = self.var[...].astype(jnp.float32)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)
-                + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+        y = (x32 - mean.reshape(channels)) * jax.lax.rsqrt(var + self.eps).reshape(channels)
+        return (y * self.scale[...].astype(jnp.float32).reshape(channels)
+                + self.bias[...].astype(jnp.float32).reshape(channels)).astype(x.dtype)
 
 
 class ConvBN(nnx.Module):

@@ -12,7 +12,7 @@ style of :mod:`memjax.train.classifier`), small enough to train many on a CPU:
 
 ``fit_clip`` is a pure function of (key, data, keep mask): deterministic for a key and
 vmappable over (key, keep); ``train_clips`` trains M models in one jitted vmap.
-:func:`digit_caption_pairs` builds real image-caption pairs for membership demonstrations.
+The audit's digit image-caption pairs are built in :mod:`memjax.audit.data`.
 """
 
 from __future__ import annotations
@@ -28,25 +28,14 @@ import numpy as np
 import optax
 
 from memjax.errors import InputError
+from memjax.models import Model
+from memjax.models.protocol import ApplyForward
 from memjax.train.reference import check_keep, model_keys
 
 #: Token id 0 pads captions; it is excluded from the text tower's mean pool.
 PAD = 0
 #: Clamp of the learned logit scale (CLIP clips exp(logit_scale) at 100).
 MAX_LOGIT_SCALE = 100.0
-CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
-               "nine")
-#: Attribute words of the digit captions: things the 8x8 image does not show (where or by
-#: whom it was written, on what, in which colour), like real alt-text.
-ATTRIBUTE_WORDS = tuple("""
-red orange yellow green blue purple pink brown black white grey golden silver crimson
-teal violet amber ivory wooden paper glass metal stone cotton velvet plastic marble
-kitchen garden office school library harbour forest desert island mountain river
-bridge station market museum castle village city tram bicycle boat train kite lantern
-umbrella letter postcard notebook receipt envelope ticket diary morning evening winter
-summer autumn spring rainy sunny windy foggy quiet noisy ancient modern tiny giant
-happy sleepy brave shy clever lucky fancy plain smooth rough shiny dusty fresh
-""".split())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,22 +107,44 @@ def init_clip(key: jax.Array, config: ClipConfig) -> dict[str, Any]:
     }
 
 
+def encode_image(params: dict[str, Any], image: jax.Array) -> jax.Array:
+    """Image embedding [D] (unnormalised) of ONE image [*image_shape] (flattened here)."""
+    return _apply_stack(params["image"], jnp.ravel(image).astype(jnp.float32))
+
+
+def encode_text(params: dict[str, Any], caption_ids: jax.Array) -> jax.Array:
+    """Text embedding [D] (unnormalised) of ONE caption [L]; ``PAD`` (0) positions are
+    left out of the mean pool."""
+    real = (caption_ids != PAD).astype(jnp.float32)
+    words = params["token_embedding"][caption_ids]  # [L, W]
+    pooled = (words * real[:, None]).sum(0) / jnp.maximum(real.sum(), 1.0)
+    return _apply_stack(params["text"], pooled)
+
+
 def clip_embed(params: dict[str, Any], image: jax.Array, caption_ids: jax.Array
                ) -> tuple[jax.Array, jax.Array]:
     """Embeddings of ONE pair: (image_emb [D], text_emb [D]), unnormalised.
 
     Like CLIP's ``encode_image`` / ``encode_text`` these are the raw projections; the loss
-    and the attacks (:mod:`memjax.mia._clip`) L2-normalise them.
-
-    Args:
-      image: [*image_shape] float image (flattened here).
-      caption_ids: [L] int token ids; ``PAD`` (0) positions are left out of the mean pool.
+    and the attacks (:mod:`memjax.mia`) L2-normalise them.
     """
-    image_emb = _apply_stack(params["image"], jnp.ravel(image).astype(jnp.float32))
-    real = (caption_ids != PAD).astype(jnp.float32)
-    words = params["token_embedding"][caption_ids]  # [L, W]
-    pooled = (words * real[:, None]).sum(0) / jnp.maximum(real.sum(), 1.0)
-    return image_emb, _apply_stack(params["text"], pooled)
+    return encode_image(params, image), encode_text(params, caption_ids)
+
+
+def _pair_embeddings(params: dict[str, Any], pair: dict[str, jax.Array]) -> dict[str, Any]:
+    image, text = clip_embed(params, pair["image"], pair["text"])
+    return {"image": image, "text": text}
+
+
+def clip_model(params: dict[str, Any], config: ClipConfig) -> Model:
+    """A tiny CLIP as a :class:`memjax.Model` (``kind="clip"``): ``apply`` gives both
+    embeddings of a pair (fields ``image`` and ``text``), ``tower("image")`` and
+    ``tower("text")`` each encoder alone (as CLIPMem and the CLIP attacks use them)."""
+    return Model.from_apply(
+        _pair_embeddings, params, name=f"tiny CLIP {config.image_dim}->{config.embed_dim}",
+        inputs=("image", "text"), kind="clip",
+        towers=(("image", ApplyForward(encode_image), ("image",)),
+                ("text", ApplyForward(encode_text), ("text",))))
 
 
 def clip_loss(params: dict[str, Any], images: jax.Array, captions: jax.Array,
@@ -231,37 +242,3 @@ def train_clips(key: jax.Array, images: np.ndarray, captions: np.ndarray, keep: 
     trained = jax.jit(jax.vmap(fit, in_axes=(0, None, None, 0)))(keys, images, captions,
                                                                   keep)
     return jax.tree.map(np.asarray, trained)
-
-
-def digit_caption_pairs(seed: int = 0, n_attributes: int = 3
-                        ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    """Real digit images paired with captions: class word + random attribute words.
-
-    Each caption is the digit's class name ("zero".."nine") followed by ``n_attributes``
-    distinct words drawn at random (seeded) from :data:`ATTRIBUTE_WORDS`. The attributes are
-    not determined by the image, like real alt-text ("a seven, on a receipt, in the
-    harbour"): a model can align an image with its attribute words only by having trained
-    on that very pair, so membership shows up in the pair's image-text cosine -- the
-    setting of Ko et al. 2023's attacks. The class word gives the model something
-    generalisable to learn, so non-members are still roughly aligned.
-
-    Returns:
-      (images float32 [N, 8, 8, 1] in [0, 1] (sklearn digits, N = 1797),
-      captions int32 [N, 1 + n_attributes] token ids (0 = padding, unused here),
-      words: the vocabulary, ``words[id]`` (``words[0]`` = "<pad>"),
-      texts: the captions as strings).
-    """
-    from memjax.data.arrays import digits
-
-    if not 0 <= n_attributes <= len(ATTRIBUTE_WORDS):
-        raise InputError(f"n_attributes={n_attributes}: expected 0..{len(ATTRIBUTE_WORDS)}")
-    source = digits()
-    images, labels = source.arrays["image"], source.arrays["label"]
-    words = ["<pad>", *CLASS_WORDS, *ATTRIBUTE_WORDS]
-    first_attribute = 1 + len(CLASS_WORDS)
-    rng = np.random.default_rng(seed)
-    attrs = np.stack([rng.choice(len(ATTRIBUTE_WORDS), n_attributes, replace=False)
-                      for _ in range(len(labels))]).reshape(len(labels), n_attributes)
-    captions = np.concatenate([labels[:, None] + 1, attrs + first_attribute], axis=1)
-    texts = [" ".join(words[i] for i in row) for row in captions]
-    return images, captions.astype(np.int32), words, texts

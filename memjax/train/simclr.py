@@ -7,8 +7,8 @@ view must pick its partner out of the 2B − 1 other views). SSLMem / UnitMem (W
 ``train_simclrs`` trains both (any number of keep masks) in one vmapped program.
 
 The encoder is a :class:`memjax.train.CNNConfig` network whose last layer is the
-embedding (``num_classes`` = embedding size); views come from ``views_fn(image,
-example_id, aug_id)`` (e.g. :func:`memjax.augment.simclr_view` keyed by ids), so the
+embedding (``num_classes`` = embedding size); views come from ``views_fn(image, key)``
+(e.g. :class:`memjax.augment.SimCLRView`) keyed by (example id, augmentation id), so the
 training views are reproducible. Training uses augmentation ids from
 :data:`TRAIN_AUG_OFFSET` on, leaving the low ids to evaluation views.
 """
@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memjax.augment import view_key
+from memjax.models import Model
 from memjax.train.classifier import CNNConfig, classifier_logits
 from memjax.train.clip import kept_minibatch
 from memjax.train.reference import check_keep, model_keys
@@ -32,7 +34,7 @@ from memjax.train.reference import check_keep, model_keys
 #: evaluation (ids 0, 1, ...) draws for the same example.
 TRAIN_AUG_OFFSET = 1 << 20
 
-ViewsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+ViewsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def nt_xent(z1: jax.Array, z2: jax.Array, valid: jax.Array, temperature: float) -> jax.Array:
@@ -65,27 +67,14 @@ def embed(params: dict[str, Any], image: jax.Array) -> jax.Array:
     return classifier_logits(params, image)
 
 
-def encoder_layers(params: dict[str, Any], image: jax.Array) -> dict[str, jax.Array]:
-    """Every layer's output of one image from one forward pass (LayerMem / UnitMem taps):
-    ``conv{k}`` [H/2^k, W/2^k, C_k] the stage output (after ReLU and pooling, and the
-    residual block of a ResNet), ``dense{k}`` [width] after ReLU, ``embedding`` [D]. The
-    same computation as :func:`embed`."""
-    from memjax.train.classifier import conv_stage
-
-    out = {}
-    h = jnp.asarray(image, jnp.float32)
-    for k, conv in enumerate(params.get("convs", ()), start=1):
-        h = out[f"conv{k}"] = conv_stage(h, conv)
-    h = jnp.ravel(h)
-    *hidden, last = params["layers"]
-    for k, layer in enumerate(hidden, start=1):
-        h = out[f"dense{k}"] = jax.nn.relu(h @ layer["w"] + layer["b"])
-    out["embedding"] = h @ last["w"] + last["b"]
-    return out
+def encoder_model(params: dict[str, Any], config: CNNConfig) -> Model:
+    """A trained encoder as a :class:`memjax.Model` (``kind="encoder"``; its activations
+    ``conv{k}``, ``dense{k}``, ``embedding`` come from one forward pass)."""
+    return Model.from_classifier(params, config, kind="encoder")
 
 
 def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Array, *,
-               config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
+               config: CNNConfig, views_fn: ViewsFn, view_seed: int = 0, steps: int = 300,
                batch_size: int = 128, temperature: float = 0.5,
                learning_rate: float = 1e-3, init_key: jax.Array | None = None
                ) -> dict[str, Any]:
@@ -93,7 +82,9 @@ def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Arra
 
     Args:
       key: PRNG key: initialisation and the minibatch draws.
-      images: [N, H, W, C] in [0, 1]; ids: [N] example ids for ``views_fn``; keep: [N] bool.
+      images: [N, H, W, C] in [0, 1]; ids: [N] example ids keying the views; keep: [N] bool.
+      views_fn: ``views_fn(image, key) -> view``; training view j of example i at step s
+        uses ``view_key(view_seed, i, TRAIN_AUG_OFFSET + 2 s + j)``.
       init_key: if given, the initialisation comes from it instead of ``key`` (``key``
         then draws only the minibatches).
 
@@ -108,7 +99,8 @@ def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Arra
         base = TRAIN_AUG_OFFSET + 2 * step
 
         def two_views(image, example_id):
-            return (views_fn(image, example_id, base), views_fn(image, example_id, base + 1))
+            return (views_fn(image, view_key(view_seed, example_id, base)),
+                    views_fn(image, view_key(view_seed, example_id, base + 1)))
 
         v1, v2 = jax.vmap(two_views)(images[rows], ids[rows])
         z1 = jax.vmap(embed, in_axes=(None, 0))(p, v1)
@@ -129,8 +121,8 @@ def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Arra
 
 
 def train_simclrs(key: jax.Array, images: np.ndarray, ids: np.ndarray, keep: np.ndarray, *,
-                  config: CNNConfig, views_fn: ViewsFn, steps: int = 300,
-                  batch_size: int = 128, temperature: float = 0.5,
+                  config: CNNConfig, views_fn: ViewsFn, view_seed: int = 0,
+                  steps: int = 300, batch_size: int = 128, temperature: float = 0.5,
                   learning_rate: float = 1e-3, same_init: bool = False) -> Any:
     """One SimCLR encoder per row of ``keep`` [M, N] (e.g. f with a candidate set and g
     without), all in one jitted vmap; model m trains with ``jax.random.split(key, M)[m]``.
@@ -141,7 +133,8 @@ def train_simclrs(key: jax.Array, images: np.ndarray, ids: np.ndarray, keep: np.
       Stacked params (leading axis M), as host arrays.
     """
     keep = check_keep(keep, len(images))
-    fit = functools.partial(fit_simclr, config=config, views_fn=views_fn, steps=steps,
+    fit = functools.partial(fit_simclr, config=config, views_fn=views_fn,
+                            view_seed=view_seed, steps=steps,
                             batch_size=batch_size, temperature=temperature,
                             learning_rate=learning_rate)
     keys, init_key = model_keys(key, keep.shape[0], same_init)
