@@ -174,16 +174,31 @@ def _storable_ids(ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _vmapped(fn: Callable, single: bool, with_params: bool) -> Callable:
-    """``fn`` over the batch axis; a size-1 batch is squeezed instead (XLA:CPU runs a vmap
-    over a size-1 axis up to 15x slower, bench/)."""
-    def batched(p, b):
-        call = (lambda x: fn(p, x)) if with_params else fn
-        if single:
-            out = call(jax.tree.map(lambda x: x[0], b))
+def _per_device(fn: Callable, mesh: Mesh, local_batch: int) -> Callable:
+    """``fn(params, example)`` over a batch sharded on the mesh's data axis: each device
+    vmaps over its own rows (``jax.shard_map``, manual over ``data`` only, so params
+    sharded over ``model`` stay automatic).
+
+    Why not one jit-level vmap left to XLA's SPMD partitioner: XLA:CPU partitions a
+    vmapped per-example convolution *gradient* (batch-grouped convolution) over a sharded
+    batch wrongly: every device but the first returns zeros (seen with JAX 0.10.2 on 8
+    CPU devices; tests/test_model_protocol.py, self-influence of a ResNet). Per-device
+    vmaps never ask the partitioner to split a batched op. ``check_vma=False``: params are
+    replicated over ``data``, and a gradient with respect to them inside ``fn`` is each
+    example's own (with VMA checks on, JAX would sum it over the devices).
+
+    A per-device batch of 1 is squeezed instead of vmapped (XLA:CPU runs a vmap over a
+    size-1 axis up to 15x slower, bench/).
+    """
+    def local(p, b):
+        if local_batch == 1:
+            out = fn(p, jax.tree.map(lambda x: x[0], b))
             return jax.tree.map(lambda x: jnp.asarray(x)[None], out)
-        return jax.vmap(call)(b)
-    return batched
+        return jax.vmap(lambda x: fn(p, x))(b)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+                         out_specs=PartitionSpec(DATA_AXIS), axis_names={DATA_AXIS},
+                         check_vma=False)
 
 
 def _compile(key: Any, build: Callable[[], Any]) -> Any:
@@ -203,18 +218,21 @@ def _batch_spec(batch: dict[str, jax.Array]) -> str:
     return str(sorted((k, (v.shape, v.dtype, v.sharding)) for k, v in batch.items()))
 
 
+def _local_batch(batch: dict[str, jax.Array], mesh: Mesh) -> int:
+    return next(iter(batch.values())).shape[0] // mesh.shape[DATA_AXIS]
+
+
 def _compiled_prepare(prepare: Callable, batch: dict[str, jax.Array], mesh: Mesh):
-    """The compiled vmapped preparation stage (no params), its outputs sharded like the
-    batch over the data axis (cached by the function's value and the batch's shapes)."""
-    single = all(v.shape[0] == 1 for v in batch.values())
+    """The compiled preparation stage (no params), its outputs sharded like the batch over
+    the data axis (cached by the function's value and the batch's shapes)."""
     key = ("prepare", value_key(prepare), _batch_spec(batch), mesh)
 
     def build():
-        step = _vmapped(lambda p, x: {**x, **prepare(x)}, single, True)
-        out = jax.eval_shape(lambda b: step(None, b), batch)
+        step = _per_device(lambda _, x: {**x, **prepare(x)}, mesh, _local_batch(batch, mesh))
+        out = jax.eval_shape(lambda b: step((), b), batch)
         shardings = jax.tree.map(lambda o: NamedSharding(
             mesh, PartitionSpec(DATA_AXIS, *[None] * (o.ndim - 1))), out)
-        jitted = jax.jit(lambda b: step(None, b),
+        jitted = jax.jit(lambda b: step((), b),
                          in_shardings=({k: v.sharding for k, v in batch.items()},),
                          out_shardings=shardings)
         return jitted.lower(batch).compile()
@@ -223,17 +241,16 @@ def _compiled_prepare(prepare: Callable, batch: dict[str, jax.Array], mesh: Mesh
 
 
 def _compiled_step(fn: ScoreFn, params: Any, batch: dict[str, jax.Array], mesh: Mesh):
-    """The compiled vmapped step for these shapes and shardings (cached)."""
+    """The compiled step for these shapes and shardings (cached)."""
     param_spec = jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), params)
     # The function by value: a re-created closure with equal settings reuses the executable.
     key = (value_key(fn), jax.tree.structure(params), str(param_spec), _batch_spec(batch),
            mesh)
 
     def build():
-        single = all(v.shape[0] == 1 for v in batch.values())
         replicated = NamedSharding(mesh, PartitionSpec())
         jitted = jax.jit(
-            _vmapped(fn, single, True),
+            _per_device(fn, mesh, _local_batch(batch, mesh)),
             in_shardings=(jax.tree.map(lambda a: a.sharding, params),
                           {k: v.sharding for k, v in batch.items()}),
             out_shardings=replicated,

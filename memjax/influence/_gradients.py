@@ -9,8 +9,8 @@ the loss of ``z_t``).
 
 ``loss_fn(params, example) -> scalar`` scores ONE example; batches are pytrees whose
 leaves share a leading example axis, and per-example gradients are ``vmap(grad(loss_fn))``
-(score one example, batch by transform). Nothing here calls ``jit``: every function traces, so callers
-jit at the edge with ``loss_fn`` and the keyword options static.
+(score one example, batch by transform). Nothing here calls ``jit``: every function
+traces, so callers jit at the edge with ``loss_fn`` and the keyword options static.
 
 Memory: only the [T, P] test gradients (or their [T, k] projections) are held; training
 examples go through ``lax.map`` in batches of ``batch_size``, so no [N, P] matrix exists.
@@ -30,26 +30,35 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from memjax.errors import InputError
+from memjax.influence._forward_inf import loss_at, select_trainable, trainable_mask
 
 LossFn = Callable[[Any, Any], jax.Array]
 
 
-def per_example_grads(loss_fn: LossFn, params: Any, batch: Any) -> jax.Array:
-    """Flattened per-example loss gradients.
+def per_example_grads(loss_fn: LossFn, params: Any, batch: Any, *,
+                      trainable: Any = None) -> jax.Array:
+    """Flattened per-example loss gradients with respect to the trainable parameters.
 
     Args:
         loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example.
-        params: model parameters (any pytree of float arrays, P scalars in all).
+        params: model parameters (any pytree; P trainable scalars in all).
         batch: pytree whose leaves have a leading example axis of size B.
+        trainable: as in :func:`memjax.influence.forward_inf` (default: every float leaf
+            but NNX ``BatchStat`` ones: BatchNorm running statistics are buffers, not
+            parameters, as in PyTorch).
 
     Returns:
-        [B, P] gradients, each flattened in ``jax.flatten_util.ravel_pytree`` order.
+        [B, P] gradients, each the trainable leaves flattened in ``jax.tree.leaves`` order.
     """
     _check_batch(batch, "batch")
     _check_scalar_loss(loss_fn, params, batch)
+    mask = tuple(trainable_mask(params, trainable))
+    leaves, treedef = jax.tree.flatten(params)
 
     def flat_grad(example):
-        return ravel_pytree(jax.grad(loss_fn)(params, example))[0]
+        def loss_of(train):
+            return loss_at(loss_fn, treedef, leaves, mask, train, example)
+        return ravel_pytree(jax.grad(loss_of)(select_trainable(leaves, mask)))[0]
 
     return jax.vmap(flat_grad)(batch)
 
