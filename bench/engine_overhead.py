@@ -99,12 +99,12 @@ def measure(calls: int) -> dict[str, float]:
 def size1_axis(calls: int) -> dict[str, float]:
     """XLA:CPU on a vmapped batch of ONE: the token signal's per-chunk reductions.
 
-    ``memjax.signals._tokens``' ``chunk_stats`` (max, exp, three weighted sums over a
-    [T, chunk] block of logits) on the same 512 x 4096 floats with no batch axis, under
-    ``vmap`` with a batch of 1 (what ``score(..., batch_size=1)`` compiles on one device)
-    and, for scale, a batch of 4.
+    ``memjax.kernels.chunk_stats``, the token signal's per-chunk statistics (max, exp,
+    three weighted sums over a [T, chunk] block of logits) on the same 512 x 4096 floats
+    with no batch axis, under ``vmap`` with a batch of 1 (what ``score(..., batch_size=1)``
+    compiles on one device) and, for scale, a batch of 4.
     """
-    tokens_module = importlib.import_module("memjax.signals._tokens")
+    tokens_module = importlib.import_module("memjax.kernels")
     z = np.random.default_rng(0).standard_normal((4, 512, 4096), dtype=np.float32) * 3
     z1, z4 = jax.device_put(z[:1]), jax.device_put(z)
     plain = jax.jit(tokens_module.chunk_stats)

@@ -96,9 +96,8 @@ def make_runner(case: str, variant: str, inputs: tuple[np.ndarray, ...], shape: 
     import jax.numpy as jnp
 
     from memjax import kernels
-    from memjax.memorization import _dejavu as dejavu
     from memjax.memorization._unitmem import batch_stats, combine
-    from memjax.signals._tokens import _full_vocab, _project
+    from memjax.signals._tokens import _full_vocab
 
     if case == "unit_stats" and variant.startswith("host"):
         (mu,) = inputs
@@ -115,7 +114,7 @@ def make_runner(case: str, variant: str, inputs: tuple[np.ndarray, ...], shape: 
     if case == "token_stats":
         if variant == "naive_log_softmax":
             def fn(h, w, t):
-                logp, mu, sigma, lse = _full_vocab(_project(h, w, None), t)
+                logp, mu, sigma, lse = _full_vocab(kernels.project_logits(h, w, None), t)
                 return {"logp": logp, "mu": mu, "sigma": sigma, "lse": lse}
         else:
             fn = partial(kernels.token_stats, chunk_size=8192, impl="reference")
@@ -123,7 +122,7 @@ def make_runner(case: str, variant: str, inputs: tuple[np.ndarray, ...], shape: 
         k = shape["k"]
         if variant == "full_matrix_top_k":
             def fn(q, p):
-                vals, idx = jax.lax.top_k(dejavu._block_scores(q, p, "l2"), k)
+                vals, idx = jax.lax.top_k(kernels.block_scores(q, p, "l2"), k)
                 return {"values": vals, "indices": idx}
         else:
             def fn(q, p):

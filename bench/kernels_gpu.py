@@ -63,7 +63,7 @@ def jax_runner(variant: str, inputs, dtype: str, blocks: tuple[int, int], chunk:
     import jax.numpy as jnp
 
     from memjax import kernels
-    from memjax.signals._tokens import _full_vocab, _project
+    from memjax.signals._tokens import _full_vocab
 
     hidden, weight, bias, targets = inputs
     cast = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
@@ -71,7 +71,7 @@ def jax_runner(variant: str, inputs, dtype: str, blocks: tuple[int, int], chunk:
             jnp.asarray(bias))
     if variant == "xla_naive":
         def fn(h, w, t, b):
-            logp, mu, sigma, lse = _full_vocab(_project(h, w, b), t)
+            logp, mu, sigma, lse = _full_vocab(kernels.project_logits(h, w, b), t)
             return {"logp": logp, "lse": lse, "mu": mu, "sigma": sigma}
     else:
         impl = "kernel" if variant == "pallas_kernel" else "reference"

@@ -1,14 +1,11 @@
 """Memorization benchmarks (issue 6): UnitMem vs PyTorch peers, LayerMem one pass vs per layer.
 
-- UnitMem of a SimCLR CNN encoder (:func:`memjax.train.simclr.encoder_layers`, conv 32-64,
+- UnitMem of a SimCLR CNN encoder (:func:`memjax.train.simclr.encoder_model`, conv 32-64,
   dense 256, embedding 128, random init) on the first N = 192 digits upsampled 4x
   (nearest) to 32x32 and repeated to 3 channels, n_aug = 10 SimCLR views per example,
   layers conv2 and dense1 (mean over space), UnitMem with the mean over the other examples:
-  * ``memjax``: :func:`memjax.memorization._unitmem` (views made on the device, keyed by
-    (example id, view id)), engine batch 16 examples (the fastest here). When the recorded
-    run was made it recompiled on every call (a new closure per call), so its "warm" time
-    included compilation; ``memjax_cached_fn`` memoised that closure (a bench-only patch).
-    unitmem now caches it itself, so the two rows measure the same code today.
+  * ``memjax``: :func:`memjax.memorization.unitmem` (views made on the device, keyed by
+    (example id, view id), as their own engine stage), engine batch 16 examples.
   * ``torch_reference``: written the way the UnitMem reference code does it: for each
     example, for each of the 10 views, a SimCLR augmentation on the CPU (random resized
     crop, flip, colour jitter in random order, grayscale; plain torch ops, one image at a
@@ -23,16 +20,19 @@
   The torch encoder carries the JAX weights; its taps must equal the JAX taps (1e-5)
   before timing, and both torch implementations must give the same scores on identical
   views (augmentation off). memjax's scores are checked against ``unitmem_from_activations``
-  on its own mu. Diagnostics (64 examples per block): the augmentation alone (memjax's
-  ``simclr_views`` jitted; the batched torch augmentation), the forward alone on ready
-  views (JAX and torch), and views then forward as two jitted programs per block.
+  on its own mu. Diagnostics (64 examples per block): the views alone (memjax's
+  ``simclr_views`` jitted, i.e. :func:`memjax.augment.color_jitter` with the hue computed
+  once; the batched torch augmentation), summarised as ``views_alone``; the forward alone
+  on ready views (JAX and torch), and views then forward as two jitted programs per block.
 - LayerMem (:func:`memjax.memorization._sslmem.layermem`) of the same encoder, f and g two
   different inits, N = 128 digits, n_aug = 5 view pairs, all four layers in one call vs
   one call per layer (``layers=(name,)``); per-layer results must be equal.
 - Floor: conv/matmul FLOPs of N·n_aug forward passes over the matmul peak measured in the
   same run (start and end, the better); memjax's time as a fraction of it.
 
-Run: ``PYTHONPATH=. python -m bench.memorization`` (writes bench/results/memorization.json).
+Run: ``PYTHONPATH=. python -m bench.memorization`` (writes bench/results/memorization.json);
+``--quick``: smaller N and fewer repeats (memorization_quick.json); ``--smoke``: the views
+alone only (JAX vs torch, 64 examples x 10 views, 3 repeats), printed, nothing written.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ from bench.common import (
     time_interleaved,
     write_json,
 )
-from memjax.augment import simclr_view, simclr_views, view_key
+from memjax.augment import SimCLRView, simclr_views
 from memjax.train import CNNConfig
-from memjax.train.simclr import encoder_layers
+from memjax.train.simclr import encoder_model
 
 SIZE, CHANNELS, HIDDEN, EMBED = 32, (32, 64), (256,), 128
 CONFIG = CNNConfig((SIZE, SIZE, 3), EMBED, channels=CHANNELS, hidden=HIDDEN)
@@ -94,9 +94,9 @@ def digits32(n: int | None = None) -> dict[str, np.ndarray]:
             "id": arrays["id"][:n]}
 
 
-def views_fn(image, example_id, aug_id):
-    """LayerMem's views (module level: layermem caches its compiled function on it)."""
-    return simclr_view(view_key(0, example_id, aug_id), image)
+def encoder_layers(params, image):
+    """Every activation of the encoder (conv1, conv2, dense1, embedding) on one image."""
+    return encoder_model(params, CONFIG).activations("*")(params, image)
 
 
 # ---- the torch encoder ----------------------------------------------------------------
@@ -373,33 +373,8 @@ def torch_batched(model, images, n_aug: int, augment: bool = True, seed: int = 0
 def memjax_unitmem(params, source, batch_size: int = MEMJAX_BATCH, return_mu: bool = False):
     from memjax.memorization import unitmem
 
-    return unitmem(encoder_layers, params, source, layers=UNIT_LAYERS, n_aug=N_AUG,
-                   batch_size=batch_size, return_mu=return_mu)
-
-
-def _unitmem_module():
-    # The package re-exports the function ``unitmem`` under the module's name.
-    import memjax.memorization._unitmem  # noqa: F401
-
-    return sys.modules["memjax.memorization._unitmem"]
-
-
-@functools.cache
-def _memoised_example_fn():
-    return functools.lru_cache(maxsize=8)(_unitmem_module()._example_fn)
-
-
-def memjax_cached_fn(params, source, batch_size: int = MEMJAX_BATCH):
-    """unitmem with its per-example function memoised (bench-only patch, undone after).
-    Written when unitmem built a new closure per call (the engine caches executables by
-    function identity, so it recompiled every call); unitmem now caches it itself."""
-    module = _unitmem_module()
-    original = module._example_fn
-    module._example_fn = _memoised_example_fn()
-    try:
-        return memjax_unitmem(params, source, batch_size=batch_size)
-    finally:
-        module._example_fn = original
+    return unitmem(encoder_model(params, CONFIG), source, layers=UNIT_LAYERS, n_aug=N_AUG,
+                   views_fn=SimCLRView(), batch_size=batch_size, return_mu=return_mu)
 
 
 def check_agreement(model, params, data, torch_images) -> dict:
@@ -432,20 +407,51 @@ def _tap_means(params, view):
     return {k: taps[k].reshape(-1, taps[k].shape[-1]).mean(0) for k in UNIT_LAYERS}
 
 
+def _blocks(n: int) -> list[tuple[int, int]]:
+    return [(lo, min(n, lo + BATCH)) for lo in range(0, n, BATCH)]
+
+
+def view_runs(data, torch_images) -> dict[str, callable]:
+    """The views alone, BATCH examples x N_AUG views per block: memjax's ``simclr_views``
+    jitted (crop, flip, colour jitter with the hue computed once, grayscale) vs the
+    batched torch augmentation (the same transforms, torchvision's sampling)."""
+    import torch
+
+    ids = jnp.asarray(data["id"])
+    images = jnp.asarray(data["image"])
+    views = jax.jit(functools.partial(simclr_views, n_aug=N_AUG))
+    blocks = _blocks(len(ids))
+
+    def jax_views():
+        jax.block_until_ready([views(images[lo:hi], ids[lo:hi]) for lo, hi in blocks])
+
+    def torch_views():
+        gen = torch.Generator().manual_seed(0)
+        for lo, hi in blocks:
+            batched_views(torch_images[lo:hi].repeat_interleave(N_AUG, 0), gen)
+
+    return {"diag_jax_views_only": jax_views, "diag_torch_views_only": torch_views}
+
+
+def views_alone(per_example: dict[str, float]) -> dict[str, float]:
+    """The views-alone row: examples/s (N_AUG views each) of JAX and torch, and the ratio."""
+    jax_s, torch_s = per_example["diag_jax_views_only"], per_example["diag_torch_views_only"]
+    return {"jax_examples_per_s": 1.0 / jax_s, "torch_examples_per_s": 1.0 / torch_s,
+            "jax_over_torch": torch_s / jax_s, "views_per_example": N_AUG}
+
+
 def diagnostics(params, data, model, torch_images) -> dict[str, callable]:
-    """Where the time goes: augmentation alone (both sides), the JAX forward alone."""
+    """Where the time goes: the views alone (both sides), the forward alone (both sides),
+    views then forward as two jitted programs."""
     import torch
 
     ids = jnp.asarray(data["id"])
     images = jnp.asarray(data["image"])
     views = jax.jit(functools.partial(simclr_views, n_aug=N_AUG))
     means = jax.jit(jax.vmap(jax.vmap(_tap_means, in_axes=(None, 0)), in_axes=(None, 0)))
-    n = len(ids)
-    blocks = [(lo, min(n, lo + BATCH)) for lo in range(0, n, BATCH)]
+    blocks = _blocks(len(ids))
     ready = [views(images[lo:hi], ids[lo:hi]) for lo, hi in blocks]
-
-    def jax_views():
-        jax.block_until_ready([views(images[lo:hi], ids[lo:hi]) for lo, hi in blocks])
+    both_views = view_runs(data, torch_images)
 
     def jax_forward():
         jax.block_until_ready([means(params, v) for v in ready])
@@ -456,19 +462,15 @@ def diagnostics(params, data, model, torch_images) -> dict[str, callable]:
         jax.block_until_ready([means(params, views(images[lo:hi], ids[lo:hi]))
                                for lo, hi in blocks])
 
-    def torch_views():
-        gen = torch.Generator().manual_seed(0)
-        for lo, hi in blocks:
-            batched_views(torch_images[lo:hi].repeat_interleave(N_AUG, 0), gen)
-
     def torch_forward():
         with torch.no_grad():
             for lo, hi in blocks:
                 model(torch_images[lo:hi].repeat_interleave(N_AUG, 0))
 
-    return {"diag_jax_views_only": jax_views, "diag_jax_forward_only": jax_forward,
-            "diag_jax_two_stage": jax_two_stage,
-            "diag_torch_views_only": torch_views, "diag_torch_forward_only": torch_forward}
+    return {"diag_jax_views_only": both_views["diag_jax_views_only"],
+            "diag_jax_forward_only": jax_forward, "diag_jax_two_stage": jax_two_stage,
+            "diag_torch_views_only": both_views["diag_torch_views_only"],
+            "diag_torch_forward_only": torch_forward}
 
 
 def bench_unitmem(quick: bool, repeats: int) -> dict:
@@ -483,7 +485,6 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
     agreement["forward_max_abs_diff"] = check_forward(model, params, data["image"][:8])
 
     runs = {"memjax": lambda: memjax_unitmem(params, data),
-            "memjax_cached_fn": lambda: memjax_cached_fn(params, data),
             "torch_batched": lambda: torch_batched(model, torch_images, N_AUG),
             "torch_batched_batch16": lambda: torch_batched(model, torch_images, N_AUG,
                                                            batch=16),
@@ -511,7 +512,7 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
     counts = {name: n_ref if name == "torch_reference" else n for name in rows}
     per_example = {name: medians[name] / counts[name] for name in rows}
     return {"N": n, "N_reference": n_ref, "n_aug": N_AUG, "layers": list(UNIT_LAYERS),
-            "batch_examples": {"memjax": MEMJAX_BATCH, "memjax_cached_fn": MEMJAX_BATCH,
+            "batch_examples": {"memjax": MEMJAX_BATCH,
                                "torch_batched": BATCH, "torch_batched_batch16": 16,
                                "diagnostics": BATCH},
             "encoder": CONFIG.describe() + " on 32x32x3, random init (key 0)",
@@ -523,11 +524,8 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
             "rows": rows, "examples_counted": counts,
             "examples_per_s": {k: 1.0 / v for k, v in per_example.items()},
             "first_call_s": first_call,
-            "compile_s": {k: first_call[k] - medians[k] for k in ("memjax", "memjax_cached_fn")},
-            "speedup_cached_fn_vs_reference": per_example["torch_reference"]
-            / per_example["memjax_cached_fn"],
-            "speedup_cached_fn_vs_torch_batched": per_example["torch_batched"]
-            / per_example["memjax_cached_fn"],
+            "compile_s": {"memjax": first_call["memjax"] - medians["memjax"]},
+            "views_alone": views_alone(per_example),
             "speedup_vs_reference": per_example["torch_reference"] / per_example["memjax"],
             "speedup_vs_torch_batched": per_example["torch_batched"] / per_example["memjax"],
             "forward_flops": forward_flops(), "flops_per_example": N_AUG * forward_flops(),
@@ -553,8 +551,9 @@ def bench_layermem(quick: bool, repeats: int) -> dict:
     data = digits32(128 if quick else LAYERMEM_N)
     params_f = jax.tree.map(np.asarray, CONFIG.init(jax.random.key(1)))
     params_g = jax.tree.map(np.asarray, CONFIG.init(jax.random.key(2)))
-    run = functools.partial(layermem, encoder_layers, encoder_layers, params_f, params_g,
-                            data, views_fn=views_fn, n_aug=LAYERMEM_AUG, batch_size=BATCH,
+    run = functools.partial(layermem, encoder_model(params_f, CONFIG),
+                            encoder_model(params_g, CONFIG), data, views_fn=SimCLRView(),
+                            n_aug=LAYERMEM_AUG, batch_size=BATCH,
                             progress=False)
     runs = {"one_pass": lambda: run(layers=ALL_LAYERS),
             "per_layer": lambda: [run(layers=(name,)) for name in ALL_LAYERS]}
@@ -587,13 +586,39 @@ def print_table(unit: dict, layer: dict) -> None:
           f"{'met' if unit['goal_50x_vs_reference_met'] else 'NOT met'}); vs torch batched "
           f"{unit['speedup_vs_torch_batched']:.2f}x (goal 1.5x: "
           f"{'met' if unit['goal_1_5x_vs_batched_met'] else 'NOT met'})")
+    views = unit["views_alone"]
+    print(f"  views alone: JAX {views['jax_examples_per_s']:.0f} ex/s, torch "
+          f"{views['torch_examples_per_s']:.0f} ex/s ({views['jax_over_torch']:.2f}x)")
     print(f"LayerMem N={layer['N']} n_aug={layer['n_aug']}: one pass "
           f"{layer['rows']['one_pass']['median_s']:.3f} s, per layer "
           f"{layer['rows']['per_layer']['median_s']:.3f} s, ratio "
           f"{layer['per_layer_over_one_pass']:.2f}x")
 
 
+def smoke(n: int = BATCH, repeats: int = 3) -> None:
+    """The views alone on ``n`` examples (one block), timed ``repeats`` times; prints only."""
+    import torch
+
+    set_torch_threads()
+    data = digits32(n)
+    torch_images = torch.from_numpy(data["image"].transpose(0, 3, 1, 2).copy())
+    runs = view_runs(data, torch_images)
+    for run in runs.values():
+        run()  # compile / warm up
+    load = os.getloadavg()
+    times = time_interleaved(runs, repeats)
+    per_example = {name: summarize(t)["median_s"] / n for name, t in times.items()}
+    row = views_alone(per_example)
+    print(f"views alone (smoke), {n} examples x {N_AUG} views, {repeats} repeats, load "
+          f"{load[0]:.1f} before / {os.getloadavg()[0]:.1f} after: JAX "
+          f"{row['jax_examples_per_s']:.0f} ex/s, torch {row['torch_examples_per_s']:.0f} "
+          f"ex/s, JAX/torch {row['jax_over_torch']:.2f}x")
+
+
 def main() -> None:
+    if "--smoke" in sys.argv[1:]:
+        smoke()
+        return
     quick = "--quick" in sys.argv[1:]
     start = time.perf_counter()
     set_torch_threads()

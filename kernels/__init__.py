@@ -1,17 +1,21 @@
 """Pallas kernels for memjax's hot paths, each defined by a pure-XLA reference.
 
 Installed as ``memjax.kernels`` (setup.cfg ``package_dir``); never importable as a bare
-top-level ``kernels`` module, which would clash with an unrelated PyPI package.
+top-level ``kernels`` module, which would clash with an unrelated PyPI package. The
+bottom of the package after ``memjax.errors``, ``memjax._checks`` and ``memjax._io``: it
+imports nothing else from memjax (see ARCHITECTURE.md).
 
-One public function per hot path picks the kernel or its reference:
+One dispatching function per hot path picks the kernel or its reference:
 
 - :func:`token_stats` / :func:`vocab_stats`: fused ``hidden @ W + b`` -> log p(target),
   logsumexp, mu and sigma of log p over the vocabulary (Min-K%++), streamed over
-  vocabulary tiles (reference: ``memjax.signals._tokens.streamed_hidden_stats``).
-- :func:`knn` / :func:`knn_scores`: blockwise exact k-NN with a running top-k
-  (reference: ``memjax.memorization._dejavu.knn_scan``).
+  vocabulary tiles (reference: :func:`streamed_hidden_stats`, built from
+  :class:`VocabStats`, :func:`chunk_stats`, :func:`merge_stats`, :func:`finalize_stats`,
+  which ``memjax.signals.tokens`` uses too).
+- :func:`knn_scores`: blockwise exact k-NN with a running top-k (reference:
+  :func:`knn_scan`; ``memjax.memorization.knn`` validates, jits and shards it).
 - :func:`unit_stats`: per-unit max / argmax / sum / min over examples for UnitMem
-  (reference: a float32 jnp version of ``memjax.memorization._unitmem.batch_stats``).
+  (reference: a float32 jnp version of ``memjax.memorization.batch_stats``).
 
 The choice is made when the function is called (at trace time under ``jit``): the
 ``impl`` argument if given, else ``MEMJAX_KERNELS=auto|kernel|reference``. ``auto`` picks
@@ -30,16 +34,44 @@ from jax.typing import ArrayLike
 
 from memjax._checks import check_positive_int
 from memjax.errors import InputError
-from memjax.signals._tokens import VocabStats, finalize_stats
 
-from . import knn as _knn
-from . import token_stats as _token_stats
-from . import unit_stats as _unit_stats
+from . import _knn, _token_stats, _unit_stats
 from ._dispatch import ENV, MEASURED_FASTER, MODES, interpret, mode, resolve
+from ._knn import EPS, block_scores, knn_scan, unit_rows
+from ._token_stats import (
+    VocabStats,
+    chunk_stats,
+    empty_stats,
+    finalize_stats,
+    merge_stats,
+    project_logits,
+    streamed_hidden_stats,
+    streamed_stats,
+)
 
-__all__ = ["ENV", "MEASURED_FASTER", "MODES", "knn", "knn_scores", "mode", "resolve",
-           "token_stats", "unit_stats", "vocab_stats"]
-
+__all__ = [
+    "ENV",
+    "EPS",
+    "MEASURED_FASTER",
+    "MODES",
+    "VocabStats",
+    "block_scores",
+    "chunk_stats",
+    "empty_stats",
+    "finalize_stats",
+    "knn_scan",
+    "knn_scores",
+    "merge_stats",
+    "mode",
+    "project_logits",
+    "resolve",
+    "streamed_hidden_stats",
+    "streamed_stats",
+    "token_stats",
+    "unit_rows",
+    "unit_stats",
+    "vocab_stats",
+]
 
 
 # --------------------------------------------------------------------------- token stats
@@ -49,7 +81,7 @@ def vocab_stats(hidden: jax.Array, unembedding: jax.Array, bias: jax.Array | Non
                 index: jax.Array, *, chunk_size: int, impl: str | None = None,
                 block_rows: int | None = None, block_vocab: int | None = None
                 ) -> tuple[VocabStats, jax.Array]:
-    """Dispatch point of the streamed vocabulary statistics (used by ``signals.tokens``).
+    """Dispatch point of the streamed vocabulary statistics (used by ``memjax.signals.tokens``).
 
     Args:
         hidden: [N, D]; unembedding: [D, V]; bias: [V] or None.
@@ -111,7 +143,7 @@ def token_stats(hidden: ArrayLike, unembedding: ArrayLike, targets: ArrayLike,
         hidden.reshape(-1, hidden.shape[-1]), unembedding, bias, index,
         chunk_size=chunk_size, impl=impl, block_rows=block_rows, block_vocab=block_vocab)
     lse, mu, sigma = finalize_stats(stats)
-    # As memjax.signals._tokens: (z_t - m) - log w avoids rounding a large lse; log p <= 0.
+    # As memjax.signals.tokens: (z_t - m) - log w avoids rounding a large lse; log p <= 0.
     logp = jnp.minimum((target_logit - stats.m) - jnp.log(stats.w), 0.0)
     shape = targets.shape
     return {"logp": logp.reshape(shape), "lse": lse.reshape(shape),
@@ -124,31 +156,16 @@ def token_stats(hidden: ArrayLike, unembedding: ArrayLike, targets: ArrayLike,
 def knn_scores(queries: jax.Array, public: jax.Array, k: int, metric: str = "l2",
                block_size: int = 1024, impl: str | None = None,
                block_queries: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Dispatch point in ``knn_scan``'s convention: (nearness [Q, k], indices [Q, k]).
+    """Dispatch point in :func:`knn_scan`'s convention: (nearness [Q, k], indices [Q, k]).
 
-    Nearness is -squared L2 or cosine, best first; ties to the lower public index.
+    Nearness is -squared L2 or cosine, best first; ties to the lower public index. No
+    validation: ``memjax.memorization.knn`` is the checked, jitted, sharded entry point.
     """
     if resolve("knn", impl) == "reference":
         return _knn.reference(queries, public, k, metric, block_size)
     return _knn.kernel(queries, public, k, metric, block_size,
                        block_queries=block_queries or _knn.BLOCK_QUERIES,
                        interpret=interpret())
-
-
-def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
-        block_size: int = 1024, impl: str | None = None,
-        block_queries: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """Exact k nearest public rows of each query, blockwise (never a [Q, P] matrix):
-    ``memjax.memorization.knn`` (validation, jit, conventions), which dispatches here.
-
-    Returns:
-        (values [Q, k] float32, indices [Q, k] int32), nearest first, ties to the lower
-        public index: squared L2 distances ascending or cosine similarities descending.
-    """
-    from memjax.memorization._dejavu import knn as validated_knn
-
-    return validated_knn(queries, public, k, metric=metric, block_size=block_size,
-                         impl=impl, block_queries=block_queries)
 
 
 # --------------------------------------------------------------------------- unit stats
@@ -158,8 +175,8 @@ def unit_stats(mu: ArrayLike, *, impl: str | None = None, block_units: int | Non
                block_examples: int | None = None) -> dict[str, jax.Array]:
     """Per-unit max, argmax (first example on ties), sum and min of ``mu`` [N, U], float32.
 
-    The float32 counterpart of ``memjax.memorization._unitmem.batch_stats`` (which stays
-    float64 on the host); NaN activations are not supported.
+    The float32 counterpart of ``memjax.memorization.batch_stats`` (which stays float64 on
+    the host); NaN activations are not supported.
 
     Returns:
         ``{"max", "sum", "min"}`` [U] float32, ``"argmax"`` [U] int32.

@@ -15,6 +15,7 @@ import os
 
 import jax
 
+from memjax._checks import check_choice
 from memjax.errors import InputError
 
 ENV = "MEMJAX_KERNELS"
@@ -47,9 +48,7 @@ def resolve(name: str, impl: str | None = None, backend: str | None = None) -> s
         impl: an explicit choice that overrides the environment; None reads ``MEMJAX_KERNELS``.
         backend: the JAX backend; None means ``jax.default_backend()``.
     """
-    if impl is not None:
-        if impl not in IMPLS:
-            raise InputError(f"impl: expected one of {list(IMPLS)} or None, got {impl!r}")
+    if check_choice("impl", impl, (*IMPLS, None)) is not None:
         return impl
     chosen = mode()
     if chosen != "auto":

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax._checks import check_positive_int
 from memjax.errors import InputError
 
 # ITU-R BT.601 luma, as torchvision's rgb_to_grayscale.
@@ -288,7 +289,8 @@ def color_jitter(key: jax.Array, image: jax.Array, brightness: float = 0.4,
     (where a ``lax.switch`` on a batched index evaluates every branch): the cheap
     operations that the permutation puts before the hue run in slots before it, the ones
     after it in slots after it, an empty slot being the identity. Each operation sees the
-    same input as in a plain loop over the permutation, so the result is the same.
+    same input as in a plain loop over the permutation: the same arithmetic (XLA:CPU may
+    still contract a*b+c into an FMA in one fusion and not another, a few float32 ulps).
     """
     _check_image(image, "color_jitter")
     p = _check_prob(p, "color_jitter")
@@ -349,8 +351,7 @@ def simclr_views(images: jax.Array, ids: jax.Array, n_aug: int, *, seed: int = 0
                  size: Size | None = None) -> jax.Array:
     """``n_aug`` SimCLR views of each image: ``[B, H, W, C]``, ids ``[B]`` ->
     ``[B, n_aug, h, w, C]``; view ``k`` of image ``b`` is keyed by ``(seed, ids[b], k)``."""
-    if isinstance(n_aug, bool) or not isinstance(n_aug, (int, np.integer)) or n_aug < 1:
-        raise InputError(f"simclr_views: n_aug={n_aug!r}: expected a positive integer")
+    n_aug = check_positive_int(n_aug, "simclr_views: n_aug")
     if getattr(images, "ndim", None) != 4:
         raise InputError(f"simclr_views: images shape {getattr(images, 'shape', None)}: "
                          "expected [B, H, W, C]")

@@ -1,8 +1,10 @@
 """Attack metrics: ROC curve, AUC, TPR at a fixed FPR, and a log-log ROC plot.
 
-Conventions (DESIGN.md): a higher score means "more likely member"; ``tpr_at_fpr`` is the
-largest TPR among ROC points whose FPR is <= the target (tied scores are never split);
-AUC is the Mann–Whitney statistic with ties counted as 1/2.
+Conventions: a higher score means "more likely member"; ``tpr_at_fpr`` is the largest TPR
+among ROC points whose FPR is <= the target (tied scores are never split), the low-FPR
+operating point that Carlini et al. 2022 ("Membership Inference Attacks From First
+Principles") argue for, with log-log ROC curves; AUC is the Mann–Whitney statistic with
+ties counted as 1/2.
 """
 
 from __future__ import annotations

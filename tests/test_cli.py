@@ -21,12 +21,64 @@ from memjax.metrics import roc_auc
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The audit sections' internal steps whose results the report summarises: recorded while
+# the audit runs, so the tests can recompute each reported number independently.
+RECORDED = {"memjax.audit.clip": ("split_pairs", "clip_attacks"),
+            "memjax.audit.text": ("run_text_demo",),
+            "memjax.audit.models": ("embed_texts",),
+            "memjax.audit.memorization": ("run_memorization_demo", "clipmem_demo")}
+
+
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    """One audit run shared by the tests below (it trains a model: a few seconds)."""
+def audit(tmp_path_factory):
+    """One audit run shared by the tests below (it trains a model: a few seconds), and
+    {step: (args, kwargs, result)} of the steps in RECORDED."""
+    import importlib
+
     out = tmp_path_factory.mktemp("audit") / "report"
-    assert main(["audit", "--out", str(out), "--steps", "300", "--no-progress"]) == 0
-    return out
+    seen: dict[str, tuple] = {}
+
+    def recorder(name, real):
+        def record(*args, **kwargs):
+            result = real(*args, **kwargs)
+            seen[name] = (args, kwargs, result)
+            return result
+        return record
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module_name, names in RECORDED.items():
+            module = importlib.import_module(module_name)
+            for name in names:
+                patch.setattr(module, name, recorder(name, getattr(module, name)))
+        assert main(["audit", "--out", str(out), "--steps", "300", "--no-progress"]) == 0
+    return out, seen
+
+
+@pytest.fixture(scope="module")
+def report(audit):
+    return audit[0]
+
+
+def _sklearn_auc(scores, positive) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.asarray(positive, bool), np.asarray(scores, np.float64)))
+
+
+def _sentence_embeddings_torch(folder, texts, max_length=64) -> np.ndarray:
+    """all-MiniLM-L6-v2 as sentence-transformers computes it: BERT in PyTorch, mean over
+    the attention mask (the cosine does not depend on the final normalisation)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(
+        texts, padding="max_length", truncation=True, max_length=max_length,
+        return_tensors="pt")
+    bert = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    with torch.no_grad():
+        hidden = bert(**tokens).last_hidden_state
+    mask = tokens["attention_mask"][..., None].to(hidden.dtype)
+    return ((hidden * mask).sum(1) / mask.sum(1)).numpy().astype(np.float64)
 
 
 def test_audit_writes_a_complete_report(report):
@@ -89,7 +141,71 @@ def test_audit_writes_a_complete_report(report):
     assert 0.3 < models["median nearest-neighbour cosine"] < 1.0
 
 
-def test_score_info_export_with_the_audit_model(report, tmp_path, capsys):
+def test_audit_numbers_equal_independent_recomputation(audit):
+    """Each demonstration's headline numbers, recomputed from the scores and embeddings the
+    audit's steps produced: AUCs by scikit-learn, cosines in float64 NumPy, the sentence
+    embeddings by PyTorch, CSA through the Python API (memjax.mia.csa) from the CLIP."""
+    from memjax.audit.clip import TITLE as CLIP_TITLE
+    from memjax.audit.clip import embed_pairs
+    from memjax.audit.memorization import TITLE as MEMORIZATION_TITLE
+    from memjax.audit.models import TITLE as MODELS_TITLE
+    from memjax.audit.models import minilm_folder
+    from memjax.audit.text import TITLE as TEXT_TITLE
+    from memjax.mia import csa
+
+    report, seen = audit
+    assert set(seen) == {n for names in RECORDED.values() for n in names}, sorted(seen)
+    metrics = json.loads((report / "metrics.json").read_text())
+
+    # CLIP: CSA AUC over the pool = scikit-learn's AUC of float64 cosines of the pool's
+    # embeddings (float32 vs float64 cosines can swap near-ties: 1e-4 is ~20 swaps), and
+    # of memjax.mia.csa on a fresh embedding of the pool (the same float32 path: exact).
+    member, known = seen["split_pairs"][2]
+    (params, images, captions, known_arg), _, (attacks, _, _) = seen["clip_attacks"]
+    np.testing.assert_array_equal(known_arg, known)
+    pool = ~known
+    img, txt = (np.asarray(e, np.float64) for e in embed_pairs(params, images, captions))
+    cos64 = (img * txt).sum(1) / np.linalg.norm(img, axis=1) / np.linalg.norm(txt, axis=1)
+    clip = metrics[CLIP_TITLE]
+    assert clip["CSA AUC"] == pytest.approx(_sklearn_auc(cos64[pool], member[pool]), abs=1e-4)
+    fresh = np.asarray(csa(*embed_pairs(params, images[pool], captions[pool])))
+    np.testing.assert_allclose(fresh, attacks["CSA"], rtol=0, atol=1e-6)
+    assert clip["CSA AUC"] == pytest.approx(_sklearn_auc(fresh, member[pool]), abs=1e-12)
+
+    # Text: the LOSS attack (-mean token loss) of the trained GPT-2's engine signals.
+    demo = seen["run_text_demo"][2]
+    assert metrics[TEXT_TITLE]["LOSS AUC"] == pytest.approx(
+        _sklearn_auc(-demo["signals"]["mean_loss"], demo["is_member"]), abs=1e-12)
+
+    # MiniLM: memjax's sentence embeddings are PyTorch's, and the median nearest-neighbour
+    # cosine is the float64 one of PyTorch's embeddings.
+    (folder, texts), _, (embeddings, _, _) = seen["embed_texts"]
+    assert folder == minilm_folder()
+    ref = _sentence_embeddings_torch(folder, texts)
+    unit = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(unit(np.asarray(embeddings, np.float64)), unit(ref), atol=1e-5)
+    cosine = unit(ref) @ unit(ref).T
+    np.fill_diagonal(cosine, -np.inf)
+    assert metrics[MODELS_TITLE]["median nearest-neighbour cosine"] == pytest.approx(
+        float(np.median(cosine.max(axis=1))), abs=1e-5)
+
+    # Memorization: UnitMem summaries of the per-unit scores, SSLMem and CLIPMem AUROCs.
+    memorization = metrics[MEMORIZATION_TITLE]
+    result = seen["run_memorization_demo"][2]
+    for name, layer in result["unitmem"].layers.items():
+        scores = np.asarray(layer.scores, np.float64)
+        assert memorization[f"UnitMem {name}: mean"] == pytest.approx(scores.mean(), abs=1e-12)
+        assert memorization[f"UnitMem {name}: fraction of units above 0.5"] == pytest.approx(
+            (scores > 0.5).mean(), abs=1e-12)
+    outlier = result["splits"]["outlier"][result["rows"]]
+    assert memorization["SSLMem (last layer) AUROC outliers vs others"] == pytest.approx(
+        _sklearn_auc(result["layermem"]["raw"][:, -1], outlier), abs=1e-12)
+    clipmem = seen["clipmem_demo"][2]
+    assert memorization["CLIPMem AUROC mis-captioned vs others"] == pytest.approx(
+        _sklearn_auc(clipmem["clipmem"], clipmem["miscaptioned"]), abs=1e-12)
+
+
+def test_score_info_export_with_the_audit_model(report, tmp_path, capsys, monkeypatch):
     store = tmp_path / "store"
     args = ["score", "--model", str(report / "model"), "--data", "digits", "--out",
             str(store), "--batch-size", "64", "--chunk-size", "256", "--no-progress"]
@@ -105,7 +221,40 @@ def test_score_info_export_with_the_audit_model(report, tmp_path, capsys):
     # An existing store needs --resume; with it, nothing is recomputed.
     assert main(args) == 2
     assert "pass --resume" in capsys.readouterr().err
+    written = []
+    real_write = ScoreStore.write_chunk
+
+    def recording(self, index, *rest, **kwargs):
+        written.append(index)
+        return real_write(self, index, *rest, **kwargs)
+
+    monkeypatch.setattr(ScoreStore, "write_chunk", recording)
     assert main([*args, "--resume"]) == 0
+    assert written == []
+    np.testing.assert_array_equal(ScoreStore(store).read()["loss"], scores["loss"])
+
+    # A run interrupted (Ctrl-C) after 3 of its 8 chunks, then resumed: it computes only
+    # the 5 missing chunks, and its scores are the uninterrupted run's, bit for bit.
+    cut = tmp_path / "interrupted"
+    cut_args = [*args[:args.index("--out") + 1], str(cut), *args[args.index("--out") + 2:]]
+
+    def interrupted(self, index, *rest, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt
+        return recording(self, index, *rest, **kwargs)
+
+    monkeypatch.setattr(ScoreStore, "write_chunk", interrupted)
+    assert main(cut_args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    first = list(written)
+    assert len(first) == 3 and not ScoreStore(cut).complete
+    monkeypatch.setattr(ScoreStore, "write_chunk", recording)
+    assert main([*cut_args, "--resume"]) == 0
+    assert sorted(written[3:]) == sorted(set(range(8)) - set(first))
+    resumed = ScoreStore(cut).read()
+    assert set(resumed) == set(scores)
+    for key in scores:
+        np.testing.assert_array_equal(resumed[key], scores[key], err_msg=key)
 
 
 def test_labels_out_of_range_are_refused(report, tmp_path, capsys):
@@ -207,6 +356,32 @@ def test_mia_cli_reruns_the_audit_attacks_from_saved_models(report, tmp_path, ca
     # Attacking a reference model instead of the target also works.
     assert main(["mia", "--models", str(report / "reference_models"), "--target", "3",
                  "--out", str(tmp_path / "mia3"), "--no-progress"]) == 0
+    # ... and attacks model 3: its LOSS AUC is scikit-learn's AUC of model 3's own losses
+    # (its logits through the Python API, cross-entropy in float64) against its own
+    # training mask, over the examples some model trained on. float32 logits vs the
+    # engine's can swap near-tied losses: 1e-4 is ~80 swaps of 809 x 809 pairs.
+    import memjax
+    from memjax.train import load_models
+
+    third = json.loads((tmp_path / "mia3" / "metrics.json").read_text())[
+        "Membership inference"]
+    assert third["target model"] == 3 and rerun["target model"] == 0
+    stacked, keep, config, _ = load_models(report / "reference_models")
+    model = memjax.Model.from_classifier(jax.tree.map(lambda a: a[3], stacked), config)
+    data = digits().arrays
+    logits = np.asarray(jax.jit(jax.vmap(model.apply, in_axes=(None, 0)))(
+        model.params, data["image"]), np.float64)
+    top = logits.max(1, keepdims=True)
+    log_p = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+    loss = -log_p[np.arange(len(logits)), data["label"]]
+    evaluation = keep.any(axis=0)
+    assert third["LOSS AUC"] == pytest.approx(
+        _sklearn_auc(-loss[evaluation], keep[3, evaluation]), abs=1e-4)
+    # Another model under attack: every attack's AUC moves.
+    shared_aucs = [k for k in third if k.endswith(" AUC") and k in rerun]
+    assert len(shared_aucs) >= 4
+    for key in shared_aucs:
+        assert third[key] != rerun[key], key
 
 
 def test_mia_cli_refuses_data_of_another_size(report, tmp_path, capsys):
@@ -271,7 +446,26 @@ def test_influence_cli(report, tmp_path, capsys):
                  "--out", str(tmp_path / "store")]) == 0
     from memjax.engine import ScoreStore
 
-    assert ScoreStore(tmp_path / "store").read()["score"].shape == (300, 6)
+    stored = ScoreStore(tmp_path / "store").read()
+    assert stored["score"].shape == (300, 6)
+    # The CLI's defaults (finite, ascent, one SGD step of lr 0.1, oriented score) through
+    # the Python API on the same model, loss and data give the same scores.
+    import functools
+
+    import memjax
+    from memjax.influence import cross_entropy_loss, forward_inf
+
+    loaded = memjax.load(model)
+    direct = forward_inf(functools.partial(cross_entropy_loss, loaded.apply), loaded.params,
+                         {"image": data["image"][:300:50], "label": data["label"][:300:50]},
+                         {"image": data["image"][:300], "label": data["label"][:300]},
+                         mode="finite", direction="ascent", optimizer="sgd", lr=0.1, steps=1,
+                         score="oriented", batch_size=64, progress=False)
+    direct = np.asarray(direct)
+    np.testing.assert_array_equal(stored["id"], np.arange(300))
+    np.testing.assert_allclose(stored["score"], direct.T if direct.shape == (6, 300)
+                               else direct, rtol=1e-6, atol=1e-7)
+    assert np.ptp(stored["score"]) > 0
 
     assert main(["influence", "leakage", *common, "--test", str(tmp_path / "test.npz"),
                  "--out", str(tmp_path / "leak.json")]) == 0
@@ -281,6 +475,16 @@ def test_influence_cli(report, tmp_path, capsys):
     assert main(["influence", "lava", "--train", train, "--val", str(tmp_path / "val.npz"),
                  "--out", str(tmp_path / "lava.parquet")]) == 0
     assert len(pq.read_table(tmp_path / "lava.parquet")) == 300
+    # The values are the Python API's on the flattened images (the CLI's documented input).
+    from memjax.influence import lava_values
+
+    lava = pq.read_table(tmp_path / "lava.parquet").to_pandas()
+    want = np.asarray(lava_values(data["image"][:300].reshape(300, -1), data["label"][:300],
+                                  data["image"][1500:].reshape(len(data["image"]) - 1500, -1),
+                                  data["label"][1500:]))
+    np.testing.assert_array_equal(lava["id"], np.arange(300))
+    np.testing.assert_allclose(lava["lava_value"], want, rtol=1e-6, atol=1e-9)
+    assert np.ptp(want) > 0
     assert main(["influence", "self", "--train", train, "--out", str(tmp_path / "x")]) == 2
     assert "needs --model" in capsys.readouterr().err
 
@@ -290,10 +494,10 @@ def test_memorization_cli(report, tmp_path, capsys):
     LayerMem of the target (f) against a reference model (g) equal the library calls."""
     import pyarrow.parquet as pq
 
+    import memjax
     from memjax.audit.memorization import digit_views
     from memjax.memorization import layermem, unitmem
-    from memjax.train import load_model, load_models, save_model
-    from memjax.train.simclr import encoder_layers
+    from memjax.train import load_models, save_model
 
     data = digits().arrays
     subset = {"image": data["image"][:128], "label": data["label"][:128]}
@@ -302,8 +506,7 @@ def test_memorization_cli(report, tmp_path, capsys):
     assert main(["memorization", "unitmem", "--model", model, "--data", small, "--layers",
                  "dense1,dense2", "--out", str(tmp_path / "units.json"), "--no-progress"]) == 0
     units = json.loads((tmp_path / "units.json").read_text())
-    params, _ = load_model(model)
-    expected = unitmem(encoder_layers, params, subset, layers=("dense1",), n_aug=5,
+    expected = unitmem(memjax.load(model), subset, layers=("dense1",), n_aug=5,
                        batch_size=64, progress=False)
     np.testing.assert_allclose(units["dense1_unitmem"], expected.layers["dense1"].scores,
                                rtol=1e-9)
@@ -315,9 +518,11 @@ def test_memorization_cli(report, tmp_path, capsys):
     save_model(tmp_path / "g", g, config)
     assert main(["memorization", "layermem", "--model", str(tmp_path / "f"), "--reference",
                  str(tmp_path / "g"), "--data", small, "--layers", "dense1,embedding",
-                 "--out", str(tmp_path / "layers.parquet"), "--no-progress"]) == 0
+                 "--views", "small", "--out", str(tmp_path / "layers.parquet"),
+                 "--no-progress"]) == 0
     table = pq.read_table(tmp_path / "layers.parquet").to_pandas()
-    direct = layermem(encoder_layers, encoder_layers, f, g, subset, views_fn=digit_views,
+    direct = layermem(memjax.Model.from_classifier(f, config),
+                      memjax.Model.from_classifier(g, config), subset, views_fn=digit_views,
                       n_aug=5, layers=("dense1", "embedding"), batch_size=64, progress=False)
     np.testing.assert_allclose(table["embedding_layermem"], direct["raw"][:, 1], rtol=1e-6)
     assert main(["memorization", "layermem", "--model", model, "--data", small,

@@ -16,13 +16,13 @@ from memjax.errors import InputError
 
 
 @pytest.fixture
-def gpt2(tmp_path):
+def gpt2(tmp_path, seed):
     """A tiny random GPT-2 saved as one safetensors file, and its reference logits."""
-    torch.manual_seed(int(np.random.default_rng().integers(1 << 30)))
+    torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2,
                                        n_head=4)).eval()
     model.save_pretrained(tmp_path / "hf")
-    ids = np.random.default_rng().integers(0, 97, (2, 10))
+    ids = np.random.default_rng(seed).integers(0, 97, (2, 10))
     with torch.no_grad():
         logits = model(torch.tensor(ids)).logits.numpy()
     return model, tmp_path / "hf", ids, logits
@@ -37,8 +37,14 @@ def test_sharded_checkpoint_with_index_loads_identically(gpt2, tmp_path):
     assert np.abs(np.asarray(loaded(jnp.asarray(ids))) - logits).max() <= 1e-5
 
 
+# Our forward runs in the checkpoint's half precision; the reference evaluates the same
+# half-precision weights in float32. The difference is the rounding of activations to the
+# half format: bf16 keeps 8 significand bits (unit roundoff 2^-9 ~ 2.0e-3), fp16 keeps 11
+# (2^-12 ~ 2.4e-4), and the logits carry about one unit roundoff of error relative to
+# max(1, max|logit|). Measured over 40 fresh seeds: at most 3.2e-3 (bf16) and 3.8e-4
+# (fp16); the tolerances are ~3x that.
 @pytest.mark.parametrize("torch_dtype, jax_dtype, tolerance", [
-    (torch.bfloat16, jnp.bfloat16, 0.1), (torch.float16, jnp.float16, 0.02)])
+    (torch.bfloat16, jnp.bfloat16, 1e-2), (torch.float16, jnp.float16, 1.2e-3)])
 def test_half_precision_checkpoints(gpt2, tmp_path, torch_dtype, jax_dtype, tolerance):
     model, _, ids, _ = gpt2
     half = model.to(torch_dtype)
@@ -99,7 +105,9 @@ def test_cli_convert_round_trip_in_bfloat16(gpt2, tmp_path, capsys):
     _, folder, ids, _ = gpt2
     assert main(["convert", str(folder), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     direct, _ = load_pretrained(folder, dtype=jnp.bfloat16)
-    restored, _ = load(tmp_path / "bf16")
-    assert restored.wte[...].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(np.asarray(restored(jnp.asarray(ids)), np.float32),
-                                  np.asarray(direct(jnp.asarray(ids)), np.float32))
+    restored = load(tmp_path / "bf16")  # memjax.load: a Model, one example at a time
+    assert restored.params["wte"][...].dtype == jnp.bfloat16
+    mask = np.ones_like(ids[0])
+    np.testing.assert_array_equal(
+        np.asarray(restored({"input_ids": ids[0], "attention_mask": mask}), np.float32),
+        np.asarray(direct(jnp.asarray(ids)), np.float32)[0])

@@ -25,8 +25,7 @@ def _brute_knn(q, p, k, metric):
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("block_size", [8, 1024])
-def test_knn_matches_brute_force(metric, block_size):
-    rng = np.random.default_rng()
+def test_knn_matches_brute_force(metric, block_size, rng):
     q = rng.normal(size=(11, 5)).astype(np.float32)
     p = rng.normal(size=(37, 5)).astype(np.float32)  # 37: not a multiple of the block
     vals, idx = knn(q, p, 7, metric=metric, block_size=block_size)
@@ -38,8 +37,7 @@ def test_knn_matches_brute_force(metric, block_size):
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("block_size", [4, 7, 64])
-def test_knn_ties_go_to_lower_index(metric, block_size):
-    rng = np.random.default_rng()
+def test_knn_ties_go_to_lower_index(metric, block_size, rng):
     # Signed one-hot and all-(+-1) vectors: norms 1 and 2, so every coordinate, norm,
     # normalised coordinate and dot product is exact in float32 and float64 alike, and
     # the 24 distinct vectors drawn 50 times give many exact ties.
@@ -60,8 +58,7 @@ def _np_label_inference(labels, num_classes):
     return top1, top5, -ent
 
 
-def test_label_inference_matches_numpy():
-    rng = np.random.default_rng()
+def test_label_inference_matches_numpy(rng):
     labels = rng.integers(0, 8, size=(30, 13))
     top1, top5, conf = label_inference(labels, 8)
     w1, w5, wc = _np_label_inference(labels, 8)
@@ -85,8 +82,7 @@ def _np_dejavu_model(emb, public, public_labels, truth, k, num_classes, fraction
             _np_accuracy(conf, (top5 == truth[:, None]).any(axis=1), fractions))
 
 
-def test_dejavu_matches_numpy():
-    rng = np.random.default_rng()
+def test_dejavu_matches_numpy(rng):
     n_q, n_p, d, c, k = 40, 120, 6, 7, 10
     fractions = (0.05, 0.2, 0.5, 1.0)
     public_labels = rng.integers(0, c, size=n_p)
@@ -108,8 +104,7 @@ def test_dejavu_matches_numpy():
     assert out["target"]["pred_top5"].shape == (n_q, 5)
 
 
-def test_dejavu_correlation_detector():
-    rng = np.random.default_rng()
+def test_dejavu_correlation_detector(rng):
     n_q, n_p, c = 25, 60, 6
     public = rng.normal(size=(n_p, 4)).astype(np.float32)
     public_labels = rng.integers(0, c, size=n_p)
@@ -129,8 +124,7 @@ def test_dejavu_correlation_detector():
     np.testing.assert_array_equal(out["target"]["top1"], want_t[0])
 
 
-def test_neighbour_objects_and_sets_match_numpy():
-    rng = np.random.default_rng()
+def test_neighbour_objects_and_sets_match_numpy(rng):
     n_q, n_p, c, k = 20, 40, 9, 6
     public_sets = rng.random((n_p, c)) < 0.3
     idx = rng.integers(0, n_p, size=(n_q, k))
@@ -160,8 +154,7 @@ def test_neighbour_objects_and_sets_match_numpy():
         np.mean(prec["target"] - prec["reference"]), abs=1e-12)
 
 
-def test_bad_input():
-    rng = np.random.default_rng()
+def test_bad_input(rng):
     q = rng.normal(size=(4, 3)).astype(np.float32)
     p = rng.normal(size=(10, 3)).astype(np.float32)
     bad = q.copy()

@@ -147,10 +147,10 @@ def test_tokens_dispatches_through_the_switch(rng, monkeypatch, use_bias):
 def test_knn_kernel_equals_reference(rng, metric, n_q, n_public, dim, k, block, block_q):
     queries = rng.standard_normal((n_q, dim)).astype(np.float32)
     public = rng.standard_normal((n_public, dim)).astype(np.float32)
-    ref_v, ref_i = kernels.knn(queries, public, k, metric=metric, block_size=block,
-                               impl="reference")
-    out_v, out_i = kernels.knn(queries, public, k, metric=metric, block_size=block,
-                               impl="kernel", block_queries=block_q)
+    ref_v, ref_i = dejavu_knn(queries, public, k, metric=metric, block_size=block,
+                              impl="reference")
+    out_v, out_i = dejavu_knn(queries, public, k, metric=metric, block_size=block,
+                              impl="kernel", block_queries=block_q)
     np.testing.assert_array_equal(out_i, ref_i)
     _close(out_v, ref_v)
     # Exact neighbours, nearest first, by brute force in float64.
@@ -170,8 +170,8 @@ def test_knn_ties_go_to_the_lower_index(rng):
         public[row] = queries[0] + 0.01
     public[[40, 41]] = queries[1]  # zero distance twice
     for impl in ("reference", "kernel"):
-        vals, idx = kernels.knn(queries, public, 4, block_size=16, impl=impl,
-                                block_queries=2)
+        vals, idx = dejavu_knn(queries, public, 4, block_size=16, impl=impl,
+                               block_queries=2)
         np.testing.assert_array_equal(idx[0], [3, 9, 20, 90])
         np.testing.assert_array_equal(idx[1, :2], [40, 41])
         assert vals[1, 0] == 0 and vals[1, 1] == 0
@@ -181,8 +181,8 @@ def test_knn_every_public_row_once_when_k_equals_p(rng):
     """k = P with a ragged last block: padded columns (-inf) are never picked."""
     queries = rng.standard_normal((5, 3)).astype(np.float32)
     public = rng.standard_normal((21, 3)).astype(np.float32)
-    ref = kernels.knn(queries, public, 21, block_size=8, impl="reference")
-    vals, idx = kernels.knn(queries, public, 21, block_size=8, impl="kernel")
+    ref = dejavu_knn(queries, public, 21, block_size=8, impl="reference")
+    vals, idx = dejavu_knn(queries, public, 21, block_size=8, impl="kernel")
     assert (np.sort(idx, axis=1) == np.arange(21)).all()
     assert np.isfinite(vals).all() and (np.diff(vals, axis=1) >= 0).all()
     np.testing.assert_array_equal(idx, ref[1])
@@ -242,9 +242,25 @@ def test_unit_stats_argmax_ties_take_the_first_example(rng):
 
 def test_switch_selects_kernel_or_reference(monkeypatch):
     monkeypatch.delenv("MEMJAX_KERNELS", raising=False)
-    # auto: the reference until a (backend, kernel) row is measured faster.
-    assert kernels.MEASURED_FASTER == {}
-    assert kernels.resolve("knn") == "reference"
+    # auto follows the table, whatever rows it holds today: the kernel exactly where a
+    # (backend, kernel) row says it was measured faster.
+    names = ("token_stats", "knn", "unit_stats")
+    for backend in ("cpu", "gpu", "tpu"):
+        for name in names:
+            want = "kernel" if kernels.MEASURED_FASTER.get((backend, name)) else "reference"
+            assert kernels.resolve(name, backend=backend) == want, (backend, name)
+    # On an empty table auto is the reference; a row counts only for its own backend and
+    # kernel, and only when True.
+    _dispatch = kernels._dispatch
+    monkeypatch.setattr(_dispatch, "MEASURED_FASTER", {})
+    assert [kernels.resolve(n) for n in names] == ["reference"] * 3
+    monkeypatch.setitem(_dispatch.MEASURED_FASTER, ("tpu", "knn"), True)
+    monkeypatch.setitem(_dispatch.MEASURED_FASTER, ("gpu", "unit_stats"), False)
+    assert kernels.resolve("knn", backend="tpu") == "kernel"
+    assert kernels.resolve("knn", backend="gpu") == "reference"
+    assert kernels.resolve("token_stats", backend="tpu") == "reference"
+    assert kernels.resolve("unit_stats", backend="gpu") == "reference"
+    monkeypatch.setattr(_dispatch, "MEASURED_FASTER", kernels.MEASURED_FASTER)
     monkeypatch.setitem(kernels.MEASURED_FASTER, (jax.default_backend(), "knn"), True)
     assert kernels.resolve("knn") == "kernel"
     assert kernels.resolve("token_stats") == "reference"
@@ -264,6 +280,12 @@ def test_switch_routes_unit_stats(monkeypatch):
     monkeypatch.setenv("MEMJAX_KERNELS", "reference")
     kernels.unit_stats(mu)
     assert not calls
+    # auto on a backend with no measured row for unit_stats: the reference too.
+    monkeypatch.setenv("MEMJAX_KERNELS", "auto")
+    monkeypatch.delitem(kernels.MEASURED_FASTER, (jax.default_backend(), "unit_stats"),
+                        raising=False)
+    kernels.unit_stats(mu)
+    assert not calls
     monkeypatch.setenv("MEMJAX_KERNELS", "kernel")
     np.testing.assert_array_equal(kernels.unit_stats(mu)["argmax"], [3, 3, 3])
     assert calls
@@ -272,7 +294,7 @@ def test_switch_routes_unit_stats(monkeypatch):
 def test_bad_switch_value_names_the_variable(monkeypatch):
     monkeypatch.setenv("MEMJAX_KERNELS", "fast")
     with pytest.raises(InputError, match=r"MEMJAX_KERNELS='fast'.*auto, kernel, reference"):
-        kernels.knn(np.ones((2, 2), np.float32), np.ones((3, 2), np.float32), 1)
+        dejavu_knn(np.ones((2, 2), np.float32), np.ones((3, 2), np.float32), 1)
     with pytest.raises(InputError, match="impl"):
         kernels.resolve("knn", impl="triton")
 
@@ -280,9 +302,9 @@ def test_bad_switch_value_names_the_variable(monkeypatch):
 def test_bad_input_names_the_argument():
     ones = np.ones((4, 3), np.float32)
     with pytest.raises(InputError, match="metric"):
-        kernels.knn(ones, ones, 2, metric="l1")
+        dejavu_knn(ones, ones, 2, metric="l1")
     with pytest.raises(InputError, match="k=5"):
-        kernels.knn(ones, ones, 5)
+        dejavu_knn(ones, ones, 5)
     with pytest.raises(InputError, match="targets"):
         kernels.token_stats(ones, np.ones((3, 5), np.float32), np.zeros(3, int))
     with pytest.raises(InputError, match="unembedding"):

@@ -36,8 +36,7 @@ def brute_tpr_at_fpr(scores, labels, target) -> float:
 
 
 @pytest.fixture(params=["continuous", "ties"])
-def case(request):
-    rng = np.random.default_rng()
+def case(request, rng):
     n = int(rng.integers(50, 400))
     labels = rng.random(n) < rng.uniform(0.2, 0.8)
     labels[:2] = [True, False]

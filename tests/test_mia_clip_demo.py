@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from memjax.audit.clip import TRAINING, WSA_OPTIONS, embed_pairs, split_pairs
+from memjax.audit.data import digit_caption_pairs
 from memjax.errors import InputError
 from memjax.metrics import auc_confidence_interval, roc_auc, tpr_at_fpr
 from memjax.mia._clip import csa, wsa
-from memjax.train.clip import ClipConfig, digit_caption_pairs, fit_clip, train_clips
+from memjax.train.clip import ClipConfig, fit_clip, train_clips
 
 SEEDS = (0, 1, 2, 3, 4)
 

@@ -70,8 +70,7 @@ def lira_case(rng, m=8, n=40, n_aug=None):
 @pytest.mark.parametrize("fixed_variance", [False, True])
 @pytest.mark.parametrize("estimator", ["mean", "median"])
 @pytest.mark.parametrize("n_aug", [None, 1, 3])
-def test_lira_matches_loops(online, fixed_variance, estimator, n_aug):
-    rng = np.random.default_rng()
+def test_lira_matches_loops(online, fixed_variance, estimator, n_aug, rng):
     target, ref, ref_in = lira_case(rng, m=int(rng.integers(4, 10)), n_aug=n_aug)
     got = lira(target, ref, ref_in, online=online, fixed_variance=fixed_variance,
                estimator=estimator)
@@ -82,8 +81,7 @@ def test_lira_matches_loops(online, fixed_variance, estimator, n_aug):
 
 
 @pytest.mark.parametrize("estimator", ["mean", "median"])
-def test_lira_offline_density_variant(estimator):
-    rng = np.random.default_rng()
+def test_lira_offline_density_variant(estimator, rng):
     target, ref, ref_in = lira_case(rng, n_aug=2)
     got = lira(target, ref, ref_in, online=False, offline_test="density", estimator=estimator)
     want = naive_lira(target, ref, ref_in, online=False, offline_test="density",
@@ -91,8 +89,7 @@ def test_lira_offline_density_variant(estimator):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_lira_one_in_one_out_model_is_finite_and_floored():
-    rng = np.random.default_rng()
+def test_lira_one_in_one_out_model_is_finite_and_floored(rng):
     n = 12
     ref_in = np.zeros((2, n), bool)
     ref_in[rng.integers(0, 2, n), np.arange(n)] = True  # exactly one IN and one OUT each
@@ -109,8 +106,7 @@ def test_lira_one_in_one_out_model_is_finite_and_floored():
     np.testing.assert_array_equal(lira(target, ref, ref_in) > 0, closer_in)
 
 
-def test_lira_few_models_ragged_counts_with_median():
-    rng = np.random.default_rng()
+def test_lira_few_models_ragged_counts_with_median(rng):
     m, n = 5, 30
     ref_in = np.zeros((m, n), bool)
     # 1..4 IN models per example, rest OUT: odd and even counts for the median.
@@ -124,7 +120,7 @@ def test_lira_few_models_ragged_counts_with_median():
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_lira_ties_and_identical_reference_values():
+def test_lira_ties_and_identical_reference_values(rng):
     m, n = 4, 3
     ref_in = np.array([[1, 0, 1], [1, 0, 0], [0, 1, 1], [0, 1, 0]], bool)
     ref = np.ones((m, n))  # every reference value coincides: σ hits the floor
@@ -136,15 +132,13 @@ def test_lira_ties_and_identical_reference_values():
     assert np.isfinite(off).all()
     assert off[0] == off[1] == np.log(0.5) and off[2] == 0.0  # at μ_out: log Φ(0); above: 0
     # Two identical examples get identical scores (ties stay ties).
-    rng = np.random.default_rng()
     t, r, ri = lira_case(rng)
     t[1], r[:, 1], ri[:, 1] = t[0], r[:, 0], ri[:, 0]
     s = lira(t, r, ri)
     assert s[0] == s[1]
 
 
-def test_lira_direction_members_score_higher():
-    rng = np.random.default_rng()
+def test_lira_direction_members_score_higher(rng):
     m, n = 16, 400
     ref_in = random_membership(rng, m, n, min_in=2, min_out=2)
     base = rng.normal(size=n)
@@ -156,8 +150,7 @@ def test_lira_direction_members_score_higher():
         assert s[is_member].mean() > s[~is_member].mean()
 
 
-def test_lira_errors():
-    rng = np.random.default_rng()
+def test_lira_errors(rng):
     target, ref, ref_in = lira_case(rng, m=4, n=6)
     with pytest.raises(InputError, match="ref_in: dtype"):
         lira(target, ref, ref_in.astype(int))
@@ -222,16 +215,14 @@ def rmia_case(rng, m=6, n=50, z=80):
 
 @pytest.mark.parametrize("online", [False, True])
 @pytest.mark.parametrize("a,gamma", [(1.0, 1.0), (0.3, 1.0), (0.0, 2.0), (0.7, 0.5)])
-def test_rmia_matches_naive_matrix(online, a, gamma):
-    rng = np.random.default_rng()
+def test_rmia_matches_naive_matrix(online, a, gamma, rng):
     args = rmia_case(rng)
     got = rmia(*args, a=a, gamma=gamma, online=online)
     want, _, _ = naive_rmia(*args, a=a, gamma=gamma, online=online)
     np.testing.assert_array_equal(got, want)
 
 
-def test_rmia_ties_are_not_counted():
-    rng = np.random.default_rng()
+def test_rmia_ties_are_not_counted(rng):
     m, n, z = 3, 40, 60
     ref_in = random_membership(rng, m, n, min_in=0)
     # Dyadic probabilities with p(x) = p(z) = 1/2 make many ratios exactly equal.
@@ -253,8 +244,7 @@ def test_rmia_ties_are_not_counted():
     np.testing.assert_array_equal(flat, np.zeros(n))
 
 
-def test_rmia_zero_probabilities_follow_the_strict_definition():
-    rng = np.random.default_rng()
+def test_rmia_zero_probabilities_follow_the_strict_definition(rng):
     target_p, ref_p, ref_in, pop_target_p, pop_ref_p = rmia_case(rng, n=10, z=20)
     target_p[:3] = 0.0
     pop_target_p[:5] = 0.0
@@ -265,8 +255,7 @@ def test_rmia_zero_probabilities_follow_the_strict_definition():
     assert (got[3:] >= 5 / 20).all()  # positive ratios beat the five zero ratio_z
 
 
-def test_rmia_errors():
-    rng = np.random.default_rng()
+def test_rmia_errors(rng):
     t, r, ri, pt, pr = rmia_case(rng, m=4, n=6, z=5)
     with pytest.raises(InputError, match="ref_in: dtype"):
         rmia(t, r, ri.astype(np.int8), pt, pr)
@@ -305,8 +294,7 @@ def naive_twice_u(scores, labels):
     return sum(2 * int(p > q) + int(p == q) for p in pos for q in neg)
 
 
-def test_choose_a_returns_the_naive_argmax():
-    rng = np.random.default_rng()
+def test_choose_a_returns_the_naive_argmax(rng):
     m, n, z = 5, 60, 50
     ref_in = random_membership(rng, m, n, min_in=0, min_out=2)
     difficulty = rng.uniform(0.05, 0.9, n)
@@ -324,10 +312,9 @@ def test_choose_a_returns_the_naive_argmax():
 
 
 @pytest.mark.parametrize("members_easy", [True, False])
-def test_choose_a_constructed(members_easy):
+def test_choose_a_constructed(members_easy, rng):
     # Members and non-members differ in how likely the OUT models find them: a = 0 ignores
     # the reference models and a = 1 trusts them fully, so one end of the grid wins.
-    rng = np.random.default_rng()
     m, n, z = 4, 40, 200
     is_member = np.arange(n) < n // 2
     ref_in = np.zeros((m, n), bool)
@@ -350,8 +337,7 @@ def test_choose_a_constructed(members_easy):
     assert twice_u == [2 * (n // 2) ** 2, 0]
 
 
-def test_choose_a_errors():
-    rng = np.random.default_rng()
+def test_choose_a_errors(rng):
     _, r, ri, _, pr = rmia_case(rng, m=3, n=8, z=5)
     with pytest.raises(InputError, match="M >= 2"):
         choose_a(r[:1], ri[:1], pr[:1])

@@ -37,8 +37,7 @@ def _ref_lowest_k_mean(values, mask, k):
 
 
 @pytest.mark.parametrize("k", [0.05, 0.2, 0.5, 1.0])
-def test_min_k_matches_reference(k):
-    rng = np.random.default_rng()
+def test_min_k_matches_reference(k, rng):
     logp, mask = _random_tokens(rng)
     got = tokens.min_k(logp, mask, k)
     np.testing.assert_allclose(got, _ref_lowest_k_mean(logp, mask, k), rtol=1e-12)
@@ -57,8 +56,7 @@ def test_min_k_all_ties_and_float_count():
 
 
 @pytest.mark.parametrize("k", [0.1, 0.2, 1.0])
-def test_min_k_plus_plus_matches_reference(k):
-    rng = np.random.default_rng()
+def test_min_k_plus_plus_matches_reference(k, rng):
     logp, mask = _random_tokens(rng)
     mu = -rng.exponential(3.0, logp.shape)
     sigma = rng.exponential(1.0, logp.shape)
@@ -70,8 +68,7 @@ def test_min_k_plus_plus_matches_reference(k):
     assert np.isfinite(got).all()
 
 
-def test_loss_zlib_reference():
-    rng = np.random.default_rng()
+def test_loss_zlib_reference(rng):
     ml = rng.exponential(2.0, 4)
     np.testing.assert_array_equal(tokens.loss(ml), -ml)
     texts = ["the cat sat on the mat", "a" * 500, "Ünïcödé ✓ text 日本語", ""]
@@ -152,8 +149,7 @@ def _ref_dataset_inference(xs, xv, res, clip, epochs, lr):
     return theta, score(xs[res.heldout_suspect]), score(xv[res.heldout_val])
 
 
-def test_dataset_inference_shifted_matches_reference():
-    rng = np.random.default_rng()
+def test_dataset_inference_shifted_matches_reference(rng):
     xs = rng.normal(0.3, 1.0, (1000, 5))
     xv = rng.normal(0.0, 1.0, (1000, 5))
     xs[:, 4] = rng.standard_t(2, 1000)  # heavy tails: clipping matters
@@ -163,10 +159,21 @@ def test_dataset_inference_shifted_matches_reference():
     # Held-out halves are disjoint from the training halves and cover half of each set.
     assert len(np.unique(res.heldout_suspect)) == 500 and len(np.unique(res.heldout_val)) == 500
     theta, ss, sv = _ref_dataset_inference(xs, xv, res, 0.025, 1000, 0.01)
-    np.testing.assert_allclose(res.weights, theta[:-1], atol=2e-3)
+    # Measured over 60 fresh seeds (|weights| ~0.5, |scores| ~2): weights within 1.9e-5 of
+    # the float64 Adam path, the bias within 4.6e-3 (58 of 60 seeds below 7.5e-4), the
+    # scores minus the bias within 4.6e-5. Near the optimum the bias's gradient, a float32
+    # mean of 1000 terms (p - y), is rounding noise, and Adam's normalised step m/sqrt(v)
+    # turns noise into steps of up to lr = 0.01: the bias drifts apart from the float64
+    # path by a fraction of lr, and every score carries the same offset. The weights'
+    # gradients stay far above the noise, so they converge alike. Tolerances: ~5x the
+    # measured maximum for the weights and the bias-free scores; the bias and the scores
+    # keep their tolerances (the bias's is already close to its measured maximum).
+    np.testing.assert_allclose(res.weights, theta[:-1], atol=1e-4)
     np.testing.assert_allclose(res.bias, theta[-1], atol=5e-3)  # float32 Adam jitter
     np.testing.assert_allclose(res.scores_suspect, ss, atol=1e-2)
     np.testing.assert_allclose(res.scores_val, sv, atol=1e-2)
+    np.testing.assert_allclose(res.scores_suspect - res.bias, ss - theta[-1], atol=2e-4)
+    np.testing.assert_allclose(res.scores_val - res.bias, sv - theta[-1], atol=2e-4)
     # Deterministic by seed.
     again = di.dataset_inference(xs, xv, seed=3)
     np.testing.assert_array_equal(again.scores_suspect, res.scores_suspect)
@@ -182,8 +189,7 @@ def test_dataset_inference_shifted_matches_reference():
 
 @pytest.mark.parametrize("test", ["welch", "student"])
 @pytest.mark.parametrize("alternative", ["greater", "two-sided"])
-def test_t_tests_match_scipy(test, alternative):
-    rng = np.random.default_rng()
+def test_t_tests_match_scipy(test, alternative, rng):
     xs = rng.normal(0.1, 1.5, (300, 3))
     xv = rng.normal(0.0, 1.0, (200, 3))
     res = di.dataset_inference(xs, xv, test=test, alternative=alternative, epochs=200)
@@ -210,12 +216,11 @@ def test_identical_distributions_not_significant():
     assert fp.scores_suspect.shape == (250,) and fp.scores_val.shape == (250,)
 
 
-def test_p_value_curve_and_sizes():
+def test_p_value_curve_and_sizes(rng):
     np.testing.assert_array_equal(di.default_curve_sizes(7), [7])
     np.testing.assert_array_equal(di.default_curve_sizes(10), [10])
     np.testing.assert_array_equal(di.default_curve_sizes(1234),
                                   [10, 20, 50, 100, 200, 500, 1000, 1234])
-    rng = np.random.default_rng()
     s, v = rng.normal(1, 1, 40), rng.normal(0, 1, 30)
     ns, ps = di.p_value_curve(s, v, [5, 30], test="student")
     np.testing.assert_allclose(ps, [stats.ttest_ind(s[:n], v[:n], alternative="greater").pvalue
@@ -234,9 +239,9 @@ def test_dataset_inference_errors():
     nan[2, 1] = np.nan
     with pytest.raises(InputError, match=r"features_val: expected finite.*\(2, 1\)"):
         di.dataset_inference(x, nan)
-    with pytest.raises(InputError, match="test: expected one of"):
+    with pytest.raises(InputError, match="test=.*: expected one of"):
         di.dataset_inference(x, x, test="z")
-    with pytest.raises(InputError, match="alternative: expected one of"):
+    with pytest.raises(InputError, match="alternative=.*: expected one of"):
         di.dataset_inference(x, x, alternative="less")
     with pytest.raises(InputError, match="clip: expected"):
         di.dataset_inference(x, x, clip=0.5)

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification, ResNetModel
 
 import memjax.signals
-from memjax.convert import load_pretrained, restore, save
+from memjax.convert import from_torch_state_dict, load_pretrained, restore, save
 from memjax.engine import make_mesh, score
 from memjax.errors import InputError
 from memjax.models import cifar_resnet, resnet, with_taps
@@ -360,7 +360,7 @@ def test_cifar_matches_pytorch_in_eval_and_train_mode(arch):
     torch.manual_seed(0)
     ref = randomize_bn(torch_cls()).eval()
     config = preset()
-    model = cifar_resnet.from_torch_state_dict(ref.state_dict(), config)
+    model = from_torch_state_dict(ref.state_dict(), config)
     x = images((2, 3, 32, 32))
     with torch.no_grad():
         logits, stages = ref(torch.tensor(x))
@@ -374,7 +374,7 @@ def test_cifar_matches_pytorch_in_eval_and_train_mode(arch):
         logits, _ = ref(torch.tensor(x))
     ours, model = train_step(model, nhwc(x))
     assert max_diff(ours, logits.numpy()) <= TOL
-    updated = cifar_resnet.from_torch_state_dict(ref.state_dict(), config)
+    updated = from_torch_state_dict(ref.state_dict(), config)
     ours_stats = nnx.to_flat_state(nnx.state(model, nnx.BatchStat))
     ref_stats = dict(nnx.to_flat_state(nnx.state(updated, nnx.BatchStat)))
     assert len(ours_stats) == len(ref_stats) > 0
@@ -487,6 +487,6 @@ def test_cifar_round_trip_and_strict_torch_weights(tmp_path):
     del state["layer3.residual.0.res2.bn.running_mean"]
     state["linear.bias"] = torch.zeros(10)
     with pytest.raises(InputError) as err:
-        cifar_resnet.from_torch_state_dict(state, cifar_resnet.resnet9_config())
+        from_torch_state_dict(state, cifar_resnet.resnet9_config())
     assert "layer3.residual.0.res2.bn.running_mean" in str(err.value)
     assert "linear.bias" in str(err.value)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from memjax.errors import InputError
-from memjax.signals import SIGNALS, check_labels, classification, contrastive, tokens
-from memjax.signals._tokens import chunk_stats, empty_stats, finalize_stats, merge_stats
+from memjax.kernels import chunk_stats, empty_stats, finalize_stats, merge_stats
+from memjax.signals import check_labels, classification, contrastive, tokens
 
 RTOL = 1e-5
 ATOL = 1e-6  # values that are ~0 (confident losses, small entropies)
@@ -571,9 +571,39 @@ def test_contrastive_bad_input():
         contrastive(jnp.zeros(3), jnp.zeros(3, jnp.int32))
 
 
-def test_signals_registry():
-    assert SIGNALS == {
-        "classification": classification,
-        "tokens": tokens,
-        "contrastive": contrastive,
-    }
+def test_signals_are_exported_by_name():
+    """Each signal is public under its own name (no registry: callers import them)."""
+    import memjax.signals as signals
+    from memjax.signals import _classification, _contrastive, _tokens
+
+    assert {"causal_lm_tokens", "classification", "contrastive", "tokens"} <= set(
+        signals.__all__)
+    assert (signals.classification, signals.tokens, signals.contrastive) == (
+        _classification.classification, _tokens.tokens, _contrastive.contrastive)
+    assert (classification, tokens, contrastive) == (
+        signals.classification, signals.tokens, signals.contrastive)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_causal_lm_tokens_scores_the_next_real_token(rng, chunk_size):
+    """Position t is scored with target ids[t + 1] when both are real tokens; the signals
+    equal a float64 log-softmax of hidden @ W at those positions."""
+    from memjax.signals import causal_lm_tokens
+
+    length, dim, vocab = 9, 5, 23
+    hidden = rng.standard_normal((length, dim)).astype(np.float32)
+    weight = rng.standard_normal((dim, vocab)).astype(np.float32)
+    ids = rng.integers(0, vocab, length)
+    mask = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0])  # 6 real tokens, right-padded
+    out = causal_lm_tokens(jnp.asarray(hidden), jnp.asarray(weight), jnp.asarray(ids),
+                           jnp.asarray(mask), chunk_size=chunk_size)
+    scored = np.array([True] * 5 + [False] * 4)  # the 6th real token has no real target
+    np.testing.assert_array_equal(out["scored"], scored)
+    z = hidden.astype(np.float64) @ weight.astype(np.float64)
+    log_p = z - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True)) \
+        - z.max(1, keepdims=True)
+    want = log_p[np.arange(length - 1), ids[1:]]
+    np.testing.assert_allclose(out["logp"][:length - 1], want, rtol=RTOL, atol=ATOL_MATMUL)
+    assert float(out["n_tokens"]) == 5
+    np.testing.assert_allclose(float(out["mean_loss"]), -want[scored[:-1]].mean(),
+                               rtol=RTOL, atol=ATOL_MATMUL)

@@ -1,7 +1,7 @@
 """The audit's CLIP section: CSA, AEA and WSA against a tiny CLIP on digit image-caption pairs.
 
 A tiny CLIP (:mod:`memjax.train.clip`, Radford et al. 2021) is trained on a random half of
-the digit pairs (:func:`memjax.train.clip.digit_caption_pairs`: class word + random
+the digit pairs (:func:`memjax.audit.data.digit_caption_pairs`: class word + random
 attribute words the image does not show). The other half is split in two: one part joins
 the members in the candidate pool (unknown membership to the attacker), the other is the
 attacker's known non-members, which only WSA uses (Ko et al. 2023). Every attack is scored
@@ -18,10 +18,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from memjax.audit.data import digit_caption_pairs
 from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
-from memjax.mia._clip import aea, csa, text_only_baseline, wsa
+from memjax.mia import aea, csa, text_only_baseline, wsa
 from memjax.report import Section
-from memjax.train.clip import ClipConfig, clip_embed, digit_caption_pairs, train_clips
+from memjax.train.clip import ClipConfig, clip_embed, train_clips
 
 TITLE = "Membership inference: tiny CLIP on digit image\u2013caption pairs"
 #: The target's recipe: minibatch Adam on the CLIP loss, about 10 epochs over the members
@@ -30,7 +31,7 @@ TITLE = "Membership inference: tiny CLIP on digit image\u2013caption pairs"
 TRAINING = {"steps": 70, "learning_rate": 2e-3, "batch_size": 128}
 #: WSA as in Ko et al. 2023 (lam = 1.5, the reference attack MLP), with the elementwise
 #: product features: the image-text alignment is a product of the two embeddings, which
-#: a 15-epoch MLP on their concatenation barely represents (see memjax.mia._clip.wsa).
+#: a 15-epoch MLP on their concatenation barely represents (see memjax.mia.wsa).
 WSA_OPTIONS = {"lam": 1.5, "classifier": "mlp", "features": "concat_product"}
 #: AEA's views: the image and its one-pixel shifts (zero fill), cheap augmentations.
 SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))

@@ -21,12 +21,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import optax
 
 from memjax.data import digits, stdlib_docstrings
-from memjax.influence._applications import hit_rates, relative_influence, self_influence
-from memjax.influence._forward_inf import forward_inf
-from memjax.influence._lava import lava_values
+from memjax.influence import (
+    RANKING,
+    cross_entropy_loss,
+    forward_inf,
+    hit_rates,
+    lava_values,
+    relative_first_order,
+    self_influence,
+)
 from memjax.metrics import roc_auc
 from memjax.report import Section, plot_top_images
 from memjax.train import MLPConfig, classifier_logits, fit_classifier
@@ -37,23 +42,8 @@ FLIP_FRACTION = 0.1
 SELF_INFLUENCE = {"mode": "finite", "optimizer": "sgd", "lr": 0.1}
 #: Unlearning a test example: one SGD ascent step; oriented scores (positive = supports).
 TRACING = {"mode": "finite", "optimizer": "sgd", "lr": 0.1, "direction": "ascent"}
-#: Source ranking: first-order influence relative to self-influence, i.e. the cosine of
-#: the training and test gradients (an exact copy of a training example scores exactly 1,
-#: the maximum; in the finite regime no such guarantee holds).
-RANKING = {"mode": "first_order", "optimizer": "sgd", "lr": 0.1}
-
-
-def relative_first_order(loss_fn, params, test, train, *, batch_size: int = 256):
-    """[T, N] first-order Forward-INF relative to self-influence (a gradient cosine)."""
-    scores = forward_inf(loss_fn, params, test, train, **RANKING, batch_size=batch_size)
-    own = self_influence(loss_fn, params, train, **RANKING, batch_size=batch_size)
-    return relative_influence(scores, own)
-
-
-def classifier_loss(params, example):
-    """Cross-entropy of one example under a memjax.train classifier (Forward-INF's loss)."""
-    logits = classifier_logits(params, example["image"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
+#: Forward-INF's loss for the audit's MLPs: cross-entropy of one example.
+classifier_loss = functools.partial(cross_entropy_loss, classifier_logits)
 
 
 def flip_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, ...]:

@@ -9,6 +9,7 @@ per-example function); the attacks then run on the evaluation set (everything el
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -16,13 +17,14 @@ import jax
 import numpy as np
 
 from memjax.engine import score
-from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
-from memjax.mia import choose_a, lira, rmia
+from memjax.metrics import plot_roc
+from memjax.mia import all_model_signals, attack_metrics, attack_suite
 from memjax.report import Section
-from memjax.signals import classification
 from memjax.train import MLPConfig, balanced_keep, classifier_logits, save_models, train_classifiers
 
 TITLE = "Membership inference with reference models: LOSS vs LiRA vs RMIA"
+#: The engine's per-example function: classification signals under every stacked MLP.
+STACK_SIGNALS = functools.partial(all_model_signals, classifier_logits)
 
 
 def split_population(n: int, seed: int, fraction: float = 0.2) -> tuple[np.ndarray, ...]:
@@ -35,60 +37,6 @@ def split_population(n: int, seed: int, fraction: float = 0.2) -> tuple[np.ndarr
     population = np.zeros(n, bool)
     population[order[n // 2: n // 2 + int(fraction * (n - n // 2))]] = True
     return target, population
-
-
-def all_model_signals(params, example):
-    """Classification signals of one example under every stacked model: fields [M+1]."""
-    return jax.vmap(lambda p: classification(classifier_logits(p, example["image"]),
-                                             example["label"]))(params)
-
-
-def attack_suite(signals: dict[str, np.ndarray], keep: np.ndarray, population: np.ndarray,
-                 target: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """LOSS, LiRA (online, fixed variance, offline) and RMIA against model ``target``.
-
-    Args:
-      signals: the engine's :func:`all_model_signals` output: ``phi``, ``p_true``, ``loss``
-        each [N, M] (M models, the target among them).
-      keep: [M, N] bool training masks; population: [N] bool examples no model trained on
-        (RMIA's population; RMIA is left out when there are none).
-      target: which model is attacked; the others are its reference models.
-
-    Returns:
-      ({attack name: scores over the non-population examples}, is_member there).
-    """
-    phi, p_true, loss = (np.asarray(signals[k], np.float64).T for k in ("phi", "p_true",
-                                                                       "loss"))
-    refs = np.arange(keep.shape[0]) != target
-    evaluation = ~population
-    is_member = keep[target, evaluation]
-    ref_in = keep[refs][:, evaluation]
-    ref_phi, ref_p = phi[refs][:, evaluation], p_true[refs][:, evaluation]
-    target_phi = phi[target, evaluation]
-    attacks = {
-        "LOSS": -loss[target, evaluation],
-        "LiRA online": lira(target_phi, ref_phi, ref_in, online=True),
-        "LiRA online, fixed variance": lira(target_phi, ref_phi, ref_in, online=True,
-                                            fixed_variance=True),
-        "LiRA offline": lira(target_phi, ref_phi, ref_in, online=False),
-    }
-    if population.any():
-        pop_ref_p = p_true[refs][:, population]
-        a = choose_a(ref_p, ref_in, pop_ref_p)
-        attacks[f"RMIA offline (a={a:.1f})"] = rmia(p_true[target, evaluation], ref_p, ref_in,
-                                                    p_true[target, population], pop_ref_p,
-                                                    a=a)
-    return attacks, is_member
-
-
-def attack_metrics(attacks: dict[str, np.ndarray], is_member: np.ndarray) -> list[tuple]:
-    """(name, value) rows: AUC, TPR@1%FPR and TPR@0.1%FPR of every attack."""
-    rows = []
-    for name, s in attacks.items():
-        rows += [(f"{name} AUC", roc_auc(s, is_member)),
-                 (f"{name} TPR@1%FPR", tpr_at_fpr(s, is_member, 0.01)),
-                 (f"{name} TPR@0.1%FPR", tpr_at_fpr(s, is_member, 0.001))]
-    return rows
 
 
 def membership_section(images: np.ndarray, labels: np.ndarray, folder: Path, *, seed: int,
@@ -110,7 +58,7 @@ def membership_section(images: np.ndarray, labels: np.ndarray, folder: Path, *, 
     save_models(folder / "reference_models", params, keep, config,
                 training={"steps": steps, "learning_rate": 2e-3, "seed": seed,
                           "population": np.flatnonzero(population).tolist()})
-    signals = score(all_model_signals, params, {"image": images, "label": labels},
+    signals = score(STACK_SIGNALS, params, {"image": images, "label": labels},
                     batch_size=batch_size, mesh=mesh, progress=progress)
 
     attacks, is_member = attack_suite(signals, keep, population)

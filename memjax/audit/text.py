@@ -3,7 +3,7 @@
 A byte-level GPT-2 is trained on a random set of real texts (first paragraphs of
 standard-library docstrings, :func:`memjax.data.stdlib_docstrings`); every other text of
 the corpus is a non-member from the same distribution. The engine scores every text once
-(per-token signals, :func:`memjax.signals._tokens`), and from those signals come
+(per-token signals, :func:`memjax.signals.causal_lm_tokens`), and from those signals come
 
 - per-example attacks: LOSS (Yeom et al. 2018), Min-K% (Shi et al. 2024), Min-K%++ (Zhang
   et al. 2024) and zlib (Carlini et al. 2021), judged by AUC and TPR at low FPR;
@@ -20,18 +20,16 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from memjax.data import stdlib_docstrings
 from memjax.engine import score
 from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
-from memjax.mia import dataset_inference, loss, min_k, min_k_plus_plus, zlib
-from memjax.mia._inference import DatasetInferenceResult
+from memjax.mia import DatasetInferenceResult, dataset_inference, loss, min_k, min_k_plus_plus, zlib
 from memjax.models.gpt2 import GPT2Config
 from memjax.report import Section
-from memjax.signals import tokens
+from memjax.signals import causal_lm_tokens
 from memjax.train.lm import byte_tokens, fit_gpt2, gpt2_graph
 
 TITLE = "Membership inference: tiny GPT-2 on standard-library docstrings"
@@ -73,11 +71,8 @@ def token_signals(graph, params, example):
     """
     lm = nnx.merge(graph, params)
     ids, mask = example["input_ids"], example["attention_mask"]
-    length = ids.shape[0]
     hidden = lm.hidden_states(ids[None], mask[None])[0]
-    scored = (mask != 0) & (jnp.roll(mask, -1) != 0) & (jnp.arange(length) < length - 1)
-    return {**tokens(hidden=hidden, unembedding=lm.unembedding(), targets=jnp.roll(ids, -1),
-                     mask=scored, chunk_size=64), "scored": scored}
+    return causal_lm_tokens(hidden, lm.unembedding(), ids, mask, chunk_size=64)
 
 
 def text_signals(params, ids: np.ndarray, mask: np.ndarray, *, batch_size: int = 64,

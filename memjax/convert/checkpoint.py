@@ -56,7 +56,7 @@ def _read_safetensors(files: Iterable[Path]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def _torch_to_numpy(tensor) -> np.ndarray:
+def torch_to_numpy(tensor) -> np.ndarray:
     import torch
 
     tensor = tensor.detach().cpu()
@@ -73,7 +73,7 @@ def _read_pickled(files: list[Path]) -> dict[str, np.ndarray]:
         state = torch.load(file, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise InputError(f"{str(file)!r}: expected a state dict of tensors")
-        tensors.update({k: _torch_to_numpy(v) for k, v in state.items()})
+        tensors.update({k: torch_to_numpy(v) for k, v in state.items()})
     return tensors
 
 

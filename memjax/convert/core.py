@@ -18,6 +18,7 @@ from memjax.models.registry import (  # noqa: F401 - the registry's names, as be
     COMMON_DEFAULTS,
     NEUTRAL_CONFIG_KEYS,
     Architecture,
+    architecture_of,
     check_config,
     detect_architecture,
     fill_params,
@@ -49,3 +50,24 @@ def load_pretrained(path: str | Path, *, dtype: Any = jnp.float32,
     params = arch.convert(reader, config)
     abstract = nnx.eval_shape(lambda: arch.build(config, nnx.Rngs(0)))
     return fill_params(abstract, params, reader, dtype, arch.name), config
+
+
+def from_torch_state_dict(state_dict: dict[str, Any], config: Any, *,
+                          dtype: Any = jnp.float32) -> nnx.Module:
+    """A module of the architecture registered for ``config`` with PyTorch weights
+    (tensors or arrays by key, e.g. a CIFAR ResNet's ``state_dict()``), strictly: every
+    missing, unexpected or mis-shaped tensor is reported in one InputError."""
+    import numpy as np
+
+    from memjax.convert.checkpoint import torch_to_numpy
+
+    arch = architecture_of(config)
+    # Copy: NumPy views of torch tensors (and jnp arrays made from them on CPU) would
+    # otherwise share memory with a module whose statistics PyTorch updates in place.
+    tensors = {k: np.array(torch_to_numpy(v) if hasattr(v, "detach") else v, copy=True)
+               for k, v in state_dict.items()}
+    reader = TensorReader(tensors, ignore=arch.ignore)
+    config = arch.refine_config(config, frozenset(tensors))
+    params = arch.convert(reader, config)
+    abstract = nnx.eval_shape(lambda: arch.build(config, nnx.Rngs(0)))
+    return fill_params(abstract, params, reader, dtype, arch.name)

@@ -19,7 +19,13 @@ from flax import nnx
 
 from memjax.convert.core import load_pretrained
 from memjax.convert.orbax_io import cast
-from memjax.convert.saved import read_meta, restore_classifiers, restore_port
+from memjax.convert.saved import (
+    MODEL_FILE,
+    is_model_folder,
+    read_meta,
+    restore_classifiers,
+    restore_port,
+)
 from memjax.errors import InputError
 from memjax.models.classifier import CONFIG_KINDS
 from memjax.models.protocol import Model, NNXForward
@@ -106,12 +112,14 @@ def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
         raise InputError(f"model {str(path)!r}: expected a model folder (Hugging Face "
                          "checkpoint, memjax convert output, or memjax.train output)")
     source = str(folder.absolute())
-    try:
+    if is_model_folder(folder):
         meta = read_meta(folder)
-    except InputError:
-        if not (folder / "config.json").is_file():
-            raise
+    elif (folder / "config.json").is_file():
         meta = None
+    else:
+        raise InputError(f"model {str(path)!r}: no config.json (expected a Hugging Face "
+                         f"checkpoint folder) and no {MODEL_FILE} (expected a folder written "
+                         "by memjax convert or memjax.train)")
     if meta is not None and meta["architecture"] in CONFIG_KINDS:
         params, config, keep, meta = restore_classifiers(folder, meta)
         if keep is not None:

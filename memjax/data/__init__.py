@@ -16,6 +16,7 @@ from memjax.data.base import (
     as_source,
     example_ids,
     hash_array,
+    source_ids,
     stack_records,
 )
 from memjax.data.images import IMAGE_EXTENSIONS, ImageFolderSource
@@ -40,6 +41,7 @@ __all__ = [
     "hash_array",
     "memmap_source",
     "open_source",
+    "source_ids",
     "stack_records",
     "stdlib_docstrings",
 ]

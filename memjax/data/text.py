@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from memjax._checks import check_positive_int
 from memjax.data._util import check_index, existing_path, hash_json
 from memjax.data.base import RandomAccessSource
 from memjax.errors import InputError
@@ -186,10 +187,7 @@ def _check_max_length(max_length: Any, tokenizer: Any, path: str) -> int | None:
                 "(every example is padded or truncated to it)"
             )
         return None
-    if isinstance(max_length, bool) or not isinstance(max_length, int | np.integer) \
-            or max_length <= 0:
-        raise InputError(f"JsonlTextSource({path}): max_length must be a positive int, "
-                         f"got {max_length!r}")
+    check_positive_int(max_length, f"JsonlTextSource({path}): max_length")
     if tokenizer is not None and not (callable(tokenizer) or hasattr(tokenizer, "encode_batch")):
         raise InputError(
             f"JsonlTextSource({path}): tokenizer must be a transformers tokenizer, a "

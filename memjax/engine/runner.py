@@ -27,7 +27,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from memjax._checks import to_device_dtype
+from memjax._checks import check_positive_int, to_device_dtype
 from memjax.data.base import (
     ID_FIELD,
     ArraySource,
@@ -416,10 +416,7 @@ def score(
     """
     if not callable(fn):
         raise InputError(f"fn: expected a function fn(params, example), got {type(fn).__name__}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise InputError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    batch_size = int(batch_size)
+    batch_size = check_positive_int(batch_size, "batch_size")
     source = as_source(source)
     if prefetch is None:
         prefetch = 0 if _in_memory(source) else 2

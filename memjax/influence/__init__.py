@@ -1,8 +1,10 @@
-"""Influence of training examples on predictions (DESIGN.md, "Forward-INF", "LAVA").
+"""Influence of training examples on predictions.
 
-- :func:`forward_inf` (Ko et al. 2024): mirrored influence from forward passes, finite or
-  first order; :func:`self_influence`, :func:`relative_influence`, :func:`top_sources`,
-  :func:`hit_rates` for its applications.
+- :func:`forward_inf` (Ko et al., CVPR 2024, "The Mirrored Influence Hypothesis"):
+  mirrored influence from forward passes, finite or first order; :func:`self_influence`,
+  :func:`relative_influence`, :func:`relative_first_order` (with its settings
+  :data:`RANKING`), :func:`top_sources`, :func:`hit_rates` for its applications;
+  :func:`cross_entropy_loss` makes a classifier's per-example loss from its logits.
 - Baselines and ground truth: :func:`grad_dot` / :func:`tracin` (Pruthi et al. 2020, with
   a blockwise random projection), exact :func:`loo_influence` / :func:`dual_loo_influence`
   for L2-regularised logistic regression, :func:`lds` (Park et al. 2023), :func:`pearson`,
@@ -11,7 +13,9 @@
 """
 
 from memjax.influence._applications import (
+    RANKING,
     hit_rates,
+    relative_first_order,
     relative_influence,
     self_influence,
     top_sources,
@@ -26,9 +30,12 @@ from memjax.influence._loo import (
     loo_influence,
     refit_logistic,
 )
+from memjax.influence._losses import cross_entropy_loss
 from memjax.influence._stats import lds, pearson, spearman
 
 __all__ = [
+    "RANKING",
+    "cross_entropy_loss",
     "dual_loo_influence",
     "fit_logistic",
     "forward_inf",
@@ -44,6 +51,7 @@ __all__ = [
     "per_example_grads",
     "project",
     "refit_logistic",
+    "relative_first_order",
     "relative_influence",
     "self_influence",
     "spearman",

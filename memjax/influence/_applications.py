@@ -8,6 +8,9 @@
   self-influence magnitude (RelatIF, Barshan et al. 2020): at first order a gradient
   cosine, so examples with large gradients (misfit, mislabeled) stop dominating every
   test example's ranking.
+- :func:`relative_first_order`: first-order Forward-INF relative to self-influence (the
+  cosine of the test and training gradients): an exact copy of a training example ranks
+  its source first.
 - :func:`top_sources` / :func:`hit_rates`: for [T, N] influence scores, the k most
   supporting training examples of each test example, and how often the known source
   (a leaked duplicate, the training document a text came from) is among them.
@@ -27,6 +30,7 @@ from memjax.errors import InputError
 from memjax.influence._forward_inf import (
     LossFn,
     check_settings,
+    forward_inf,
     loss_at,
     make_optimizer,
     select_trainable,
@@ -103,6 +107,20 @@ def relative_influence(scores: Any, self_scores: Any) -> np.ndarray:
     # A training example with zero gradient has zero influence on everything: keep it 0.
     scale = np.sqrt(np.abs(self_scores))
     return np.divide(scores, scale, out=np.zeros_like(scores), where=scale > 0)
+
+
+#: Source ranking: first-order influence relative to self-influence, i.e. the cosine of
+#: the training and test gradients (an exact copy of a training example scores exactly 1,
+#: the maximum; in the finite regime no such guarantee holds).
+RANKING = {"mode": "first_order", "optimizer": "sgd", "lr": 0.1}
+
+
+def relative_first_order(loss_fn: LossFn, params: Any, test: Any, train: Any, *,
+                         batch_size: int = 256) -> np.ndarray:
+    """[T, N] first-order Forward-INF relative to self-influence (a gradient cosine)."""
+    scores = forward_inf(loss_fn, params, test, train, **RANKING, batch_size=batch_size)
+    own = self_influence(loss_fn, params, train, **RANKING, batch_size=batch_size)
+    return relative_influence(scores, own)
 
 
 def top_sources(scores: Any, k: int = 5) -> np.ndarray:

@@ -173,7 +173,10 @@ def label_distances(train_features: jax.Array, train_labels: np.ndarray,
 
 def _solve(cost, a, b, epsilon, solver):
     geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
-    return solver(linear_problem.LinearProblem(geom, a=a, b=b))
+    # ott-jax's Sinkhorn broadcasts [n] against [1, 1] implicitly (marginal_error): allow
+    # it there, whatever jax_numpy_rank_promotion the caller runs under.
+    with jax.numpy_rank_promotion("allow"):
+        return solver(linear_problem.LinearProblem(geom, a=a, b=b))
 
 
 def _padded_classes(labels: np.ndarray, num_classes: int):

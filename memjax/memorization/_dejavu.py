@@ -35,70 +35,15 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec
 from jax.typing import ArrayLike
 
-from memjax._checks import check_positive_int
+from memjax import kernels
+from memjax._checks import check_choice, check_positive_int
 from memjax.engine.mesh import DATA_AXIS, make_mesh
 from memjax.errors import InputError
-from memjax.signals._contrastive import EPS
 
 METRICS = ("l2", "cosine")
 
 
 # --------------------------------------------------------------------------- k-NN
-
-
-def _block_scores(queries: jax.Array, block: jax.Array, metric: str) -> jax.Array:
-    """[Q, B] nearness (higher = nearer): -squared L2 distance, or cosine similarity."""
-    dots = jnp.matmul(queries, block.T, precision=lax.Precision.HIGHEST)
-    if metric == "l2":
-        # |q - p|^2 expanded as faiss IndexFlatL2 does; clamped: rounding can go below 0.
-        sq = (jnp.sum(queries * queries, axis=1)[:, None] + jnp.sum(block * block, axis=1)
-              - 2.0 * dots)
-        scores = -jnp.maximum(sq, 0.0)
-    else:
-        scores = dots
-    # -0.0 and 0.0 are equal but top_k orders them; one zero keeps ties by index.
-    return jnp.where(scores == 0, 0.0, scores)
-
-
-def _unit_rows(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), EPS)
-
-
-def knn_scan(queries: jax.Array, public: jax.Array, k: int, metric: str = "l2",
-             block_size: int = 1024) -> tuple[jax.Array, jax.Array]:
-    """Exact k nearest public rows of every query; pure (jit it at the edge).
-
-    Ties go to the lower public index: a block's candidates follow the running top-k
-    (lower indices) in the merge, and ``lax.top_k`` keeps the earlier of equal values.
-
-    Returns:
-      (scores [Q, k] float32: -squared L2 or cosine, best first; indices [Q, k] int32).
-    """
-    queries = queries.astype(jnp.float32)
-    public = public.astype(jnp.float32)
-    if metric == "cosine":
-        queries, public = _unit_rows(queries), _unit_rows(public)
-    n_public, dim = public.shape
-    block = min(block_size, n_public)
-    n_blocks = -(-n_public // block)
-    padded = jnp.pad(public, ((0, n_blocks * block - n_public), (0, 0)))
-    blocks = padded.reshape(n_blocks, block, dim)
-    offsets = jnp.arange(n_blocks, dtype=jnp.int32) * block
-    n_q = queries.shape[0]
-
-    def merge(carry, xs):
-        vals, idx = carry
-        rows, offset = xs
-        cols = offset + jnp.arange(block, dtype=jnp.int32)
-        scores = jnp.where(cols < n_public, _block_scores(queries, rows, metric), -jnp.inf)
-        cand_v = jnp.concatenate([vals, scores], axis=1)
-        cand_i = jnp.concatenate([idx, jnp.broadcast_to(cols, (n_q, block))], axis=1)
-        top_v, pos = lax.top_k(cand_v, k)
-        return (top_v, jnp.take_along_axis(cand_i, pos, axis=1)), None
-
-    init = (jnp.full((n_q, k), -jnp.inf, jnp.float32), jnp.full((n_q, k), -1, jnp.int32))
-    (vals, idx), _ = lax.scan(merge, init, (blocks, offsets))
-    return vals, idx
 
 
 @functools.lru_cache(maxsize=64)
@@ -107,9 +52,6 @@ def _knn_program(mesh: Mesh | None, k: int, metric: str, block_size: int, impl: 
     """Jitted k-NN for one setting; with a mesh, each device takes its share of the query
     rows (shard_map over the data axis, the public set replicated): rows are independent,
     and the Pallas kernel is not partitioned by XLA on its own."""
-    # memjax.kernels imports this module (knn_scan is its reference): import it lazily.
-    from memjax import kernels
-
     # impl is part of the cache key so that a change of MEMJAX_KERNELS builds a new program.
     fn = functools.partial(kernels.knn_scores, k=k, metric=metric, block_size=block_size,
                            impl=impl, block_queries=block_queries)
@@ -130,9 +72,10 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
 
     Args:
       queries: [Q, D] float; public: [P, D] float, P >= k.
-      k: neighbours per query. metric: ``"l2"`` or ``"cosine"`` (norms clamped at EPS).
+      k: neighbours per query. metric: ``"l2"`` or ``"cosine"`` (norms clamped at
+        ``memjax.kernels.EPS``).
       block_size: public rows compared per step (memory O(Q x block_size)).
-      impl: ``"kernel"`` (Pallas), ``"reference"`` (:func:`knn_scan`) or None
+      impl: ``"kernel"`` (Pallas), ``"reference"`` (``memjax.kernels.knn_scan``) or None
         (``MEMJAX_KERNELS``; see ``memjax.kernels``); block_queries: the kernel's query tile.
       mesh: the queries are split over its data axis (default: every local device).
 
@@ -141,8 +84,7 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
       ``"l2"``: squared Euclidean distances (faiss IndexFlatL2's convention, computed in
       float32 as |q|^2 + |p|^2 - 2 q.p, clamped at 0); ``"cosine"``: similarities.
     """
-    if metric not in METRICS:
-        raise InputError(f"metric: expected one of {list(METRICS)}, got {metric!r}")
+    check_choice("metric", metric, METRICS)
     q = _matrix(queries, "queries")
     p = _matrix(public, "public")
     if q.shape[1] != p.shape[1]:
@@ -152,11 +94,9 @@ def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
     if k > p.shape[0]:
         raise InputError(f"k={k}: expected at most the public set size ({p.shape[0]})")
     block_size = check_positive_int(block_size, "block_size")
-    from memjax import kernels
-
     mesh = make_mesh() if mesh is None else mesh
     n_data, n_q = mesh.shape[DATA_AXIS], q.shape[0]
-    # MEMJAX_KERNELS picks the Pallas kernel or knn_scan (the default everywhere today).
+    # MEMJAX_KERNELS picks the Pallas kernel or kernels.knn_scan (the default today).
     program = _knn_program(mesh if n_data > 1 else None, k, metric, block_size,
                            kernels.resolve("knn", impl), block_queries)
     padded = np.pad(q, ((0, -n_q % n_data), (0, 0)))  # an equal share of rows per device

@@ -49,8 +49,7 @@ from memjax.data.base import ID_FIELD, as_source
 from memjax.engine import score
 from memjax.errors import InputError
 from memjax.models import Model
-from memjax.signals import contrastive
-from memjax.signals._contrastive import EPS
+from memjax.signals import EPS, contrastive
 
 DISTANCES = ("l2", "sq_l2")
 PAIRINGS = ("views", "clean")

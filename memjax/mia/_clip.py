@@ -26,10 +26,11 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from memjax._checks import check_float_array
+from memjax._checks import check_choice, check_float_array, check_positive_int
 from memjax.errors import InputError
+from memjax.kernels import unit_rows
 from memjax.metrics import roc_auc
-from memjax.signals._contrastive import EPS, contrastive
+from memjax.signals import contrastive
 
 AGGREGATIONS = ("mean", "max", "min", "median")
 CLASSIFIERS = ("logistic", "mlp")
@@ -51,17 +52,10 @@ def _pairs(image_emb: ArrayLike, text_emb: ArrayLike, img_name: str, txt_name: s
     return img, txt
 
 
-def _positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise InputError(f"{name}={value!r}: expected a positive integer")
-    return int(value)
-
-
 def _training_args(classifier: str, epochs: int, lr: float, batch_size: int) -> None:
-    if classifier not in CLASSIFIERS:
-        raise InputError(f"classifier={classifier!r}: expected one of {CLASSIFIERS}")
-    _positive_int(epochs, "epochs")
-    _positive_int(batch_size, "batch_size")
+    check_choice("classifier", classifier, CLASSIFIERS)
+    check_positive_int(epochs, "epochs")
+    check_positive_int(batch_size, "batch_size")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise InputError(f"lr={lr!r}: expected a finite positive learning rate")
 
@@ -74,8 +68,7 @@ def _features(img: np.ndarray, txt: np.ndarray, features: str) -> jax.Array:
 
 def _unit(x: np.ndarray) -> jax.Array:
     # Same normalisation as the contrastive signal: norm clamped at EPS, float32.
-    x = jnp.asarray(x, jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), EPS)
+    return unit_rows(jnp.asarray(x, jnp.float32))
 
 
 # --------------------------------------------------------------------------- CSA / AEA
@@ -89,8 +82,9 @@ def csa(image_emb: ArrayLike, text_emb: ArrayLike) -> jax.Array:
         text_emb: [N, D] float text embeddings of the paired captions.
 
     Returns:
-        [N] float32 cosine similarity of each pair (``memjax.signals._contrastive``, vmapped:
-        norms clamped at ``EPS``, clipped to [-1, 1]). Higher = more likely member.
+        [N] float32 cosine similarity of each pair (``memjax.signals.contrastive``, vmapped:
+        norms clamped at ``memjax.kernels.EPS``, clipped to [-1, 1]). Higher = more likely
+        member.
 
     Raises:
         InputError: if the inputs are not non-empty, finite, float [N, D] of equal shape.
@@ -119,8 +113,7 @@ def aea(image_embs: ArrayLike, text_emb: ArrayLike, *, aggregate: str = "mean") 
     Raises:
         InputError: on bad shapes, dtypes, NaN/Inf, empty input or an unknown ``aggregate``.
     """
-    if aggregate not in AGGREGATIONS:
-        raise InputError(f"aggregate={aggregate!r}: expected one of {AGGREGATIONS}")
+    check_choice("aggregate", aggregate, AGGREGATIONS)
     imgs = check_float_array(image_embs, "image_embs", ndim=3, shape_doc="[N, K, D]")
     txt = check_float_array(text_emb, "text_emb", ndim=2, shape_doc="[N, D]")
     if imgs.shape[0] != txt.shape[0] or imgs.shape[2] != txt.shape[1]:
@@ -152,9 +145,9 @@ def _init(key: jax.Array, d_in: int, classifier: str) -> list[tuple[jax.Array, j
 
 def _logits(params, x: jax.Array) -> jax.Array:
     for w, b in params[:-1]:
-        x = jax.nn.relu(x @ w + b)
+        x = jax.nn.relu(x @ w + b[None])
     w, b = params[-1]
-    return (x @ w + b)[..., 0]
+    return (x @ w + b[None])[..., 0]
 
 
 def _fit(x: jax.Array, y: jax.Array, *, classifier: str, key: jax.Array, epochs: int,
@@ -276,8 +269,7 @@ def wsa(candidates_img: ArrayLike, candidates_txt: ArrayLike,
     if not (isinstance(lam, int | float) and math.isfinite(lam)):
         raise InputError(f"lam={lam!r}: expected a finite number")
     _training_args(classifier, epochs, lr, batch_size)
-    if features not in FEATURES:
-        raise InputError(f"features={features!r}: expected one of {FEATURES}")
+    check_choice("features", features, FEATURES)
     seed = int(seed)
 
     pool_csa = csa(c_img, c_txt)
@@ -296,7 +288,7 @@ def wsa(candidates_img: ArrayLike, candidates_txt: ArrayLike,
     y = jnp.concatenate([jnp.ones(n_pseudo), jnp.zeros(non_x.shape[0])])
     # Standardise with the training set's statistics: product features are O(1/D) while
     # concat features are O(1/sqrt(D)); unscaled, the small block barely moves under Adam.
-    mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
+    mu, sd = x.mean(axis=0, keepdims=True), x.std(axis=0, keepdims=True) + 1e-6
     x, pool_x = (x - mu) / sd, (pool_x - mu) / sd
     params, losses = _fit(x, y, classifier=classifier, key=jax.random.key(seed),
                           epochs=epochs, lr=lr, batch_size=batch_size)
@@ -356,7 +348,7 @@ def text_only_baseline(candidates_txt: ArrayLike, known_nonmember_txt: ArrayLike
         raise InputError(f"candidates_txt {pool.shape} and known_nonmember_txt {non.shape}: "
                          "expected the same embedding size D")
     _training_args(classifier, epochs, lr, batch_size)
-    if _positive_int(n_folds, "n_folds") < 2:
+    if check_positive_int(n_folds, "n_folds") < 2:
         raise InputError(f"n_folds={n_folds}: expected >= 2")
     if min(pool.shape[0], non.shape[0]) < n_folds:
         raise InputError(f"candidates_txt has {pool.shape[0]} and known_nonmember_txt "

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from scipy import stats
 
+from memjax._checks import check_choice, check_positive_int
 from memjax.errors import InputError
 
 _TESTS = ("welch", "student")
@@ -82,10 +83,8 @@ def _check_features(x, name: str) -> np.ndarray:
 
 
 def _check_options(test: str, alternative: str) -> None:
-    if test not in _TESTS:
-        raise InputError(f"test: expected one of {_TESTS}, got {test!r}")
-    if alternative not in _ALTERNATIVES:
-        raise InputError(f"alternative: expected one of {_ALTERNATIVES}, got {alternative!r}")
+    check_choice("test", test, _TESTS)
+    check_choice("alternative", alternative, _ALTERNATIVES)
 
 
 def default_curve_sizes(n_max: int) -> np.ndarray:
@@ -195,8 +194,7 @@ def dataset_inference(features_suspect, features_val, *, test: str = "welch",
     _check_options(test, alternative)
     if not (isinstance(clip, int | float) and 0.0 <= clip < 0.5):
         raise InputError(f"clip: expected a number in [0, 0.5), got {clip!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int | np.integer) or epochs < 1:
-        raise InputError(f"epochs: expected an integer >= 1, got {epochs!r}")
+    check_positive_int(epochs, "epochs")
     if not (isinstance(lr, int | float) and np.isfinite(lr) and lr > 0):
         raise InputError(f"lr: expected a finite number > 0, got {lr!r}")
 

@@ -1,6 +1,6 @@
 """Token-level membership-inference attacks for causal language models.
 
-Inputs are the engine's per-token signals (:mod:`memjax.signals._tokens`, stacked over a
+Inputs are the engine's per-token signals (:func:`memjax.signals.tokens`, stacked over a
 batch): ``logp`` [N, T] (log-probability of each target token), ``mu`` and ``sigma``
 [N, T] (mean and standard deviation of log p over the model's own next-token
 distribution), per-example ``mean_loss`` [N], and a boolean ``mask`` [N, T] marking the

@@ -112,7 +112,8 @@ class BertModel(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         # Same summation order as Hugging Face, so fp32 rounding agrees.
         x = self.word_embeddings[...][input_ids] + self.token_type_embeddings[...][token_type_ids]
-        return self.embeddings_norm(x + self.position_embeddings[...][:t])
+        return self.embeddings_norm(
+            x + jnp.broadcast_to(self.position_embeddings[...][:t], x.shape))
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  token_type_ids: jax.Array | None = None, *,

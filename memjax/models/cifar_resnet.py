@@ -36,8 +36,9 @@ Taps (see :mod:`memjax.models.taps`), in call order:
 - ``stages.{s}.blocks.{b}.out``: the block output (ResNet-9 block 0: after the max-pool).
 - ``stages.{s}.out``, ``pooled`` (``[B, C]``).
 
-:func:`from_torch_state_dict` loads PyTorch weights, strictly; the expected key names are
-those of :func:`torch_keys` (kuangliu's ResNet-18 names; ResNet-9 after Page's layout).
+:func:`memjax.convert.from_torch_state_dict` loads PyTorch weights, strictly; the expected
+key names are those of :func:`torch_keys` (kuangliu's ResNet-18 names; ResNet-9 after
+Page's layout).
 """
 
 from __future__ import annotations
@@ -50,10 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from memjax.convert.checkpoint import TensorReader, _torch_to_numpy
 from memjax.errors import InputError
 from memjax.models.layers import Dense
-from memjax.models.registry import Architecture, fill_params, register
+from memjax.models.registry import Architecture, register
 from memjax.models.resnet import ConvBN, ResNetBlock, conv_bn_params, max_pool, needs_shortcut
 from memjax.models.taps import Taps, tap
 
@@ -251,7 +251,7 @@ def torch_keys(config: CifarResNetConfig) -> dict[tuple, tuple[str, str]]:
     return keys
 
 
-def convert(reader: TensorReader, config: CifarResNetConfig) -> dict[tuple, np.ndarray]:
+def convert(reader: Any, config: CifarResNetConfig) -> dict[tuple, np.ndarray]:
     """PyTorch state-dict keys (see :func:`torch_keys`) -> module paths."""
     params: dict[tuple, Any] = {}
     for ours, (conv_key, bn_key) in torch_keys(config).items():
@@ -264,23 +264,10 @@ def convert(reader: TensorReader, config: CifarResNetConfig) -> dict[tuple, np.n
     return {k: v for k, v in params.items() if v is not None}
 
 
-def from_torch_state_dict(state_dict: dict[str, Any], config: CifarResNetConfig, *,
-                          dtype: Any = jnp.float32) -> CifarResNet:
-    """A :class:`CifarResNet` with PyTorch weights (tensors or arrays by key), strictly:
-    every missing, unexpected or mis-shaped tensor is reported in one InputError."""
-    # Copy: NumPy views of torch tensors (and jnp arrays made from them on CPU) would
-    # otherwise share memory with a module whose statistics PyTorch updates in place.
-    tensors = {k: np.array(_torch_to_numpy(v) if hasattr(v, "detach") else v, copy=True)
-               for k, v in state_dict.items()}
-    reader = TensorReader(tensors, ignore=ARCH.ignore)
-    params = convert(reader, check(config))
-    abstract = nnx.eval_shape(lambda: CifarResNet(config, rngs=nnx.Rngs(0)))
-    return fill_params(abstract, params, reader, dtype, ARCH.name)
-
-
 def _no_hf_config(hf: dict[str, Any]) -> CifarResNetConfig:
     raise InputError("cifar_resnet has no Hugging Face checkpoints; build it with "
-                     "memjax.models.cifar_resnet.resnet9/resnet18 or from_torch_state_dict")
+                     "memjax.models.cifar_resnet.resnet9/resnet18 or "
+                     "memjax.convert.from_torch_state_dict")
 
 
 # Registered (with no HF model_type) so memjax.convert.save / restore handle trained models.
@@ -288,4 +275,5 @@ ARCH = register(Architecture(
     name="cifar_resnet", model_types=(), from_hf_config=_no_hf_config,
     build=lambda config, rngs: CifarResNet(config, rngs=rngs), convert=convert,
     ignore=(r"num_batches_tracked$",), config_class=CifarResNetConfig,
+    refine_config=lambda config, keys: check(config),
 ))

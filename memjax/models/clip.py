@@ -129,7 +129,8 @@ class CLIPVisionTransformer(nnx.Module):
         x = self.patch_embed(pixel_values)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype),
                                (x.shape[0], 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.position_embedding[...].astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
+        x = x + jnp.broadcast_to(self.position_embedding[...].astype(x.dtype), x.shape)
         x = tap(taps, "vision.embeddings", self.pre_layrnorm(x))
         for block in self.layers:
             x = block(x, None, taps)
@@ -167,7 +168,8 @@ class CLIPTextTransformer(nnx.Module):
         if t > self.config.max_position_embeddings:
             raise InputError(f"clip input_ids has {t} positions; this CLIP text tower supports "
                              f"at most {self.config.max_position_embeddings}")
-        x = self.token_embedding[...][input_ids] + self.position_embedding[...][:t]
+        x = self.token_embedding[...][input_ids]
+        x = x + jnp.broadcast_to(self.position_embedding[...][:t], x.shape)
         x = tap(taps, "text.embeddings", x)
         mask = causal_mask(attention_mask, t)
         for block in self.layers:

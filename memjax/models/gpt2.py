@@ -90,7 +90,8 @@ class GPT2LMHeadModel(nnx.Module):
         if t > self.config.n_positions:
             raise InputError(f"input_ids has {t} positions; GPT-2 supports at most "
                              f"{self.config.n_positions}")
-        x = self.wte[...][input_ids] + self.wpe[...][:t]
+        x = self.wte[...][input_ids]
+        x = x + jnp.broadcast_to(self.wpe[...][:t], x.shape)
         mask = causal_mask(attention_mask, t)
         for block in self.layers:
             x = block(x, mask, taps)

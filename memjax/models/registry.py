@@ -165,12 +165,17 @@ def fill_params(model_abstract: nnx.Module, params: dict[ParamPath, np.ndarray],
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def partition_rules(config: Any) -> list[tuple[str, PartitionSpec]]:
-    """The ``model``-axis partition rules of a loaded model's config (see engine.score)."""
+def architecture_of(config: Any) -> Architecture:
+    """The architecture registered for a port's config object."""
     for arch in ARCHITECTURES.values():
         if arch.config_class is not None and isinstance(config, arch.config_class):
-            return arch.partition_rules(config)
+            return arch
     raise InputError(f"no architecture is registered for config {type(config).__name__}")
+
+
+def partition_rules(config: Any) -> list[tuple[str, PartitionSpec]]:
+    """The ``model``-axis partition rules of a loaded model's config (see engine.score)."""
+    return architecture_of(config).partition_rules(config)
 
 
 def tree_size(model: nnx.Module) -> int:

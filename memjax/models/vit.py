@@ -68,7 +68,9 @@ class PatchEmbed(nnx.Module):
         x = x.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, ph * pw * c)
         kernel = self.kernel[...].astype(images.dtype)
         y = x @ kernel.reshape(ph * pw * c, -1)
-        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
+        if self.bias is None:
+            return y
+        return y + jnp.broadcast_to(self.bias[...].astype(y.dtype), y.shape)
 
 
 class EncoderBlock(nnx.Module):
@@ -292,7 +294,8 @@ class ViTModel(nnx.Module):
         check_images(pixel_values, self.config.image_size, self.config.num_channels, "vit")
         x = self.patch_embed(pixel_values)
         cls = jnp.broadcast_to(self.cls_token[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
-        return jnp.concatenate([cls, x], axis=1) + self.position_embeddings[...].astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + jnp.broadcast_to(self.position_embeddings[...].astype(x.dtype), x.shape)
 
     def __call__(self, pixel_values: jax.Array, *, taps: Taps | None = None) -> jax.Array:
         """Last hidden state [B, 1 + N, D] (after the final LayerNorm)."""

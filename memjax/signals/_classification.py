@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax._checks import check_positive_int
 from memjax.errors import InputError
 
 
@@ -113,10 +114,7 @@ def check_labels(labels: np.ndarray, num_classes: int, name: str = "label",
             range; or if ``labels`` does not have an integer dtype.
     """
     labels = np.asarray(labels)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
-        raise InputError(f"num_classes must be an int, got {num_classes!r}")
-    if num_classes < 1:
-        raise InputError(f"num_classes must be >= 1, got {num_classes}")
+    num_classes = check_positive_int(num_classes, "num_classes")
     if labels.dtype.kind not in "iu":
         raise InputError(
             f"{name} must have an integer dtype with classes in [0, {num_classes}), got "

@@ -11,10 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from memjax.errors import InputError
-
-#: Lower clamp on embedding norms, as in ``torch.nn.functional.normalize``: an all-zero
-#: embedding normalises to zero (cosine 0) instead of 0/0 = NaN.
-EPS = 1e-12
+from memjax.kernels import unit_rows
 
 
 def contrastive(image_emb: jax.Array, text_emb: jax.Array) -> dict[str, jax.Array]:
@@ -25,7 +22,8 @@ def contrastive(image_emb: jax.Array, text_emb: jax.Array) -> dict[str, jax.Arra
         text_emb: [D] float text embedding (same D).
 
     Returns:
-        ``{"cosine": float32 scalar}``: ``<x/max(|x|, EPS), y/max(|y|, EPS)>`` computed in
+        ``{"cosine": float32 scalar}``: ``<x/max(|x|, EPS), y/max(|y|, EPS)>`` (EPS:
+        ``memjax.kernels.EPS``, as in ``torch.nn.functional.normalize``) computed in
         float32, clipped to [-1, 1] (rounding can overshoot by an ulp); 0 if either
         embedding is all zeros.
 
@@ -39,8 +37,8 @@ def contrastive(image_emb: jax.Array, text_emb: jax.Array) -> dict[str, jax.Arra
             f"image_emb and text_emb must have the same size D, got {image_emb.shape[0]} "
             f"and {text_emb.shape[0]}"
         )
-    x = _normalize(image_emb.astype(jnp.float32))
-    y = _normalize(text_emb.astype(jnp.float32))
+    x = unit_rows(image_emb.astype(jnp.float32))
+    y = unit_rows(text_emb.astype(jnp.float32))
     return {"cosine": jnp.clip(jnp.dot(x, y), -1.0, 1.0)}
 
 
@@ -55,7 +53,3 @@ def _embedding(x: jax.Array, name: str) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputError(f"{name} must have a floating dtype, got {x.dtype}")
     return x
-
-
-def _normalize(x: jax.Array) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x), EPS)

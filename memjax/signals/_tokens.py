@@ -11,125 +11,27 @@ Two paths give the same numbers:
 - ``chunk_size=None``: reference path, a full float32 log-softmax over ``[T, V]``.
 - ``chunk_size=n``: streams the vocabulary in chunks of n columns, so no float32 ``[T, V]``
   tensor (nor ``[B, T, V]`` under vmap) is ever materialised: each chunk's logits are
-  reduced to a few per-position statistics (:func:`chunk_stats`) that are merged with
-  Chan et al.'s parallel variance update, rescaled like an online softmax
-  (:func:`merge_stats`). Given ``hidden`` and ``unembedding``, the chunk's logits are
-  computed from a slice of the unembedding matrix, so the full logits never exist at all.
+  reduced to a few per-position statistics (``memjax.kernels.chunk_stats``) that are
+  merged with Chan et al.'s parallel variance update, rescaled like an online softmax
+  (``memjax.kernels.merge_stats``). Given ``hidden`` and ``unembedding``, the chunk's
+  logits are computed from a slice of the unembedding matrix, so the full logits never
+  exist at all.
 
-The statistics and the merge are small pure functions on :class:`VocabStats` so that a
-fused kernel can reuse them.
+The statistics and the merge are small pure functions on ``memjax.kernels.VocabStats``,
+defined in :mod:`memjax.kernels` beside the fused Pallas kernel that reuses them.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
+from memjax._checks import check_positive_int
 from memjax.errors import InputError
+from memjax.kernels import finalize_stats, project_logits, streamed_stats, vocab_stats
 
 _F32 = jnp.float32
-_FLOOR = -1e18
-
-
-class VocabStats(NamedTuple):
-    """Softmax statistics of a set of vocabulary columns, one value per position.
-
-    With ``e_v = exp(z_v - m)`` over the columns v in the set:
-
-    Attributes:
-        m: max logit (``-inf`` for an empty set or one of only ``-inf`` logits).
-        w: ``sum_v e_v`` (the partition function rescaled by ``exp(-m)``).
-        mean: ``sum_v e_v (z_v - m) / w``: the softmax-weighted mean logit, stored relative
-            to ``m`` so that ``mu = mean - log w`` involves no cancellation of large logits.
-            It lies in ``[-log(n), 0]`` for n columns.
-        m2: ``sum_v e_v (z_v - m - mean)^2``: weighted sum of squared deviations (shift
-            invariant).
-    """
-
-    m: jax.Array
-    w: jax.Array
-    mean: jax.Array
-    m2: jax.Array
-
-
-def empty_stats(shape: tuple[int, ...]) -> VocabStats:
-    """Statistics of the empty set: the identity of :func:`merge_stats`."""
-    zeros = jnp.zeros(shape, _F32)
-    return VocabStats(jnp.full(shape, -jnp.inf, _F32), zeros, zeros, zeros)
-
-
-def chunk_stats(z: jax.Array) -> VocabStats:
-    """Statistics of one chunk of logits.
-
-    Args:
-        z: [..., n] float32 logits of n vocabulary columns.
-
-    Returns:
-        :class:`VocabStats` with leading shape ``z.shape[:-1]``.
-    """
-    m = jnp.max(z, axis=-1)
-    # A chunk of only -inf logits is empty (w = 0); shift by 0 instead of -inf - -inf = NaN.
-    ref = jnp.where(jnp.isneginf(m), 0.0, m)
-    # Floor the offsets so a -inf logit gives e = 0 and 0 * d = 0, not 0 * -inf = NaN; the
-    # floor is far below exp's underflow and its square still fits in float32.
-    d = jnp.maximum(z - ref[..., None], _FLOOR)
-    e = jnp.exp(d)
-    w = jnp.sum(e, axis=-1)
-    mean = jnp.sum(e * d, axis=-1) / jnp.where(w > 0, w, 1.0)
-    m2 = jnp.sum(e * jnp.square(d - mean[..., None]), axis=-1)
-    return VocabStats(m, w, mean, m2)
-
-
-def merge_stats(a: VocabStats, b: VocabStats) -> VocabStats:
-    """Statistics of the union of two disjoint column sets (associative, commutative).
-
-    Chan, Golub & LeVeque (1979) parallel update with weights rescaled to the common max
-    (as in the online softmax of Milakov & Gimelshein 2018): with ``m = max(m_a, m_b)``,
-    ``w_a' = w_a e^{m_a - m}``, ``w_b' = w_b e^{m_b - m}``, ``w = w_a' + w_b'`` and
-    ``delta = mean_b - mean_a`` (both taken relative to ``m``)::
-
-        mean = mean_a + delta w_b' / w      (written as the convex combination below)
-        M2   = M2_a e^{m_a - m} + M2_b e^{m_b - m} + delta^2 w_a' w_b' / w
-
-    No ``E[z^2] - E[z]^2`` cancellation. The mean is computed as
-    ``mean_a (w_a'/w) + mean_b (w_b'/w)`` (algebraically the same): a set whose rescaled
-    weight underflows then contributes exactly nothing, whereas ``mean_a + delta ...``
-    would add and subtract its far-away relative mean and lose precision.
-    """
-    m = jnp.maximum(a.m, b.m)
-    ref = jnp.where(jnp.isneginf(m), 0.0, m)
-    shift_a = a.m - ref  # <= 0; -inf for an empty set
-    shift_b = b.m - ref
-    scale_a = jnp.exp(shift_a)
-    scale_b = jnp.exp(shift_b)
-    wa = a.w * scale_a
-    wb = b.w * scale_b
-    w = wa + wb
-    safe_w = jnp.where(w > 0, w, 1.0)
-    fa = wa / safe_w
-    fb = wb / safe_w
-    # Means relative to the new max; a set with no weight is left out (its shift may be -inf).
-    ra = jnp.where(wa > 0, a.mean + shift_a, 0.0)
-    rb = jnp.where(wb > 0, b.mean + shift_b, 0.0)
-    mean = fa * ra + fb * rb
-    delta = rb - ra
-    # delta^2 wa wb / w grouped so a huge delta only ever meets a weight that is ~0.
-    m2 = a.m2 * scale_a + b.m2 * scale_b + (delta * fa) * (delta * wb)
-    return VocabStats(m, w, mean, m2)
-
-
-def finalize_stats(s: VocabStats) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(lse, mu, sigma)`` from the statistics of the whole vocabulary.
-
-    ``lse = m + log w``; ``mu = E_p[log p] = E_p[z] - lse = mean - log w``;
-    ``sigma = sqrt(M2 / w)`` (the spread of ``log p`` equals that of ``z``: shift invariant).
-    """
-    log_w = jnp.log(s.w)
-    return s.m + log_w, s.mean - log_w, jnp.sqrt(s.m2 / s.w)
 
 
 def tokens(
@@ -251,12 +153,8 @@ def tokens(
                 raise InputError(f"mask must be bool (or 0/1 integers), got dtype {mask.dtype}")
             mask = mask != 0
 
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool)
-        or not isinstance(chunk_size, int | np.integer)
-        or chunk_size < 1
-    ):
-        raise InputError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
 
     # Out-of-range targets index past the end so the "fill" gathers give NaN (jnp would
     # otherwise wrap negative ids such as -100 and clamp large ones to a real token).
@@ -266,7 +164,7 @@ def tokens(
         if logits is not None:
             z = logits.astype(_F32)
         else:
-            z = _project(hidden, unembedding, bias)
+            z = project_logits(hidden, unembedding, bias)
         logp, mu, sigma, lse = _full_vocab(z, index)
     else:
         if logits is not None:
@@ -276,13 +174,10 @@ def tokens(
             chunk = lambda start, size: lax.dynamic_slice_in_dim(
                 logits, start, size, axis=1
             ).astype(_F32)
-            stats = _streamed_stats(chunk, vocab, int(chunk_size), num_tokens)
+            stats = streamed_stats(chunk, vocab, int(chunk_size), num_tokens)
         else:
-            # Imported here: memjax.kernels imports this module for its reference.
-            from memjax import kernels
-
             # MEMJAX_KERNELS picks the Pallas kernel or streamed_hidden_stats (the default).
-            stats, target_logit = kernels.vocab_stats(
+            stats, target_logit = vocab_stats(
                 hidden, unembedding, bias, index, chunk_size=int(chunk_size)
             )
         lse, mu, sigma = finalize_stats(stats)
@@ -306,6 +201,43 @@ def tokens(
     }
 
 
+def causal_lm_tokens(
+    hidden: jax.Array,
+    unembedding: jax.Array,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, jax.Array]:
+    """Per-token signals of one causal-LM sequence: position t scores token t+1.
+
+    The score function of a causal language model (GPT-2, GPT-NeoX, ...) from the final
+    hidden states of its own input: the targets are the inputs shifted left by one, and a
+    position is scored when its input and its target are both real tokens (the last
+    position has no target).
+
+    Args:
+        hidden: [T, D] float final hidden states of ``input_ids``.
+        unembedding: [D, V] float output projection; bias: optional [V].
+        input_ids: [T] integer token ids.
+        attention_mask: [T] (nonzero = real token, 0 = padding).
+        chunk_size: as in :func:`tokens` (None: the full float32 log-softmax).
+
+    Returns:
+        :func:`tokens`' fields, plus ``scored`` [T] bool, the positions counted in
+        ``mean_loss`` and ``n_tokens``; stored with the signals because Min-K% needs it
+        (``memjax mia --scores``).
+    """
+    ids = jnp.asarray(input_ids)
+    mask = jnp.asarray(attention_mask)
+    length = ids.shape[0]
+    scored = (mask != 0) & (jnp.roll(mask, -1) != 0) & (jnp.arange(length) < length - 1)
+    signals = tokens(hidden=hidden, unembedding=unembedding, bias=bias,
+                     targets=jnp.roll(ids, -1), mask=scored, chunk_size=chunk_size)
+    return {**signals, "scored": scored}
+
+
 def _float_array(x: jax.Array, name: str, *, ndim: int, what: str) -> jax.Array:
     x = jnp.asarray(x)
     if x.ndim != ndim:
@@ -316,14 +248,6 @@ def _float_array(x: jax.Array, name: str, *, ndim: int, what: str) -> jax.Array:
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise InputError(f"{name} must have a floating dtype, got {x.dtype}")
     return x
-
-
-def _project(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """``hidden @ weight + bias`` accumulated and returned in float32."""
-    z = jnp.dot(hidden, weight, preferred_element_type=_F32)
-    if bias is not None:
-        z = z + bias.astype(_F32)
-    return z
 
 
 def _full_vocab(
@@ -342,57 +266,3 @@ def _full_vocab(
     return logp, mu, jnp.sqrt(var), jax.nn.logsumexp(z, axis=-1)
 
 
-def streamed_hidden_stats(
-    hidden: jax.Array,
-    unembedding: jax.Array,
-    bias: jax.Array | None,
-    index: jax.Array,
-    chunk_size: int,
-) -> tuple[VocabStats, jax.Array]:
-    """Streamed statistics of ``hidden @ unembedding + bias``, never forming [T, V].
-
-    The XLA reference of the fused Pallas kernel ``memjax.kernels.token_stats``.
-
-    Args:
-        hidden: [T, D] float; unembedding: [D, V] float; bias: [V] float or None.
-        index: [T] int32 target ids; ``V`` (out of range) gives a NaN target logit.
-        chunk_size: vocabulary columns per chunk (static).
-
-    Returns:
-        (:class:`VocabStats` [T], target logit [T] float32).
-    """
-    # The T target columns of W, not the [T, V] logits.
-    w_targets = jnp.take(unembedding, index, axis=1, mode="fill", fill_value=jnp.nan)
-    target_logit = jnp.einsum(
-        "td,dt->t", hidden, w_targets, preferred_element_type=_F32
-    )
-    if bias is not None:
-        target_logit = target_logit + jnp.take(
-            bias, index, mode="fill", fill_value=jnp.nan
-        ).astype(_F32)
-    chunk = lambda start, size: _project(
-        hidden,
-        lax.dynamic_slice_in_dim(unembedding, start, size, axis=1),
-        None if bias is None else lax.dynamic_slice_in_dim(bias, start, size),
-    )
-    stats = _streamed_stats(chunk, unembedding.shape[1], chunk_size, hidden.shape[0])
-    return stats, target_logit
-
-
-def _streamed_stats(chunk, vocab: int, chunk_size: int, num_tokens: int) -> VocabStats:
-    """Merge the statistics of ``chunk(start, size)`` ([T, size] float32) over the vocab.
-
-    A ``lax.scan`` over the full chunks (dynamic slices: no padded copy of the weights),
-    then one static remainder chunk when ``chunk_size`` does not divide V.
-    """
-    num_full, remainder = divmod(vocab, chunk_size)
-    stats = empty_stats((num_tokens,))
-    if num_full:
-
-        def body(carry: VocabStats, i: jax.Array) -> tuple[VocabStats, None]:
-            return merge_stats(carry, chunk_stats(chunk(i * chunk_size, chunk_size))), None
-
-        stats, _ = lax.scan(body, stats, jnp.arange(num_full))
-    if remainder:
-        stats = merge_stats(stats, chunk_stats(chunk(num_full * chunk_size, remainder)))
-    return stats

@@ -1,6 +1,6 @@
 """Streaming per-unit statistics of activations for UnitMem: max, argmax, sum, min.
 
-``memjax.memorization._unitmem.batch_stats`` defines them in float64 NumPy on the host.
+``memjax.memorization.batch_stats`` defines them in float64 NumPy on the host.
 :func:`reference` is the same definition in jnp **float32** (so it can run on an
 accelerator next to the model): max, min and argmax are exact (first index on ties, as
 ``np.argmax``), the sum is a float32 sum and differs from the float64 one by rounding.

@@ -1,0 +1,153 @@
+"""A model's per-example signal function: ``signal_function(model, signal)``.
+
+One path for every :class:`memjax.Model` — a memjax.train classifier, a Hugging Face
+ViT/ResNet/GPT-2/Pythia/CLIP through ``memjax.load``, or ``Model.from_apply`` — so
+``memjax score`` and the attacks built on stored signals run on any of them:
+
+  classification  classifiers (kind ``"classifier"``): fields ``image`` and ``label``
+                  -> :func:`classification` (loss, p_true, LiRA's φ, ...).
+  tokens          causal LMs (kind ``"causal_lm"``, NNX ports): ``input_ids`` and
+                  ``attention_mask`` -> :func:`causal_lm_tokens` through the
+                  vocabulary-chunked path (no [T, V] float32 log-softmax).
+  contrastive     CLIP (kind ``"clip"``): the image and text towers' fields ->
+                  :func:`contrastive` (cosine of the normalised embeddings).
+
+Each function is a frozen dataclass, so equal ones (the same architecture and settings)
+share the engine's compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from memjax._checks import check_choice
+from memjax.errors import InputError
+from memjax.models import Model
+from memjax.models.protocol import NNXForward
+from memjax.signals._classification import check_labels, classification
+from memjax.signals._contrastive import contrastive
+from memjax.signals._tokens import causal_lm_tokens
+
+SIGNAL_KINDS = ("classification", "tokens", "contrastive")
+#: Vocabulary columns per step of the token statistics (memory O(T * TOKEN_CHUNK)).
+TOKEN_CHUNK = 8192
+
+Validator = Callable[[dict[str, np.ndarray], np.ndarray], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationSignals:
+    """fn(params, example) -> the classification bundle of the model's logits."""
+
+    apply: Callable[[Any, Any], jax.Array]
+    label_field: str = "label"
+
+    def __call__(self, params: Any, example: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return classification(self.apply(params, example), example[self.label_field])
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalLMTokenSignals:
+    """fn(params, example) -> per-token signals of an NNX causal LM (hidden states and the
+    unembedding; the logits are never materialised beyond one vocabulary chunk)."""
+
+    graphdef: Any
+    chunk_size: int = TOKEN_CHUNK
+
+    def __call__(self, params: Any, example: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        lm = nnx.merge(self.graphdef, params)
+        ids, mask = example["input_ids"], example["attention_mask"]
+        hidden = lm.hidden_states(ids[None], mask[None])[0]
+        return causal_lm_tokens(hidden, lm.unembedding(), ids, mask,
+                                chunk_size=self.chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContrastiveSignals:
+    """fn(params, example) -> cosine of a CLIP's image and text embeddings of a pair."""
+
+    image: Callable[[Any, Any], jax.Array]
+    text: Callable[[Any, Any], jax.Array]
+
+    def __call__(self, params: Any, example: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return contrastive(self.image(params, example), self.text(params, example))
+
+
+def _require(fields: dict[str, np.ndarray], names: tuple[str, ...], signal: str) -> None:
+    missing = [n for n in names if n not in fields]
+    if missing:
+        raise InputError(f"--data: the {signal} signal needs field(s) {missing}; the source "
+                         f"has {sorted(fields)}")
+
+
+def _classification(model: Model) -> tuple[Callable, Validator]:
+    fn = ClassificationSignals(model.apply)
+    image_field = model.inputs[0]
+    expected = getattr(model.config, "input_shape", None)  # memjax.train classifiers
+    num_classes: dict[tuple, int] = {}
+
+    def validate(fields, indices):
+        _require(fields, (*model.inputs, "label"), "classification")
+        shape = tuple(fields[image_field].shape[1:])
+        if expected is not None and shape != tuple(expected):
+            raise InputError(f"--data field {image_field!r} has shape {shape} per example; "
+                             f"the model expects {tuple(expected)}")
+        if shape not in num_classes:  # the logits' width, by shape inference only
+            logits = jax.eval_shape(model.apply, model.params,
+                                    jax.ShapeDtypeStruct(shape, jnp.float32))
+            num_classes[shape] = int(logits.shape[-1])
+        check_labels(fields["label"], num_classes[shape], name="--data field 'label'",
+                     indices=indices)
+
+    return fn, validate
+
+
+def _tokens(model: Model) -> tuple[Callable, Validator]:
+    lm = nnx.merge(model.forward.graphdef, model.params) \
+        if isinstance(model.forward, NNXForward) else None
+    if not hasattr(lm, "hidden_states"):
+        raise InputError(f"--signal tokens needs a causal LM port (GPT-2, GPT-NeoX); "
+                         f"{model.name} is not one")
+    vocab = int(lm.unembedding().shape[1])  # once, not per batch
+
+    def validate(fields, indices):
+        _require(fields, ("input_ids", "attention_mask"), "tokens")
+        check_labels(fields["input_ids"], vocab, name="--data field 'input_ids'")
+
+    return CausalLMTokenSignals(model.forward.graphdef), validate
+
+
+def _contrastive(model: Model) -> tuple[Callable, Validator]:
+    image, text = model.tower("image"), model.tower("text")
+    needed = tuple(dict.fromkeys((*image.inputs, *text.inputs)))
+
+    def validate(fields, indices):
+        _require(fields, needed, "contrastive")
+
+    return ContrastiveSignals(image.apply, text.apply), validate
+
+
+# signal -> (model kind it needs, how that kind is described, builder)
+_KINDS = {"classification": ("classifier", "an image classifier", _classification),
+          "tokens": ("causal_lm", "a causal LM", _tokens),
+          "contrastive": ("clip", "a CLIP model", _contrastive)}
+
+
+def signal_function(model: Model, signal: str) -> tuple[Callable, Validator]:
+    """(fn(params, example), validate(fields, indices)) scoring ``model`` with ``signal``
+    (see the module docstring) for :func:`memjax.engine.score`."""
+    if not isinstance(model, Model):
+        raise InputError(f"model: expected a memjax.Model, got {type(model).__name__}")
+    check_choice("--signal", signal, SIGNAL_KINDS)
+    kind, described, build = _KINDS[signal]
+    if model.kind != kind:
+        raise InputError(f"--signal {signal} needs {described}; {model.name} is not one (a "
+                         f"{model.kind!r} model)")
+    return build(model)

@@ -1,0 +1,149 @@
+"""``memjax score`` on tiny random Hugging Face models against PyTorch's own numbers.
+
+Positive tests of the options that had none: ``--signal contrastive`` (a CLIP), the
+``--model-parallel 2`` sharded path (a GPT-2, params split over pairs of the 8 forced CPU
+devices) and ``memjax convert --allow-pickle`` (a ViT classifier saved only as a pickled
+``pytorch_model.bin``, converted, then scored). Each stored score is compared with the same
+quantity computed by the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a hub: everything is local
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from memjax.cli import main  # noqa: E402
+from memjax.engine import ScoreStore  # noqa: E402
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# float32 ports against float32 PyTorch on tiny models: the same operations in another
+# order, so agreement to a few float32 ulps of the values' scale. Measured over 3 seeds:
+# cosine <= 2e-7 (values in [-1, 1]), log p <= 1.9e-6 (|log p| <= ~6), cross-entropy
+# <= 7e-7 (<= ~3.5); each tolerance is ~5x its measured maximum.
+COSINE_TOL, LOGP_TOL, LOSS_TOL = 1e-6, 1e-5, 4e-6
+
+
+def _score(*args: str) -> dict[str, np.ndarray]:
+    out = args[args.index("--out") + 1]
+    assert main(["score", *args, "--no-progress"]) == 0
+    return ScoreStore(out).read()
+
+
+def _randomised(model, seed: int, scale: float = 0.15):
+    """Every weight redrawn around its init (norm scales around 1): no trivial values."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * scale
+            p.copy_(noise + 1.0 if p.ndim == 1 and name.endswith("weight") else noise)
+    return model.eval()
+
+
+def test_score_contrastive_equals_the_pytorch_clip_cosine(tmp_path, seed):
+    """--signal contrastive stores, per pair, the cosine of CLIP's projected image and text
+    embeddings: PyTorch's normalised ``image_embeds · text_embeds``."""
+    rng = np.random.default_rng(seed)
+    vocab, length, eos = 99, 10, 98
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=vocab, hidden_size=32, intermediate_size=37,
+                         num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=length, bos_token_id=0, pad_token_id=1,
+                         eos_token_id=eos),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=16, patch_size=8),
+        projection_dim=24)
+    torch.manual_seed(seed)
+    hf = _randomised(transformers.CLIPModel(config), seed)
+    hf.save_pretrained(tmp_path / "clip")
+
+    n = 20  # not a multiple of the batch: a padded last batch
+    pixels = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)  # NCHW, as PyTorch takes
+    valid = rng.integers(2, length + 1, n)
+    ids = rng.integers(3, eos, (n, length))
+    ids[np.arange(n), valid - 1] = eos  # each text ends with its EOS; pooled there
+    mask = (np.arange(length)[None] < valid[:, None]).astype(np.int32)
+    ids[mask == 0] = 1  # padding
+    np.savez(tmp_path / "pairs.npz", image=pixels.transpose(0, 2, 3, 1),
+             input_ids=ids.astype(np.int32), attention_mask=mask)
+
+    stored = _score("--model", str(tmp_path / "clip"), "--data", str(tmp_path / "pairs.npz"),
+                    "--signal", "contrastive", "--batch-size", "8", "--out",
+                    str(tmp_path / "store"))
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels),
+                 attention_mask=torch.tensor(mask))
+    want = (out.image_embeds * out.text_embeds).sum(-1).numpy()  # both unit-normalised
+    np.testing.assert_array_equal(stored["id"], np.arange(n))
+    np.testing.assert_allclose(stored["cosine"], want, rtol=0, atol=COSINE_TOL)
+    assert np.ptp(want) > 0.1  # the pairs differ: not a constant to agree on
+
+
+def test_score_model_parallel_equals_pytorch_gpt2_logp(tmp_path, seed):
+    """--model-parallel 2 (params sharded over device pairs, 4-way data parallel) stores
+    GPT-2's log p of every next token and the mean loss, as PyTorch's log-softmax."""
+    rng = np.random.default_rng(seed)
+    vocab, length, n = 96, 12, 13  # vocab even: the embedding is sharded too
+    config = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=32, n_layer=2,
+                                     n_head=4)
+    torch.manual_seed(seed)
+    hf = _randomised(transformers.GPT2LMHeadModel(config), seed)
+    hf.save_pretrained(tmp_path / "gpt2")
+    ids = rng.integers(0, vocab, (n, length))
+    mask = (np.arange(length)[None] < rng.integers(3, length + 1, (n, 1))).astype(np.int32)
+    np.savez(tmp_path / "texts.npz", input_ids=ids.astype(np.int32), attention_mask=mask)
+
+    stored = _score("--model", str(tmp_path / "gpt2"), "--data", str(tmp_path / "texts.npz"),
+                    "--signal", "tokens", "--model-parallel", "2", "--batch-size", "8",
+                    "--out", str(tmp_path / "store"))
+    with torch.no_grad():
+        logits = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    want = torch.gather(logp, -1, torch.tensor(ids[:, 1:, None])).squeeze(-1).numpy()
+    scored = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)  # position t predicts token t + 1
+    np.testing.assert_array_equal(np.asarray(stored["scored"], bool)[:, :-1], scored)
+    assert not np.asarray(stored["scored"], bool)[:, -1].any()
+    ours = np.asarray(stored["logp"], np.float64)[:, :-1]
+    np.testing.assert_allclose(ours[scored], want[scored], rtol=0, atol=LOGP_TOL)
+    mean_loss = -(np.where(scored, want, 0.0).sum(1) / scored.sum(1))
+    np.testing.assert_allclose(stored["mean_loss"], mean_loss, rtol=0, atol=LOGP_TOL)
+
+
+def test_convert_allow_pickle_then_score_equals_pytorch_vit_loss(tmp_path, seed, capsys):
+    """A ViT classifier saved only as pickled weights: refused by default, converted with
+    --allow-pickle, then scored; the stored loss is PyTorch's cross-entropy."""
+    rng = np.random.default_rng(seed)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=38, image_size=16, patch_size=8,
+                                    num_labels=5)
+    torch.manual_seed(seed)
+    hf = _randomised(transformers.ViTForImageClassification(config), seed)
+    folder = tmp_path / "pickled"
+    hf.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), folder / "pytorch_model.bin")
+
+    assert main(["convert", str(folder), str(tmp_path / "refused")]) == 2
+    assert "only pickled weights (pytorch_model.bin)" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert main(["convert", str(folder), str(tmp_path / "converted"), "--allow-pickle"]) == 0
+
+    n = 20
+    pixels = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
+    labels = rng.integers(0, 5, n)
+    np.savez(tmp_path / "images.npz", image=pixels.transpose(0, 2, 3, 1),
+             label=labels.astype(np.int32))
+    stored = _score("--model", str(tmp_path / "converted"), "--data",
+                    str(tmp_path / "images.npz"), "--batch-size", "8", "--out",
+                    str(tmp_path / "store"))
+    with torch.no_grad():
+        logits = hf(torch.tensor(pixels)).logits
+        want = torch.nn.functional.cross_entropy(logits, torch.tensor(labels),
+                                                 reduction="none").numpy()
+    np.testing.assert_allclose(stored["loss"], want, rtol=0, atol=LOSS_TOL)
+    assert np.ptp(want) > 0.1
