@@ -178,7 +178,7 @@ def bench_model(name: str, *, jax_logits, torch_logits, params: dict, data: dict
     """All rows for one model (see module docstring); timings interleaved round-robin."""
     n = len(data["label"])
     n_batches = -(-n // batch)
-    fn = lambda p, ex: memjax.signals._classification(jax_logits(p, ex["image"]), ex["label"])
+    fn = lambda p, ex: memjax.signals.classification(jax_logits(p, ex["image"]), ex["label"])
     device_params = jax.device_put(params)
     tparams = models.to_torch(params)
     step = jax.jit(jax.vmap(fn, in_axes=(None, 0)))

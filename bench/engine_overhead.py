@@ -51,7 +51,7 @@ def measure(calls: int) -> dict[str, float]:
                          for k, v in fields.items()}
     params = jax.device_put(models.init_mlp(0, (64, 256, 256, 10)))
     vit_params = jax.device_put(models.init_vit(0, models.ViTConfig()))
-    fn = lambda p, ex: memjax.signals._classification(models.mlp(p, ex["image"]), ex["label"])
+    fn = lambda p, ex: memjax.signals.classification(models.mlp(p, ex["image"]), ex["label"])
     placed = place_params(params, param_shardings(params, mesh))
     batch = to_global()
     step = runner._compiled_step(fn, placed, batch, mesh)

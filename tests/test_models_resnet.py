@@ -261,7 +261,7 @@ def test_sharded_scoring_matches_one_device(small):
 
     def fn(params, example):
         logits = nnx.merge(graphdef, params)(example["image"][None])[0]
-        return memjax.signals._classification(logits, example["label"])
+        return memjax.signals.classification(logits, example["label"])
 
     data = {"image": images((16, 16, 16, 3)),
             "label": np.random.default_rng(1).integers(0, 5, 16).astype(np.int32)}

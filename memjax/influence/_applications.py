@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -69,9 +68,7 @@ def self_influence(loss_fn: LossFn, params: Any, train: Any, *, lr: float,
     return out if store is not None else np.asarray(out["self_influence"])
 
 
-# One function object per settings (bounded, as forward_inf's makers): the engine compiles
-# it once and reuses it.
-@functools.lru_cache(maxsize=32)
+# A fresh closure per call: the engine keys compiled programs by value.
 def _self_influence_fn(loss_fn, treedef, mask, mode, optimizer, lr, steps):
     def fn(leaves, example):
         def own_loss(train):

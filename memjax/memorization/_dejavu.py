@@ -37,6 +37,7 @@ from jax.typing import ArrayLike
 
 from memjax import kernels
 from memjax._checks import check_choice, check_positive_int
+from memjax.engine.cache import cached_jit
 from memjax.engine.mesh import DATA_AXIS, make_mesh
 from memjax.errors import InputError
 
@@ -46,22 +47,22 @@ METRICS = ("l2", "cosine")
 # --------------------------------------------------------------------------- k-NN
 
 
-@functools.lru_cache(maxsize=64)
 def _knn_program(mesh: Mesh | None, k: int, metric: str, block_size: int, impl: str,
                  block_queries: int | None):
-    """Jitted k-NN for one setting; with a mesh, each device takes its share of the query
-    rows (shard_map over the data axis, the public set replicated): rows are independent,
-    and the Pallas kernel is not partitioned by XLA on its own."""
-    # impl is part of the cache key so that a change of MEMJAX_KERNELS builds a new program.
+    """Jitted k-NN for one setting (shared by equal settings: ``cached_jit`` keys the
+    function by value); with a mesh, each device takes its share of the query rows
+    (shard_map over the data axis, the public set replicated): rows are independent, and
+    the Pallas kernel is not partitioned by XLA on its own."""
+    # impl is part of the key so that a change of MEMJAX_KERNELS builds a new program.
     fn = functools.partial(kernels.knn_scores, k=k, metric=metric, block_size=block_size,
                            impl=impl, block_queries=block_queries)
     if mesh is None:
-        return jax.jit(fn)
+        return cached_jit(fn)
     rows = PartitionSpec(DATA_AXIS, None)
     # check_vma off: the scan's running top-k starts as a constant (same on every device)
     # and becomes per-device; the rows are independent, so nothing needs a collective.
-    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec()),
-                                 out_specs=(rows, rows), check_vma=False))
+    return cached_jit(jax.shard_map(fn, mesh=mesh, in_specs=(rows, PartitionSpec()),
+                                    out_specs=(rows, rows), check_vma=False))
 
 
 def knn(queries: ArrayLike, public: ArrayLike, k: int, *, metric: str = "l2",
