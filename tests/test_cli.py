@@ -461,10 +461,10 @@ def test_influence_cli(report, tmp_path, capsys):
                          {"image": data["image"][:300], "label": data["label"][:300]},
                          mode="finite", direction="ascent", optimizer="sgd", lr=0.1, steps=1,
                          score="oriented", batch_size=64, progress=False)
-    direct = np.asarray(direct)
+    direct = np.asarray(direct)  # [T, N]; the store holds one row [T] per training example
+    assert direct.shape == (6, 300)
     np.testing.assert_array_equal(stored["id"], np.arange(300))
-    np.testing.assert_allclose(stored["score"], direct.T if direct.shape == (6, 300)
-                               else direct, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(stored["score"], direct.T, rtol=1e-6, atol=1e-7)
     assert np.ptp(stored["score"]) > 0
 
     assert main(["influence", "leakage", *common, "--test", str(tmp_path / "test.npz"),

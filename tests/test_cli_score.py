@@ -19,6 +19,9 @@ import pytest  # noqa: E402
 from memjax.cli import main  # noqa: E402
 from memjax.engine import ScoreStore  # noqa: E402
 
+# Strict dtype promotion: the ports and the score path promote no dtype implicitly.
+pytestmark = pytest.mark.strict_dtypes
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

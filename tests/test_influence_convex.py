@@ -16,6 +16,9 @@ from memjax.influence import (
     loo_influence,
 )
 
+# Strict dtype promotion: these code paths promote no dtype implicitly (conftest).
+pytestmark = pytest.mark.strict_dtypes
+
 L2 = 0.01  # sklearn C = 1/(n·0.01), the reference setting
 N_TRAIN, N_TOP = 200, 10
 

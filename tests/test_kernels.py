@@ -20,6 +20,9 @@ from memjax.memorization._dejavu import knn as dejavu_knn
 from memjax.memorization._unitmem import batch_stats
 from memjax.signals._tokens import tokens
 
+# Strict dtype promotion: these code paths promote no dtype implicitly (conftest).
+pytestmark = pytest.mark.strict_dtypes
+
 # float32 kernels vs references: the same per-tile formulas, different tile boundaries and
 # matmul accumulation order, so agreement to a few float32 ulps of the logit scale.
 RTOL = 1e-5

@@ -23,6 +23,9 @@ from memjax.engine import ScoreStore, score
 from memjax.errors import StoreError
 from tests import _workers
 
+# Strict dtype promotion: these code paths promote no dtype implicitly (conftest).
+pytestmark = pytest.mark.strict_dtypes
+
 BATCH = 16
 
 
