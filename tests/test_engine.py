@@ -41,13 +41,13 @@ def reference_loss(data, params) -> np.ndarray:
 
 
 @pytest.fixture
-def data():
-    return _workers.make_data(seed=int(np.random.default_rng().integers(1 << 30)))
+def data(seed):
+    return _workers.make_data(seed=seed % (1 << 30))
 
 
 @pytest.fixture
-def params():
-    return _workers.make_params(seed=int(np.random.default_rng().integers(1 << 30)))
+def params(seed):
+    return _workers.make_params(seed=(seed + 1) % (1 << 30))
 
 
 def test_scores_match_numpy_and_keep_example_order(data, params):
@@ -214,13 +214,13 @@ def test_incomplete_store_cannot_be_read(tmp_path, data, params):
         store.read()
 
 
-def test_killed_run_resumes_to_identical_scores(tmp_path):
+def test_killed_run_resumes_to_identical_scores(tmp_path, seed):
     """SIGKILL a scoring subprocess at a random point, resume, compare with a clean run."""
     store_path, out = tmp_path / "killed", tmp_path / "resumed.npz"
     cmd = [sys.executable, "-m", "tests._workers", "store", str(store_path), str(out), "0.01"]
     proc = subprocess.Popen(cmd, cwd=REPO, env=worker_env())
     n_chunks = -(-_workers.N_EXAMPLES // 32)
-    stop_after = random.Random().randint(2, n_chunks - 5)
+    stop_after = random.Random(seed).randint(2, n_chunks - 5)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if len(list((store_path / "chunks").glob("*.json"))) >= stop_after:
@@ -277,11 +277,10 @@ def test_params_sharded_over_model_axis_stay_sharded():
         make_mesh(model=3)
 
 
-def test_text_fields_and_string_ids_stay_on_the_host(tmp_path):
+def test_text_fields_and_string_ids_stay_on_the_host(tmp_path, rng):
     """A JSONL source: the fn sees token ids only; string ids come back in order."""
     from memjax.data import JsonlTextSource
 
-    rng = np.random.default_rng()
     words = ["alpha", "beta", "gamma", "delta"]
     lines = [{"text": " ".join(rng.choice(words, size=rng.integers(1, 9))), "name": f"doc-{i}"}
              for i in range(37)]

@@ -148,8 +148,7 @@ def models(rng, d_in=D_VIEW):
 
 
 @pytest.mark.parametrize("distance", ["l2", "sq_l2"])
-def test_sslmem_matches_numpy(distance):
-    rng = np.random.default_rng()
+def test_sslmem_matches_numpy(distance, rng):
     src = data(rng)
     pf, pg = models(rng)
     out = sslmem(M(mlp, pf), M(mlp, pg), src, views_fn=views_fn, n_aug=3, layer="out",
@@ -169,8 +168,7 @@ def test_sslmem_matches_numpy(distance):
     np.testing.assert_allclose(bare["raw"], out["raw"], **ULP_TOL)
 
 
-def test_sslmem_clean_pairing_matches_numpy():
-    rng = np.random.default_rng()
+def test_sslmem_clean_pairing_matches_numpy(rng):
     src = data(rng, n=9)
     pf, pg = models(rng, d_in=H * W * C)
     out = sslmem(M(other_mlp, pf), M(mlp, pg), src, views_fn=same_size_views, n_aug=4,
@@ -182,8 +180,7 @@ def test_sslmem_clean_pairing_matches_numpy():
     np.testing.assert_allclose(out["raw"], lg - lf, **TOL)
 
 
-def test_layermem_matches_numpy():
-    rng = np.random.default_rng()
+def test_layermem_matches_numpy(rng):
     src = data(rng)
     pf, pg = models(rng)
     out = layermem(M(mlp, pf), M(mlp, pg), src, views_fn=views_fn, n_aug=2,
@@ -202,8 +199,7 @@ def test_layermem_matches_numpy():
                                rtol=1e-12, atol=1e-15)
 
 
-def test_stacked_equals_separate_and_devices():
-    rng = np.random.default_rng()
+def test_stacked_equals_separate_and_devices(rng):
     src = data(rng, n=10)
     pf, pg = models(rng)
     kw = dict(views_fn=views_fn, n_aug=2, layers=["hidden1", "out"], progress=False)
@@ -220,8 +216,7 @@ def test_stacked_equals_separate_and_devices():
         np.testing.assert_allclose(stacked[field], one[field], **ULP_TOL)
 
 
-def test_views_keyed_by_id_not_position():
-    rng = np.random.default_rng()
+def test_views_keyed_by_id_not_position(rng):
     src = data(rng, n=8)
     pf, pg = models(rng)
     flipped = {k: v[::-1].copy() for k, v in src.items()}
@@ -235,8 +230,7 @@ def test_views_keyed_by_id_not_position():
     np.testing.assert_allclose(b["raw"][::-1], a["raw"], **ULP_TOL)
 
 
-def test_clipmem_matches_numpy():
-    rng = np.random.default_rng()
+def test_clipmem_matches_numpy(rng):
     n, t, vocab, d = 10, 5, 11, 4
     src = {"image": rng.normal(size=(n, H, W, C)).astype(np.float32),
            "text": rng.integers(0, vocab, size=(n, t))}
@@ -288,8 +282,7 @@ def test_clipmem_matches_numpy():
     np.testing.assert_allclose(custom["align_f"][3], want, **TOL)
 
 
-def test_bad_input():
-    rng = np.random.default_rng()
+def test_bad_input(rng):
     src = data(rng, n=8)
     pf, pg = models(rng)
     kw = dict(views_fn=views_fn, batch_size=8, progress=False)

@@ -165,12 +165,6 @@ def test_a_memmap_rewritten_in_place_is_refused(tmp_path, data, params):
     _unchanged(path, first)
 
 
-@pytest.mark.xfail(strict=True, raises=StoreError,
-                   reason="ScoreStore.begin takes the store's lock, then raises the refusal "
-                          "without releasing it (score's try/finally starts after begin), "
-                          "so in the same process the corrected run is told the store 'is "
-                          "being written by another process' until the refused ScoreStore "
-                          "is garbage-collected")
 def test_a_refused_resume_leaves_the_store_unlocked(tmp_path, data, params):
     path = tmp_path / "s"
     score(_workers.mlp_signals, params, data, batch_size=BATCH, store=path, progress=False)

@@ -105,6 +105,16 @@ class ScoreStore:
         self.path.mkdir(parents=True, exist_ok=True)
         self.chunk_dir.mkdir(exist_ok=True)
         self._acquire_lock()
+        try:
+            return self._begin_locked(fingerprint, n_examples, batch_size)
+        except BaseException:
+            # A refused (or failed) start must not keep the lock: the corrected rerun, in
+            # this process or another, has to be able to open the store.
+            self.release()
+            raise
+
+    def _begin_locked(self, fingerprint: dict[str, Any], n_examples: int,
+                      batch_size: int) -> set[int]:
         self._remove_temporaries()
         if self.exists():
             manifest = self.manifest()
