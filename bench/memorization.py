@@ -448,7 +448,14 @@ def diagnostics(params, data, model, torch_images) -> dict[str, callable]:
     ids = jnp.asarray(data["id"])
     images = jnp.asarray(data["image"])
     views = jax.jit(functools.partial(simclr_views, n_aug=N_AUG))
-    means = jax.jit(jax.vmap(jax.vmap(_tap_means, in_axes=(None, 0)), in_axes=(None, 0)))
+    def flat_means(p, v):
+        # All views of the block as one flat batch, as unitmem runs them (a vmap over
+        # views nested in a vmap over examples ran the convolutions 3.3x slower).
+        b, k = v.shape[:2]
+        out = jax.vmap(_tap_means, in_axes=(None, 0))(p, v.reshape(b * k, *v.shape[2:]))
+        return {name: m.reshape(b, k, -1) for name, m in out.items()}
+
+    means = jax.jit(flat_means)
     blocks = _blocks(len(ids))
     ready = [views(images[lo:hi], ids[lo:hi]) for lo, hi in blocks]
     both_views = view_runs(data, torch_images)
@@ -527,7 +534,12 @@ def bench_unitmem(quick: bool, repeats: int) -> dict:
             "compile_s": {"memjax": first_call["memjax"] - medians["memjax"]},
             "views_alone": views_alone(per_example),
             "speedup_vs_reference": per_example["torch_reference"] / per_example["memjax"],
-            "speedup_vs_torch_batched": per_example["torch_batched"] / per_example["memjax"],
+            # Against the best batched PyTorch row of this run (64 or 16 examples a block).
+            "best_torch_batched": min(("torch_batched", "torch_batched_batch16"),
+                                      key=per_example.get),
+            "speedup_vs_torch_batched": min(per_example["torch_batched"],
+                                            per_example["torch_batched_batch16"])
+            / per_example["memjax"],
             "forward_flops": forward_flops(), "flops_per_example": N_AUG * forward_flops(),
             "agreement": agreement, "load_average_before_timing": load_before,
             "load_average_after_timing": os.getloadavg(), "_per_example": per_example}
@@ -584,7 +596,7 @@ def print_table(unit: dict, layer: dict) -> None:
               f"floor fraction {unit['fraction_of_floor'][name]:6.1%}")
     print(f"  memjax vs reference {unit['speedup_vs_reference']:.1f}x (goal 50x: "
           f"{'met' if unit['goal_50x_vs_reference_met'] else 'NOT met'}); vs torch batched "
-          f"{unit['speedup_vs_torch_batched']:.2f}x (goal 1.5x: "
+          f"{unit['speedup_vs_torch_batched']:.2f}x ({unit['best_torch_batched']}; goal 1.5x: "
           f"{'met' if unit['goal_1_5x_vs_batched_met'] else 'NOT met'})")
     views = unit["views_alone"]
     print(f"  views alone: JAX {views['jax_examples_per_s']:.0f} ex/s, torch "

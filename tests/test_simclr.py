@@ -136,4 +136,5 @@ def test_encoder_activations_end_in_the_embedding():
     assert {k: v.shape for k, v in layers.items()} == {
         "conv1": (4, 4, 4), "conv2": (2, 2, 8), "dense1": (12,), "embedding": (6,)}
     np.testing.assert_allclose(layers["embedding"], embed(params, image), rtol=1e-6)
-    np.testing.assert_array_equal(model(image), embed(params, image))
+    # The Model scores with XLA's convolution, training uses im2col: float32 rounding apart.
+    np.testing.assert_allclose(model(image), embed(params, image), rtol=1e-5, atol=1e-6)

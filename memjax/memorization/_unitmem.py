@@ -234,10 +234,17 @@ def _views_stage(views_fn: ViewsFn, n_aug: int, seed: int, image_field: str,
 
 
 def _unit_means_fn(activations, layers: tuple[str, ...], spatial: str):
-    """fn(params, example) -> tuple of mu [U_l] per layer, for ONE example's views."""
-    def fn(params, example):
-        acts = jax.vmap(activations, in_axes=(None, 0))(params, example[VIEWS_FIELD])
-        return tuple(unit_means(acts[name], spatial) for name in layers)
+    """fn(params, rows) -> tuple of mu [b, U_l] per layer for a device's rows of views
+    [b, K, h, w, C]: all b*K views through the encoder as one flat batch (the engine's
+    ``batched`` mode; 3.3x faster on XLA:CPU than nesting a vmap over views in a vmap over
+    examples), then each example's views reduced by :func:`unit_means`."""
+    def fn(params, rows):
+        views = rows[VIEWS_FIELD]
+        b, k = views.shape[:2]
+        acts = jax.vmap(activations, in_axes=(None, 0))(params,
+                                                        views.reshape(b * k, *views.shape[2:]))
+        return tuple(jax.vmap(lambda a: unit_means(a, spatial))(
+            acts[name].reshape(b, k, *acts[name].shape[1:])) for name in layers)
     return fn
 
 
@@ -370,7 +377,8 @@ def unitmem(model: Model, source: Any, *, layers: Sequence[str], n_aug: int,
     for start in range(0, n, chunk):
         out = score(fn, params, SliceSource(source, start, min(n, start + chunk)),
                     batch_size=batch_size, mesh=mesh, progress=progress,
-                    validate=_check_images(image_field), with_ids=True, prepare=prepare)
+                    validate=_check_images(image_field), with_ids=True, prepare=prepare,
+                    batched=True)
         ids.append(out[ID_FIELD])
         for l_idx in range(len(layers)):
             mu = np.asarray(out[str(l_idx)])

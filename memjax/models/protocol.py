@@ -77,10 +77,16 @@ class NNXForward:
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierForward:
-    """memjax's native MLP/CNN (:func:`memjax.models.classifier.classifier_logits`)."""
+    """memjax's native MLP/CNN (:func:`memjax.models.classifier.classifier_logits`).
+
+    Scoring one model uses XLA's convolution (``conv="xla"``: 3.9x faster on XLA:CPU than
+    the im2col form that vmapped training over many models needs; equal to float32
+    rounding)."""
+
+    conv: str = "xla"
 
     def __call__(self, params: Any, inputs: Inputs, taps: Taps | None = None) -> jax.Array:
-        return classifier_logits(params, inputs, taps=taps)
+        return classifier_logits(params, inputs, taps=taps, conv=self.conv)
 
 
 @dataclasses.dataclass(frozen=True)
