@@ -363,3 +363,32 @@ def test_batch_of_one_scores_like_larger_batches(data, params):
     for key in one:
         assert one[key].shape == eight[key].shape
         np.testing.assert_allclose(one[key], eight[key], rtol=1e-6, atol=1e-6)
+
+
+def test_ids_prepare_and_batched_modes_equal_the_plain_per_example_function(data, params):
+    """with_ids hands fn the example ids (int32); prepare runs as its own stage; batched fn
+    takes a device's rows at once. On 8 devices with a padded last batch, each equals the
+    plain per-example computation."""
+    n = len(data["x"])
+    ids = score(lambda p, ex: ex["id"], params, data, batch_size=24, with_ids=True,
+                progress=False)
+    np.testing.assert_array_equal(ids["score"], data["id"])
+    assert ids["score"].dtype == np.int32
+    plain = score(_workers.mlp_signals, params, data, batch_size=24, progress=False)
+
+    def doubled(example):  # a parameter-free stage: a new field from the example
+        return {"x2": 2.0 * example["x"]}
+
+    def from_stage(p, example):
+        return _workers.mlp_signals(p, {**example, "x": 0.5 * example["x2"]})
+
+    staged = score(from_stage, params, data, batch_size=24, prepare=doubled, progress=False)
+
+    def rows_fn(p, rows):  # the same function, over a device's rows
+        return jax.vmap(lambda ex: _workers.mlp_signals(p, ex))(rows)
+
+    rows = score(rows_fn, params, data, batch_size=24, batched=True, progress=False)
+    assert n % 24 and jax.device_count() == 8  # a padded last batch, 3 rows a device
+    for key, value in plain.items():
+        np.testing.assert_allclose(staged[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+        np.testing.assert_allclose(rows[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
