@@ -246,7 +246,9 @@ def plot_memorization(result: dict, path: Path) -> None:
 
 def _auc_rows(name: str, scores: np.ndarray, positive: np.ndarray) -> list[tuple[str, object]]:
     low, high = auc_confidence_interval(scores, positive)
-    return [(name, roc_auc(scores, positive)), ("  bootstrap 95% interval",
+    # The interval's row names its AUC: metrics.json is keyed by row name, and a shared
+    # name let the last section's interval stand for every AUC there.
+    return [(name, roc_auc(scores, positive)), (f"  {name}: bootstrap 95% interval",
                                                 f"[{low:.3f}, {high:.3f}]")]
 
 
