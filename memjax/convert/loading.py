@@ -21,6 +21,7 @@ from memjax.convert.core import load_pretrained
 from memjax.convert.orbax_io import cast
 from memjax.convert.saved import (
     MODEL_FILE,
+    interface,
     is_model_folder,
     read_meta,
     restore_classifiers,
@@ -34,31 +35,6 @@ from memjax.models.registry import partition_rules
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                    "spiece.model", "tokenizer.model")
 PREPROCESSOR_FILE = "preprocessor_config.json"
-
-# What each port's module computes on one example: (kind, method, input fields). Vision
-# models read NHWC images; text models token ids and their attention mask.
-_INTERFACES = {
-    "CLIPModel": ("clip", "embed", ("image", "input_ids", "attention_mask")),
-    "GPT2LMHeadModel": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
-    "GPTNeoXForCausalLM": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
-    "BertModel": ("text_encoder", "__call__", ("input_ids", "attention_mask")),
-    "ViTForImageClassification": ("classifier", "__call__", ("image",)),
-    "ViTModel": ("encoder", "__call__", ("image",)),
-    "CifarResNet": ("classifier", "__call__", ("image",)),
-}
-
-
-def interface(module: nnx.Module) -> tuple[str, str, tuple[str, ...]]:
-    """(kind, method, input fields) of a ported module."""
-    name = type(module).__name__
-    if name == "ResNet":
-        return ("encoder" if module.classifier is None else "classifier", "__call__",
-                ("image",))
-    if name not in _INTERFACES:
-        raise InputError(f"no model interface is registered for {name}; expected one of "
-                         f"{sorted([*_INTERFACES, 'ResNet'])}")
-    return _INTERFACES[name]
-
 
 def from_port(module: nnx.Module, config: Any, *, source: str | None = None,
               preprocess: dict[str, Any] | None = None, tokenizer: str | None = None

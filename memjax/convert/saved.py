@@ -106,7 +106,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
         return meta
     if "architecture" in meta and "config" in meta:  # memjax convert, before version 1
         return {"format": FORMAT, "version": VERSION, "architecture": meta["architecture"],
-                "kind": _port_kind(meta["architecture"], meta["config"]),
+                # A port's kind follows from its module (interface); memjax.load asks it.
+                "kind": None,
                 "config": meta["config"]}
     if meta.get("kind") in CONFIG_KINDS:  # memjax.train classifier (set), before version 1
         extra = {k: meta[k] for k in ("n_models", "n_examples", "training") if k in meta}
@@ -119,17 +120,30 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
                      f"'architecture' and no classifier 'kind'; keys: {sorted(meta)})")
 
 
-def _port_kind(architecture: str, config: dict[str, Any]) -> str:
-    """What a ported architecture's module computes (see :func:`interface`)."""
-    if architecture in ("gpt2", "gpt_neox"):
-        return "causal_lm"
-    if architecture == "clip":
-        return "clip"
-    if architecture == "bert":
-        return "text_encoder"
-    if architecture in ("vit", "resnet"):
-        return "classifier" if config.get("num_labels", 0) > 0 else "encoder"
-    return "classifier"
+# What each port's module computes on one example: (kind, method, input fields). Vision
+# models read NHWC images; text models token ids and their attention mask.
+_INTERFACES = {
+    "CLIPModel": ("clip", "embed", ("image", "input_ids", "attention_mask")),
+    "GPT2LMHeadModel": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
+    "GPTNeoXForCausalLM": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
+    "BertModel": ("text_encoder", "__call__", ("input_ids", "attention_mask")),
+    "ViTForImageClassification": ("classifier", "__call__", ("image",)),
+    "ViTModel": ("encoder", "__call__", ("image",)),
+    "CifarResNet": ("classifier", "__call__", ("image",)),
+}
+
+
+def interface(module: nnx.Module) -> tuple[str, str, tuple[str, ...]]:
+    """(kind, method, input fields) of a ported module."""
+    name = type(module).__name__
+    if name == "ResNet":
+        return ("encoder" if module.classifier is None else "classifier", "__call__",
+                ("image",))
+    if name not in _INTERFACES:
+        raise InputError(f"no model interface is registered for {name}; expected one of "
+                         f"{sorted([*_INTERFACES, 'ResNet'])}")
+    return _INTERFACES[name]
+
 
 
 # --------------------------------------------------------------------------- writing
@@ -190,8 +204,7 @@ def save(model: Model | nnx.Module, config_or_directory: Any, directory: Any = N
         return write_model(directory, params, model.config, kind=model.kind)
     config = config_or_directory
     state = jax.tree.map(np.asarray, nnx.state(model))
-    return write_model(directory, nnx.to_pure_dict(state), config,
-                       kind=_port_kind(_architecture_name(config), config_to_json(config)))
+    return write_model(directory, nnx.to_pure_dict(state), config, kind=interface(model)[0])
 
 
 # --------------------------------------------------------------------------- reading
