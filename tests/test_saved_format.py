@@ -109,3 +109,16 @@ def test_unreadable_metadata_is_refused_with_a_message(cnn, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no config.json .* and no memjax_model.json"):
         memjax.load(tmp_path / "empty")
+
+
+def test_fingerprint_follows_the_content(cnn, tmp_path):
+    """Model.fingerprint: equal after a save/load round trip, different when a value
+    changes (the engine's params hash, with the model's name, inputs and kind)."""
+    params, config = cnn
+    model = memjax.Model.from_classifier(params, config)
+    save_model(tmp_path / "m", params, config)
+    assert memjax.load(tmp_path / "m").fingerprint == model.fingerprint
+    changed = jax.tree.map(np.copy, params)
+    changed["layers"][0]["w"][0, 0] += 1.0
+    assert memjax.Model.from_classifier(changed, config).fingerprint != model.fingerprint
+    assert model.replace(kind="encoder").fingerprint != model.fingerprint

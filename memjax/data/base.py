@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+import jax
 import numpy as np
 
 from memjax.errors import InputError
@@ -81,6 +82,44 @@ def hash_array(array: np.ndarray) -> str:
             digest.update(repr(item).encode())
     else:
         digest.update(array.view(np.uint8).reshape(-1).data)
+    return digest.hexdigest()
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+    """'a/b/0/kernel' from a pytree key path (dict keys, attributes and sequence indices).
+
+    A Flax NNX variable flattens to its ``value`` leaf; that last component is dropped so
+    rules and fingerprints name the parameter itself ('layers/0/c_fc/kernel').
+    """
+    if len(path) > 1 and getattr(path[-1], "name", getattr(path[-1], "key", None)) == "value":
+        path = path[:-1]
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def hash_params(params: Any) -> str:
+    """Content hash of a params pytree: paths, shapes, dtypes and values.
+
+    Global arrays that this process cannot fully address hash their addressable shards
+    (with their indices); pass ``params_fingerprint`` to ``score`` to override.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in leaves:
+        digest.update(path_name(path).encode())
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
+                digest.update(str(shard.index).encode())
+                digest.update(hash_array(np.asarray(shard.data)).encode())
+        else:
+            digest.update(hash_array(np.asarray(leaf)).encode())
     return digest.hexdigest()
 
 

@@ -18,8 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from memjax.data.base import hash_array
-from memjax.engine.mesh import path_name
+from memjax.data.base import hash_array, hash_params, path_name  # noqa: F401 - re-exported
 
 
 def _digest(text: str) -> str:
@@ -67,25 +66,6 @@ def describe_function(fn: Any) -> dict[str, Any]:
             if var != target.__name__  # a recursive function's own cell
         }
     return description
-
-
-def hash_params(params: Any) -> str:
-    """Content hash of a params pytree: paths, shapes, dtypes and values.
-
-    Global arrays that this process cannot fully address hash their addressable shards
-    (with their indices); pass ``params_fingerprint`` to ``score`` to override.
-    """
-    digest = hashlib.blake2b(digest_size=16)
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-    for path, leaf in leaves:
-        digest.update(path_name(path).encode())
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            for shard in sorted(leaf.addressable_shards, key=lambda s: str(s.index)):
-                digest.update(str(shard.index).encode())
-                digest.update(hash_array(np.asarray(shard.data)).encode())
-        else:
-            digest.update(hash_array(np.asarray(leaf)).encode())
-    return digest.hexdigest()
 
 
 def run_fingerprint(fn: Any, params: Any, data_spec: dict[str, Any], batch_size: int,

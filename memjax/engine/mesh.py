@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from memjax.data.base import path_name  # noqa: F401 - re-exported
 from memjax.errors import InputError
 
 DATA_AXIS = "data"
@@ -46,25 +47,6 @@ def make_mesh(model: int = 1, *, devices: Sequence[jax.Device] | None = None) ->
         axis_types=(AxisType.Auto, AxisType.Auto),
         devices=devices,
     )
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-    """'a/b/0/kernel' from a pytree key path (dict keys, attributes and sequence indices).
-
-    A Flax NNX variable flattens to its ``value`` leaf; that last component is dropped so
-    rules and fingerprints name the parameter itself ('layers/0/c_fc/kernel').
-    """
-    if len(path) > 1 and getattr(path[-1], "name", getattr(path[-1], "key", None)) == "value":
-        path = path[:-1]
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 def param_shardings(params: Any, mesh: Mesh, rules: PartitionRules | None = None) -> Any:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from memjax.data.base import hash_array
+from memjax.data.base import hash_params
 from memjax.errors import InputError
 from memjax.models.classifier import CNNConfig, MLPConfig, classifier_logits
 from memjax.models.taps import Taps, tap
@@ -256,12 +256,13 @@ class Model:
 
     @functools.cached_property
     def fingerprint(self) -> str:
-        """Content hash of the params (paths, shapes, dtypes, values) and the forward."""
+        """Content hash of what the model computes: its name, input fields and kind, the
+        forward function's type, and the params' paths, shapes, dtypes and values (the
+        engine's :func:`memjax.data.base.hash_params`)."""
         digest = hashlib.blake2b(digest_size=16)
-        digest.update(repr((self.name, self.inputs, self.kind)).encode())
-        for path, leaf in jax.tree_util.tree_flatten_with_path(self.params)[0]:
-            digest.update(jax.tree_util.keystr(path).encode())
-            digest.update(hash_array(jax.device_get(leaf)).encode())
+        digest.update(repr((self.name, self.inputs, self.kind,
+                            type(self.forward).__qualname__)).encode())
+        digest.update(hash_params(self.params).encode())
         return digest.hexdigest()
 
     def __repr__(self) -> str:
