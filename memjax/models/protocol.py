@@ -231,15 +231,6 @@ class Model:
                        self.params, example)
         return list(dict.fromkeys(taps.seen))
 
-    def with_method(self, method: str, inputs: Sequence[str], kind: str) -> Model:
-        """The same NNX port called through another method, e.g. a CLIP's image tower:
-        ``clip.with_method("encode_image", ("image",), "encoder")``."""
-        if not isinstance(self.forward, NNXForward):
-            raise InputError(f"with_method: {self.name} is not an NNX port")
-        inputs = tuple(inputs)
-        return dataclasses.replace(self, forward=NNXForward(self.forward.graphdef, method,
-                                                            inputs), inputs=inputs, kind=kind)
-
     def tower(self, name: str) -> Model:
         """One part of the model as a model of its own (same params), e.g. a CLIP's
         ``tower("image")`` (inputs ``("image",)``) and ``tower("text")``."""
