@@ -168,6 +168,28 @@ class Model:
     source: str | None = None
     towers: tuple = ()
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens one text may have (the checkpoint's position table), or None
+        for a model without text input."""
+        config = getattr(self.config, "text_config", self.config)
+        for name in ("n_positions", "max_position_embeddings"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(height, width, channels) of the images the model takes when its config fixes
+        them (ViT, CLIP), else None (convolutional models take any size)."""
+        config = getattr(self.config, "vision_config", self.config)
+        size = getattr(config, "image_size", None)
+        if size is None:
+            return None
+        height, width = (size, size) if isinstance(size, int) else size
+        return int(height), int(width), int(getattr(config, "num_channels", 3))
+
     # ------------------------------------------------------------------ constructors
 
     @classmethod

@@ -1,0 +1,94 @@
+"""What every subcommand shares: the data options, opening data the way a model expects
+it, and writing per-example results (Parquet) beside metrics and an HTML/PNG summary."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memjax.errors import InputError
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """``--max-length`` and ``--text-field``: how texts become tokens (the tokenizer and
+    the image preprocessing come from the model's own checkpoint files)."""
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per text (padded/truncated); default: the model's "
+                        "context length; the number of truncated texts is reported")
+    parser.add_argument("--text-field", default="text",
+                        help="the text field of JSONL/CSV/TSV rows (default: text)")
+
+
+def open_data(spec: str, model: Any, args: argparse.Namespace, *, what: str = "--data"):
+    """The source ``spec`` names, prepared for ``model``: images preprocessed with the
+    checkpoint's ``preprocessor_config.json``, texts tokenised with its tokenizer to
+    ``--max-length`` (default the model's context). Prints how many texts were cut."""
+    from memjax.data import open_source
+
+    try:
+        source = open_source(spec, model=model, max_length=getattr(args, "max_length", None),
+                             text_field=getattr(args, "text_field", "text"))
+    except InputError as error:
+        raise InputError(f"{what}: {error}") from None
+    report_truncation(source, what)
+    return source
+
+
+def report_truncation(source: Any, what: str) -> None:
+    """Print ``k of n texts truncated`` when the source tokenised texts and cut some."""
+    truncated = getattr(source, "truncated", None)
+    if callable(truncated):
+        count, total, length = truncated()
+        if count:
+            print(f"{what}: {count} of {total} texts are longer than {length} tokens and "
+                  "were truncated (raise --max-length up to the model's context)",
+                  file=sys.stderr)
+
+
+def write_results(out: str | Path, title: str, text: str, table: Mapping[str, Any],
+                  metrics: list[tuple[str, Any]], *,
+                  figures: Callable[[Path], list[tuple[str, str]]] | None = None,
+                  table_name: str = "scores.parquet") -> Path:
+    """A results folder: ``scores.parquet`` (one row per example: ``table``'s columns,
+    1-D arrays of equal length, or [N, ...] arrays stored as lists), ``metrics.json``,
+    ``index.html`` and the figures ``figures(folder)`` writes (file, caption). Written to a
+    staging folder and renamed into place, so a failed run leaves no half result."""
+    from memjax.report import Section, write_report
+
+    columns = {name: np.asarray(value) for name, value in table.items()}
+    lengths = {name: len(value) for name, value in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"write_results: columns of different lengths {lengths}")
+
+    def build(folder: Path) -> list:
+        write_parquet(columns, folder / table_name)
+        made = figures(folder) if figures is not None else []
+        return [Section(title, text, metrics, figures=made,
+                        files=[(table_name, "per-example results (Parquet)")])]
+
+    return write_report(out, f"memjax: {title}", build)
+
+
+def write_parquet(columns: Mapping[str, np.ndarray], path: Path) -> None:
+    """Columns as a Parquet table (arrays with more than one axis become list columns)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays = {}
+    for name, value in columns.items():
+        value = np.asarray(value)
+        arrays[name] = pa.array(list(value) if value.ndim > 1 else value)
+    pq.write_table(pa.table(arrays), path)
+
+
+def print_metrics(metrics: list[tuple[str, Any]], folder: Path) -> None:
+    """The headline numbers and where the report is."""
+    for name, value in metrics:
+        if isinstance(value, float):
+            print(f"{name}: {value:.4f}")
+    print(f"report: {folder / 'index.html'} (metrics.json, scores.parquet)")
