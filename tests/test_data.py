@@ -14,7 +14,9 @@ from memjax.data import (
     ArraySource,
     ImageFolderSource,
     JsonlTextSource,
+    PairsSource,
     TFDSSource,
+    WebDatasetSource,
     digits,
     grain_source,
     memmap_source,
@@ -106,6 +108,22 @@ def root(tmp_path_factory):
     _png(root / "images" / "dog" / "a.png", _solid(6, 4, (0, 255, 0)))
     _png(root / "images" / "cat" / "z.png", _solid(6, 4, (0, 0, 255)))
     (root / "images" / "cat" / "notes.txt").write_text("not an image")
+    # a flat image folder, image-caption pairs (CSV) and two WebDataset shards of them
+    for k, color in enumerate([(9, 8, 7), (200, 100, 0), (0, 50, 250), (1, 2, 3)]):
+        _png(root / "flat" / f"{k}.png", _solid(5, 3, color))
+    (root / "pairs.csv").write_text("image,text\n" + "".join(
+        f"flat/{k}.png,caption {k}\n" for k in (3, 0, 2, 1)))
+    import io
+    import tarfile
+
+    for shard, ks in enumerate([(2, 0), (1, 3)]):
+        with tarfile.open(root / f"shard-{shard}.tar", "w") as tar:
+            for k in ks:
+                for name, data in ((f"k{k}.png", (root / "flat" / f"{k}.png").read_bytes()),
+                                   (f"k{k}.txt", f"caption {k}".encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
     # jsonl, with a blank line in the middle (skipped: not an example)
     _write_jsonl(root / "docs.jsonl", TEXTS)
     lines = (root / "docs.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
@@ -139,6 +157,11 @@ OPENERS = {
     "npz": lambda root: memmap_source(root / "arrays.npz"),
     "tfds": lambda root: TFDSSource("memjax_tiny", split="train", data_dir=root / "tfds"),
     "images": lambda root: ImageFolderSource(root / "images", size=(3, 2)),
+    "images_flat": lambda root: ImageFolderSource(root / "flat"),
+    "pairs": lambda root: PairsSource(root / "pairs.csv", tokenizer=_word_lengths,
+                                      max_length=2),
+    "wds": lambda root: WebDatasetSource(root / "shard-{0..1}.tar", tokenizer=_word_lengths,
+                                         max_length=2),
     "jsonl": lambda root: JsonlTextSource(root / "docs.jsonl"),
     "jsonl_tokens": lambda root: JsonlTextSource(root / "docs.jsonl", tokenizer=_word_lengths,
                                                  max_length=3, id_field="key"),

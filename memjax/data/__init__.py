@@ -3,8 +3,12 @@
 Sources: :class:`ArraySource` (arrays in memory or memory-mapped), :func:`memmap_source`
 (``.npy`` folders, ``.npz`` files), :func:`digits` (bundled default data),
 :class:`TFDSSource` (prepared ArrayRecord TFDS datasets, no TensorFlow needed),
-:class:`ImageFolderSource` and :class:`JsonlTextSource`. :func:`open_source` turns the
-CLI's data argument into one; :func:`grain_source` hands one to grain.
+:class:`ImageFolderSource` (with or without class folders), :class:`PairsSource`
+(image-caption JSONL/CSV/TSV), :class:`WebDatasetSource` (tar shards, random access) and
+:class:`JsonlTextSource`. :func:`open_source` turns the CLI's data argument into one,
+prepared for a model: :class:`ImageProcessor` reproduces a checkpoint's
+``preprocessor_config.json``, :class:`TextTokens` its tokenizer. :func:`decode_image` is
+how every image source reads an image file; :func:`grain_source` hands a source to grain.
 """
 
 from memjax.data.arrays import digits, memmap_source
@@ -19,29 +23,48 @@ from memjax.data.base import (
     source_ids,
     stack_records,
 )
-from memjax.data.images import IMAGE_EXTENSIONS, ImageFolderSource
+from memjax.data.images import IMAGE_EXTENSIONS, ImageFolderSource, ImageLoader, decode_image
 from memjax.data.open import FORMS, grain_source, open_source
-from memjax.data.text import JsonlTextSource, stdlib_docstrings
+from memjax.data.pairs import PairsSource
+from memjax.data.preprocess import PROCESSOR_DEFAULTS, ImageProcessor
+from memjax.data.text import (
+    JsonlTextSource,
+    TextTokens,
+    load_tokenizer,
+    stdlib_docstrings,
+    tokenizer_spec,
+)
 from memjax.data.tfds_source import TFDSSource
+from memjax.data.webdataset import WebDatasetSource, expand_braces
 
 __all__ = [
     "FORMS",
     "ID_FIELD",
     "IMAGE_EXTENSIONS",
+    "PROCESSOR_DEFAULTS",
     "ArraySource",
     "ImageFolderSource",
+    "ImageLoader",
+    "ImageProcessor",
     "JsonlTextSource",
+    "PairsSource",
     "RandomAccessSource",
     "Source",
     "TFDSSource",
+    "TextTokens",
+    "WebDatasetSource",
     "as_source",
+    "decode_image",
     "digits",
     "example_ids",
+    "expand_braces",
     "grain_source",
     "hash_array",
+    "load_tokenizer",
     "memmap_source",
     "open_source",
     "source_ids",
     "stack_records",
     "stdlib_docstrings",
+    "tokenizer_spec",
 ]
