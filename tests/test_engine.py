@@ -197,11 +197,128 @@ def test_truncated_or_corrupt_chunk_is_recomputed(tmp_path, data, params):
     chunk5.write_bytes(bytes(raw))
     store = ScoreStore(path)
     assert store.done_chunks() == set(range(store.n_chunks)) - {3, 5}
-    with pytest.raises(StoreError, match="chunk 3 is missing or corrupt"):
+    info = store.info()
+    assert info["state"] == "corrupt" and not info["complete"]
+    assert info["corrupt_chunks"] == [3, 5] and info["chunks_done"] == store.n_chunks - 2
+    with pytest.raises(StoreError, match="chunks 3, 5 are missing or corrupt.*--resume"):
         store.read()
     rerun = score(_workers.mlp_signals, params, data, batch_size=16, store=store,
                   progress=False)
     np.testing.assert_array_equal(rerun.read()["logits"], first["logits"])
+    assert rerun.info()["state"] == "complete"
+
+
+def test_info_tells_corrupt_from_not_yet_written_chunks(tmp_path, data, params):
+    """In an unfinished store a chunk without a record is still to come (missing); one
+    whose file no longer matches its record is corrupt. In a finished store a chunk
+    whose files were deleted is corrupt too."""
+    path = tmp_path / "s"
+    score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+          store=ScoreStore(path, chunk_size=64))
+    store = ScoreStore(path)
+    (path / "chunks" / "000007.npz").unlink()
+    assert store.info()["corrupt_chunks"] == [7]
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["complete"] = False  # as if the run were still going
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for index in (9, 10):
+        (path / "chunks" / f"{index:06d}.json").unlink()
+    info = store.info()
+    assert info["state"] == "corrupt" and info["corrupt_chunks"] == [7]
+    assert info["missing_chunks"] == [9, 10]
+    (path / "chunks" / "000007.json").unlink()
+    assert store.info()["state"] == "incomplete"
+    assert store.info()["missing_chunks"] == [7, 9, 10]
+
+
+def _fails_at(example: int):
+    """A validator refusing the batch that holds ``example`` (as a bad label would)."""
+    def validate(fields, indices):
+        if example in indices:
+            raise InputError(f"bad example {example}")
+
+    return validate
+
+
+@pytest.mark.parametrize("where", ["new nested folder", "empty folder made by the user"])
+def test_a_run_failing_before_its_first_chunk_leaves_nothing(tmp_path, data, params, where):
+    path = tmp_path / "a" / "b" / "s" if where == "new nested folder" else tmp_path / "s"
+    if where != "new nested folder":
+        path.mkdir()
+    with pytest.raises(InputError, match="bad example 3"):
+        score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+              store=ScoreStore(path, chunk_size=64), validate=_fails_at(3))
+    if where == "new nested folder":
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert list(path.iterdir()) == []
+    # The corrected run starts clean (it is not refused as another run's store).
+    stored = score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+                   store=ScoreStore(path, chunk_size=64)).read()
+    np.testing.assert_allclose(stored["loss"], reference_loss(data, params), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_run_failing_after_some_chunks_keeps_them_to_resume(tmp_path, data, params):
+    path = tmp_path / "s"
+    with pytest.raises(InputError, match="bad example 300"):
+        score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+              store=ScoreStore(path, chunk_size=64), validate=_fails_at(300))
+    store = ScoreStore(path)
+    assert store.info()["state"] == "incomplete"
+    assert store.done_chunks() == {0, 1, 2, 3}  # examples [0, 256): before the bad batch
+    resumed = score(_workers.mlp_signals, params, data, batch_size=16, progress=False,
+                    store=ScoreStore(path)).read()
+    clean = score(_workers.mlp_signals, params, data, batch_size=16, progress=False)
+    for key in clean:
+        np.testing.assert_array_equal(resumed[key], clean[key])
+
+
+def test_a_store_without_finished_chunks_is_replaced_and_overwrite_replaces_any(
+        tmp_path, data, params):
+    path = tmp_path / "s"
+    # A run killed before its first chunk leaves a manifest and nothing else.
+    killed = ScoreStore(path, chunk_size=32)
+    killed.begin({"function": {"name": "killed"}}, 7, 16)
+    killed.release()
+    stored = score(_workers.mlp_signals, params, data, batch_size=16, store=path,
+                   progress=False).read()
+    np.testing.assert_allclose(stored["loss"], reference_loss(data, params), rtol=1e-5,
+                               atol=1e-5)
+    other = _workers.make_params(seed=99)
+    with pytest.raises(StoreError, match=r"differs in: params.*overwrite"):
+        score(_workers.mlp_signals, other, data, batch_size=16, store=path, progress=False)
+    replaced = score(_workers.mlp_signals, other, data, batch_size=16, progress=False,
+                     store=ScoreStore(path, overwrite=True)).read()
+    np.testing.assert_allclose(replaced["loss"], reference_loss(data, other), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_a_refused_start_leaves_the_other_store_untouched(tmp_path, data, params):
+    path = tmp_path / "s"
+    score(_workers.mlp_signals, params, data, batch_size=16, store=path, progress=False)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in path.rglob("*"))
+    with pytest.raises(StoreError, match="different run"):
+        score(_workers.mlp_signals, params, data, batch_size=32, store=path, progress=False)
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in path.rglob("*")) == before
+    (path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="manifest.json is not valid JSON"):
+        score(_workers.mlp_signals, params, data, batch_size=16, store=path, progress=False)
+    assert (path / "chunks" / "000000.npz").is_file()
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ([1, 2], "holds a list"),
+    ({"format_version": 1, "fingerprint": {}, "n_examples": "3", "chunk_size": 4},
+     r"bad or missing \['n_examples'\]"),
+    ({"format_version": 2, "fingerprint": {}, "n_examples": 3, "chunk_size": 4},
+     "format version 2; this memjax reads version 1"),
+])
+def test_a_manifest_that_is_not_a_store_manifest_is_refused(tmp_path, manifest, message):
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    for action in (ScoreStore(tmp_path).info, ScoreStore(tmp_path).read):
+        with pytest.raises(StoreError, match=message):
+            action()
 
 
 def test_incomplete_store_cannot_be_read(tmp_path, data, params):

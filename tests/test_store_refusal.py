@@ -9,11 +9,13 @@ resumes it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
 import re
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -173,3 +175,30 @@ def test_a_refused_resume_leaves_the_store_unlocked(tmp_path, data, params):
         score(_workers.mlp_signals, params, data, batch_size=2 * BATCH, store=refused,
               progress=False)
     score(_workers.mlp_signals, params, data, batch_size=BATCH, store=path, progress=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledLoss:
+    """A value-hashable score function, like memjax.signals' (a frozen dataclass)."""
+
+    scale: float
+    loss: Callable = _workers.mlp_signals
+
+    def __call__(self, params, example):
+        return {"loss": self.scale * self.loss(params, example)["loss"]}
+
+
+def test_a_callable_dataclass_is_fingerprinted_by_its_fields(tmp_path, data, params):
+    """Rebuilt with equal fields it resumes; another field value is refused, naming the
+    field. Its name in the store is the class, not a repr of every field."""
+    path = tmp_path / "s"
+    first = score(ScaledLoss(1.0), params, data, batch_size=BATCH, store=path,
+                  progress=False).read()
+    assert ScoreStore(path).info()["function"] == f"{__name__}.ScaledLoss"
+    again = score(ScaledLoss(1.0), params, data, batch_size=BATCH, store=path, progress=False)
+    _unchanged(again.path, first)
+    _refused(ScaledLoss(2.0), params, data, path, differs=["function.fields.scale"])
+    _refused(ScaledLoss(1.0, _scaled(1.0)), params, data, path,
+             differs=["function.fields.loss.closure", "function.fields.loss.name",
+                      "function.fields.loss.source"])
+    _unchanged(path, first)

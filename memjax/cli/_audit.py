@@ -6,6 +6,9 @@ import argparse
 import json
 from typing import Any
 
+from memjax.cli._store import check_out_folder, positive_int
+from memjax.errors import InputError
+
 
 def register(sub: Any) -> None:
     """Add the subcommand and its arguments to the ``memjax`` parser."""
@@ -13,7 +16,7 @@ def register(sub: Any) -> None:
                            "report")
     audit.add_argument("--out", default="memjax-report", help="report folder")
     audit.add_argument("--seed", type=int, default=0)
-    audit.add_argument("--steps", type=int, default=600, help="training steps")
+    audit.add_argument("--steps", type=positive_int, default=600, help="training steps")
     audit.add_argument("--references", type=int, default=16,
                        help="reference models for LiRA/RMIA (even; 0 to skip)")
     audit.add_argument("--no-demos", action="store_true", help="leave out the tiny CLIP and "
@@ -25,6 +28,11 @@ def register(sub: Any) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from memjax.audit import run_audit
 
+    # Before minutes of training: the report folder must be writable at the end.
+    check_out_folder(args.out, "--out")
+    if args.references < 0 or args.references % 2:
+        raise InputError(f"--references {args.references}: expected an even number >= 0 "
+                         "(each example is in half of the reference models; 0 skips them)")
     folder = run_audit(args.out, seed=args.seed, steps=args.steps,
                        progress=not args.no_progress, references=args.references,
                        demos=not args.no_demos)

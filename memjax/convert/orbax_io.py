@@ -19,9 +19,13 @@ from memjax.convert.saved import is_model_folder, read_meta, restore_port
 from memjax.convert.saved import save as _save_model
 
 
-def save(model: nnx.Module, config: Any, directory: str | Path) -> Path:
-    """Save ``model`` (built from ``config``) to ``directory`` (orbax + memjax_model.json)."""
-    return _save_model(model, config, directory)
+def save(model: nnx.Module, config: Any, directory: str | Path, *,
+         copy_from: str | Path | None = None) -> Path:
+    """Save ``model`` (built from ``config``) to ``directory`` (orbax + memjax_model.json);
+    with ``copy_from`` (the checkpoint folder it was converted from) also that folder's
+    tokenizer files and ``preprocessor_config.json``, so ``memjax.load`` of ``directory``
+    tokenises and preprocesses as the checkpoint does."""
+    return _save_model(model, config, directory, copy_from=copy_from)
 
 
 def is_converted(directory: str | Path) -> bool:

@@ -10,6 +10,10 @@ A model folder holds::
                          "training": {...}}               # optional: how it was trained
     params/             orbax checkpoint of the params (a set: leading axis M)
     keep.npy            only for a set: [M, N] bool, model m trained on example n
+    tokenizer.json, preprocessor_config.json, ...
+                        a converted checkpoint's tokenizer and image-processor files,
+                        copied as they are (:data:`PREPROCESSING_FILES`), so that
+                        ``memjax.load`` of the folder prepares inputs as the checkpoint did
 
 Written by ``memjax convert`` (ported checkpoints), ``memjax.train.save_model`` (one
 native classifier or encoder) and ``memjax.train.save_models`` (reference models with
@@ -30,7 +34,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from memjax._io import atomic_write_json
+from memjax._io import atomic_write_bytes, atomic_write_json
 from memjax.errors import InputError
 from memjax.models.classifier import CONFIG_KINDS, config_from_json
 from memjax.models.protocol import Model
@@ -41,6 +45,14 @@ LEGACY_SET_FILE = "models.json"  # memjax.train.save_models before format versio
 FORMAT = "memjax-model"
 VERSION = 1
 KEEP_FILE = "keep.npy"
+#: The Hugging Face files that say how a checkpoint's inputs are prepared: the image
+#: processor's config and every file of the slow and fast tokenizers.
+PREPROCESSING_FILES = (
+    "preprocessor_config.json", "processor_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+)
 
 
 # --------------------------------------------------------------------------- metadata
@@ -166,16 +178,31 @@ def _architecture_name(config: Any) -> str:
     raise InputError(f"no architecture is registered for config {type(config).__name__}")
 
 
+def copy_preprocessing(source: str | Path, directory: str | Path) -> list[str]:
+    """Copy ``source``'s :data:`PREPROCESSING_FILES` (those it has) into ``directory``,
+    each atomically and byte for byte; returns their names."""
+    source, directory = Path(source), Path(directory)
+    copied = []
+    for name in PREPROCESSING_FILES:
+        if (source / name).is_file():
+            atomic_write_bytes(directory / name, (source / name).read_bytes())
+            copied.append(name)
+    return copied
+
+
 def write_model(directory: str | Path, params: Any, config: Any, *, kind: str,
-                keep: np.ndarray | None = None, training: dict[str, Any] | None = None
-                ) -> Path:
-    """Write params (a pure pytree of arrays; a set: leading axis M) and metadata.
+                keep: np.ndarray | None = None, training: dict[str, Any] | None = None,
+                copy_from: str | Path | None = None) -> Path:
+    """Write params (a pure pytree of arrays; a set: leading axis M) and metadata, and
+    with ``copy_from`` (a checkpoint folder) its tokenizer and preprocessing files.
 
     The metadata file is written last, atomically, so a folder with a readable
-    ``memjax_model.json`` always has its params.
+    ``memjax_model.json`` always has its params (and copied files).
     """
     directory = Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
+    if copy_from is not None:
+        copy_preprocessing(copy_from, directory)
     meta: dict[str, Any] = {"format": FORMAT, "version": VERSION,
                             "architecture": _architecture_name(config), "kind": kind,
                             "config": config_to_json(config)}
@@ -190,9 +217,13 @@ def write_model(directory: str | Path, params: Any, config: Any, *, kind: str,
     return directory
 
 
-def save(model: Model | nnx.Module, config_or_directory: Any, directory: Any = None) -> Path:
+def save(model: Model | nnx.Module, config_or_directory: Any, directory: Any = None, *,
+         copy_from: str | Path | None = None) -> Path:
     """Save a model: ``save(model, directory)`` for a :class:`Model`, or
-    ``save(nnx_module, config, directory)`` for a port (as ``memjax convert`` does)."""
+    ``save(nnx_module, config, directory)`` for a port (as ``memjax convert`` does).
+
+    ``copy_from``: the checkpoint folder the model came from; its tokenizer and
+    preprocessing files (:data:`PREPROCESSING_FILES`) are copied beside the params."""
     if isinstance(model, Model):
         directory = config_or_directory
         if model.config is None:
@@ -201,10 +232,12 @@ def save(model: Model | nnx.Module, config_or_directory: Any, directory: Any = N
         params = model.params
         if isinstance(params, nnx.State):
             params = nnx.to_pure_dict(params)
-        return write_model(directory, params, model.config, kind=model.kind)
+        return write_model(directory, params, model.config, kind=model.kind,
+                           copy_from=copy_from)
     config = config_or_directory
     state = jax.tree.map(np.asarray, nnx.state(model))
-    return write_model(directory, nnx.to_pure_dict(state), config, kind=interface(model)[0])
+    return write_model(directory, nnx.to_pure_dict(state), config, kind=interface(model)[0],
+                       copy_from=copy_from)
 
 
 # --------------------------------------------------------------------------- reading

@@ -399,7 +399,9 @@ def score(
         The last batch is padded (and masked) so all batches share one compiled executable.
       mesh: a mesh from :func:`make_mesh` (default: every global device on ``data``).
       store: a :class:`ScoreStore` or folder path; scores are written chunk by chunk and a
-        rerun with the same configuration resumes from the finished chunks.
+        rerun with the same configuration resumes from the finished chunks. A run that
+        fails before its first chunk removes the store it started (nothing to resume);
+        ``ScoreStore(path, overwrite=True)`` replaces an existing store.
       progress: print examples/s to stderr (process 0 only).
       param_rules: ``[(regex over param path, PartitionSpec), ...]`` (first match wins).
       check_finite: refuse NaN/Inf in float inputs and in the scores, naming the example.
@@ -448,31 +450,32 @@ def score(
     if isinstance(store, (str, os.PathLike)):
         store = ScoreStore(store)
     chunk_size = 0
-    if store is not None:
-        fingerprint = run_fingerprint(fn, params, source.spec(), batch_size, params_fingerprint)
-        if with_ids:  # only then, so stores made before the option existed still resume
-            fingerprint["with_ids"] = True
-        if prepare is not None:
-            fingerprint["prepare"] = describe_function(prepare)
-        if batched:
-            fingerprint["batched"] = True
-        done_mask = np.zeros(plan.n_batches, dtype=np.int32)
-        if is_writer:
-            done = store.begin(fingerprint, plan.n_examples, batch_size)
-            chunk_size = store.manifest()["chunk_size"]
-            for chunk in done:
-                first = chunk * chunk_size // batch_size
-                done_mask[first:first + chunk_size // batch_size] = 1
-        if jax.process_count() > 1:
-            done_mask, chunk_size = multihost_utils.broadcast_one_to_all(
-                (done_mask, np.int32(chunk_size)))
-            done_mask, chunk_size = np.asarray(done_mask), int(chunk_size)
-        todo = [b for b in todo if not done_mask[b]]
-
-    bar = Progress(plan.n_examples, enabled=progress and is_writer)
-    bar.done = plan.n_examples - sum(plan.n_valid(b) for b in todo)
-    results = _Results(source, plan, store, chunk_size, is_writer, check_finite, bar)
     try:
+        if store is not None:
+            fingerprint = run_fingerprint(fn, params, source.spec(), batch_size,
+                                          params_fingerprint)
+            if with_ids:  # only then, so stores made before the option existed still resume
+                fingerprint["with_ids"] = True
+            if prepare is not None:
+                fingerprint["prepare"] = describe_function(prepare)
+            if batched:
+                fingerprint["batched"] = True
+            done_mask = np.zeros(plan.n_batches, dtype=np.int32)
+            if is_writer:
+                done = store.begin(fingerprint, plan.n_examples, batch_size)
+                chunk_size = store.manifest()["chunk_size"]
+                for chunk in done:
+                    first = chunk * chunk_size // batch_size
+                    done_mask[first:first + chunk_size // batch_size] = 1
+            if jax.process_count() > 1:
+                done_mask, chunk_size = multihost_utils.broadcast_one_to_all(
+                    (done_mask, np.int32(chunk_size)))
+                done_mask, chunk_size = np.asarray(done_mask), int(chunk_size)
+            todo = [b for b in todo if not done_mask[b]]
+
+        bar = Progress(plan.n_examples, enabled=progress and is_writer)
+        bar.done = plan.n_examples - sum(plan.n_valid(b) for b in todo)
+        results = _Results(source, plan, store, chunk_size, is_writer, check_finite, bar)
         placed = place_params(params, param_shardings(params, mesh, param_rules))
         in_flight: list[tuple[int, Any]] = []
         step = prep = None
@@ -498,6 +501,13 @@ def score(
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("memjax.score.finished")
         return store
+    except BaseException:
+        # A run that fails (or is interrupted) before its first chunk leaves no store
+        # behind, so the corrected rerun starts clean; a later failure keeps the finished
+        # chunks for a resume.
+        if store is not None:
+            store.discard_if_empty()
+        raise
     finally:
         if store is not None:
             store.release()
