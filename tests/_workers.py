@@ -93,11 +93,95 @@ def run_multihost(process_id: int, port: int, out_path: str, store_path: str) ->
     jax.distributed.shutdown()
 
 
+def _status_bytes(field: str) -> int:
+    from pathlib import Path
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def gpt2_checkpoint_key(path: tuple) -> str:
+    """The Hugging Face key of a memjax GPT-2 parameter path (written out independently of
+    memjax.models.gpt2.convert, to check what the loader put where)."""
+    names = {"ln_1": "ln_1", "ln_2": "ln_2", "c_attn": "attn.c_attn", "c_proj": "attn.c_proj",
+             "c_fc": "mlp.c_fc", "mlp_proj": "mlp.c_proj"}
+    if path[0] == "layers":
+        _, i, module, leaf = path
+        return f"transformer.h.{i}.{names[module]}.{'bias' if leaf == 'bias' else 'weight'}"
+    if path[0] == "ln_f":
+        return f"transformer.ln_f.{'bias' if path[1] == 'bias' else 'weight'}"
+    return f"transformer.{path[0]}.weight"
+
+
+def run_sharded_load(process_id: int, port: int, folder: str, out_path: str) -> None:
+    """One of two processes (4 CPU devices each) loading a GPT-2 checkpoint onto a mesh with
+    ``model=8`` spanning both; records its peak RSS increase during the load, the bytes it
+    read from the checkpoint, the bytes its devices hold, and checks every block it holds
+    against ``safetensors``' own reading of the file."""
+    import json
+    from pathlib import Path
+
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_id,
+                               initialization_timeout=120)
+    from flax import nnx
+    from safetensors import safe_open
+
+    import memjax.convert.checkpoint as checkpoint
+    from memjax.convert import load_pretrained
+    from memjax.engine import make_mesh
+
+    mesh = make_mesh(model=8)
+    assert mesh.shape["model"] == 8 and jax.local_device_count() == 4
+    read_bytes = []
+    read_block = checkpoint.read_block
+
+    def counting_read_block(stored, bounds):
+        block = read_block(stored, bounds)
+        read_bytes.append(block.nbytes)
+        return block
+
+    checkpoint.read_block = counting_read_block
+    baseline = _status_bytes("VmRSS")
+    reset = True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    except OSError:
+        reset = False  # VmHWM keeps an earlier peak: the increase is overstated, not hidden
+    module, _ = load_pretrained(folder, mesh=mesh)
+    jax.block_until_ready(nnx.state(module))
+    peak = _status_bytes("VmHWM")
+    checkpoint.read_block = read_block
+
+    held, specs = 0, {}
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="np") as file:
+        for path, var in nnx.to_flat_state(nnx.state(module)):
+            array, key = var.get_value(), gpt2_checkpoint_key(path)
+            specs[".".join(map(str, path))] = [a for a in array.sharding.spec]
+            blocks = {}
+            for shard in array.addressable_shards:
+                blocks[str(shard.index)] = shard.data.nbytes
+                expected = file.get_slice(key)[shard.index]
+                np.testing.assert_array_equal(np.asarray(shard.data), expected, err_msg=key)
+            held += sum(blocks.values())
+    Path(out_path).write_text(json.dumps({
+        "rss_before": baseline, "peak": peak, "peak_reset": reset,
+        "read_bytes": sum(read_bytes), "held_bytes": held, "specs": specs}))
+    jax.distributed.shutdown()
+
+
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "store":
         run_store(sys.argv[2], sys.argv[3], float(sys.argv[4]))
     elif mode == "multihost":
         run_multihost(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
+    elif mode == "sharded_load":
+        run_sharded_load(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
         raise SystemExit(f"unknown mode {mode!r}")

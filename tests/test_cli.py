@@ -284,7 +284,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     (["score", "--model", "m", "--out", "s"], "no config.json"),
     (["score", "--model", "m", "--signal", "loss", "--out", "s"], "expected one of"),
     (["convert", "m", "out"], "no config.json"),
-    (["score", "--model", "m", "--data", "missing.npz", "--out", "s"], "missing.npz"),
+    (["score", "--model", "m", "--data", "missing.npz", "--out", "s"], "no config.json"),
 ])
 def test_expected_errors_exit_nonzero_without_traceback(tmp_path, args, message):
     (tmp_path / "m").mkdir()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, PartitionSpec
 
 from memjax.data.base import path_name  # noqa: F401 - re-exported
 from memjax.errors import InputError
+from memjax.models.registry import param_shardings  # noqa: F401 - re-exported
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -47,40 +47,6 @@ def make_mesh(model: int = 1, *, devices: Sequence[jax.Device] | None = None) ->
         axis_types=(AxisType.Auto, AxisType.Auto),
         devices=devices,
     )
-
-
-def param_shardings(params: Any, mesh: Mesh, rules: PartitionRules | None = None) -> Any:
-    """A pytree of ``NamedSharding`` for ``params``: by the first matching rule, else replicated.
-
-    A dimension that the rule's mesh axes do not divide evenly stays replicated.
-    """
-    compiled = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
-
-    def sharding_for(path, leaf):
-        name = path_name(path)
-        for pattern, spec in compiled:
-            if pattern.search(name):
-                if len(spec) > np.ndim(leaf):
-                    raise InputError(
-                        f"partition rule {pattern.pattern!r} -> {spec} has more axes than "
-                        f"parameter {name!r} of shape {np.shape(leaf)}"
-                    )
-                return NamedSharding(mesh, _divisible(spec, np.shape(leaf), mesh))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree_util.tree_map_with_path(sharding_for, params)
-
-
-def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """``spec`` with dimensions that the named mesh axes do not divide left replicated
-    (e.g. GPT-2's 50,257-token vocabulary over an even ``model`` axis)."""
-    entries = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)),
-                         strict=True):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-        entries.append(axes if dim % size == 0 else None)
-    return PartitionSpec(*entries)
 
 
 def place_params(params: Any, shardings: Any) -> Any:

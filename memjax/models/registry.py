@@ -10,15 +10,17 @@ their defaults.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from memjax.data.base import path_name
 from memjax.errors import InputError
 
 ParamPath = tuple[str | int, ...]
@@ -62,7 +64,10 @@ class Architecture:
         for attributes it cannot honour (see :func:`check_config`).
       build: (config, rngs) -> NNX module.
       convert: (TensorReader, config) -> {param path tuple: array}, reading tensors
-        with ``reader.take`` and transposing layouts.
+        with ``reader.take`` and transposing layouts. From a safetensors checkpoint
+        ``take`` hands out lazy tensors (memjax.convert.checkpoint.LazyTensor): ``.T``,
+        ``transpose`` and reshapes that add or drop unit axes keep them lazy, so each
+        device's block is read alone; any other NumPy operation reads the tensor whole.
       partition_rules: config -> [(regex over param path, PartitionSpec)] for ``model``
         axis sharding (empty: replicate).
       ignore: regexes of checkpoint keys that are buffers, not weights (e.g. causal masks).
@@ -128,9 +133,26 @@ def _path_str(path: ParamPath) -> str:
     return ".".join(str(p) for p in path)
 
 
-def fill_params(model_abstract: nnx.Module, params: dict[ParamPath, np.ndarray],
-                reader: Any, dtype: Any, arch: str) -> nnx.Module:
-    """Put converted arrays into an abstract module; report every mismatch at once."""
+def fill_params(model_abstract: nnx.Module, params: dict[ParamPath, Any],
+                reader: Any, dtype: Any, arch: str, *, mesh: Mesh | None = None,
+                rules: Sequence[tuple[str, PartitionSpec]] = ()) -> nnx.Module:
+    """Put converted tensors into an abstract module; report every mismatch at once.
+
+    Args:
+      model_abstract: the module from ``nnx.eval_shape`` (shapes only).
+      params: param path -> array, or a lazy tensor (``shape``, ``dtype``, ``key``,
+        ``sliceable`` and ``tensor[block]``, see memjax.convert.checkpoint.LazyTensor).
+      reader: the TensorReader the converter read from (missing / unexpected keys).
+      dtype: the dtype every parameter is cast to.
+      arch: the architecture's name, for messages.
+      mesh: place each parameter directly on its sharding over this mesh (by ``rules``,
+        as :func:`param_shardings` says), reading only the blocks this process's devices
+        hold; None: whole tensors on the default device, one at a time.
+      rules: the architecture's partition rules (used with ``mesh``).
+
+    Returns:
+      The module with its parameters as ``jax.Array``s.
+    """
     graphdef, state = nnx.split(model_abstract)
     flat = dict(nnx.to_flat_state(state))
     # Weights and BatchNorm running statistics both come from the checkpoint, checked alike.
@@ -157,12 +179,88 @@ def fill_params(model_abstract: nnx.Module, params: dict[ParamPath, np.ndarray],
                             f"{tuple(value.shape)}, model expects {tuple(var.get_value().shape)}")
     if problems:
         raise InputError(f"{arch} checkpoint does not match the model: " + "; ".join(problems))
+    shardings = {} if mesh is None else dict(
+        nnx.to_flat_state(param_shardings(state, mesh, rules)))
     for path, var in flat.items():
+        sharding = shardings[path].get_value() if mesh is not None else None
+        abstract = var.get_value()
         if path in params:
-            var.set_value(jnp.asarray(np.asarray(params[path]), dtype=dtype))
+            var.set_value(place_tensor(params[path], dtype, sharding))
         else:  # non-Param state (e.g. BatchNorm statistics the converter also fills)
-            var.set_value(jnp.zeros(var.get_value().shape, var.get_value().dtype))
+            zeros = np.zeros(abstract.shape, abstract.dtype)
+            var.set_value(place_tensor(zeros, abstract.dtype, sharding))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def place_tensor(value: Any, dtype: Any, sharding: NamedSharding | None = None) -> jax.Array:
+    """One tensor (array or lazy tensor) as a ``jax.Array`` of ``dtype``.
+
+    With a ``sharding``, each of this process's devices gets its block (from
+    ``jax.make_array_from_callback``): a sliceable lazy tensor reads only the blocks this
+    process holds (each distinct block once, when several devices hold the same one);
+    anything else is read whole once and sliced. Without one, the tensor is read whole
+    onto the default device. Casting happens on the host, per block, with NumPy (round to
+    nearest even, as XLA's convert).
+    """
+    target = np.dtype(jnp.dtype(dtype))
+    if sharding is None:
+        return jax.device_put(np.asarray(value).astype(target, copy=False))
+    if getattr(value, "sliceable", False):
+        read = value.__getitem__
+    else:
+        host = np.asarray(value)
+        read = host.__getitem__
+    blocks: dict[tuple, np.ndarray] = {}
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in blocks:
+            blocks[key] = np.asarray(read(index)).astype(target, copy=False)
+        return blocks[key]
+
+    return jax.make_array_from_callback(tuple(value.shape), sharding, block, dtype=target)
+
+
+def param_shardings(params: Any, mesh: Mesh,
+                    rules: Sequence[tuple[str, PartitionSpec]] | None = None) -> Any:
+    """A pytree of ``NamedSharding`` for ``params``: by the first matching rule, else replicated.
+
+    A partition rule maps a regular expression searched in a parameter's path name
+    ("layers/0/c_fc/kernel", see memjax.data.base.path_name) to its PartitionSpec. A
+    dimension that the rule's mesh axes do not divide evenly stays replicated. (The engine
+    places params with this function too, so a model loaded onto a mesh is never moved.)
+    """
+    compiled = [(re.compile(pattern), spec) for pattern, spec in (rules or ())]
+
+    def sharding_for(path, leaf):
+        name = path_name(path)
+        for pattern, spec in compiled:
+            if pattern.search(name):
+                if len(spec) > np.ndim(leaf):
+                    raise InputError(
+                        f"partition rule {pattern.pattern!r} -> {spec} has more axes than "
+                        f"parameter {name!r} of shape {np.shape(leaf)}"
+                    )
+                return NamedSharding(mesh, _divisible(spec, np.shape(leaf), mesh))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree_util.tree_map_with_path(sharding_for, params)
+
+
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """``spec`` with dimensions that the named mesh axes do not divide left replicated
+    (e.g. GPT-2's 50,257-token vocabulary over an even ``model`` axis)."""
+    entries = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)),
+                         strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        unknown = [a for a in names if a not in mesh.shape]
+        if unknown:
+            raise InputError(f"partition spec {spec} names mesh axes {unknown}; the mesh has "
+                             f"{list(mesh.shape)} (build it with memjax.engine.make_mesh)")
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        entries.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*entries)
 
 
 def architecture_of(config: Any) -> Architecture:

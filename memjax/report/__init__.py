@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from memjax._io import umask_mode
+from memjax.errors import InputError
 
 
 @dataclasses.dataclass
@@ -81,6 +82,7 @@ def write_report(out_dir: str | os.PathLike, title: str,
       metrics), plus whatever ``build`` wrote.
     """
     out_dir = Path(out_dir).absolute()
+    _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     staging.chmod(umask_mode(0o777))  # mkdtemp makes 0700 folders; match ordinary ones
@@ -100,6 +102,24 @@ def write_report(out_dir: str | os.PathLike, title: str,
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out_dir
+
+
+#: What every report folder holds; a folder with other files is not a report.
+REPORT_FILES = ("index.html", "metrics.json")
+
+
+def _check_replaceable(out_dir: Path) -> None:
+    """Refuse to replace a file, or a folder that holds files but is not a report (a
+    user's folder given as ``--out`` by mistake would otherwise be deleted)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"--out {str(out_dir)!r} is a file; expected a report folder (or a "
+                         "new path)")
+    if any(out_dir.iterdir()) and not all((out_dir / f).is_file() for f in REPORT_FILES):
+        raise InputError(f"--out {str(out_dir)!r} holds files but is not a memjax report "
+                         f"(no {' and '.join(REPORT_FILES)}); choose a new folder, or an "
+                         "earlier report to replace")
 
 
 def plot_top_images(images, scores, titles, path: str | os.PathLike, suptitle: str,
