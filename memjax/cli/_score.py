@@ -125,14 +125,17 @@ def cmd_score(args: argparse.Namespace) -> int:
                          f"{args.batch_size}")
     out = Path(args.out)
     _check_out(out, args.resume, args.overwrite)
-    model = load(args.model, allow_pickle=args.allow_pickle)
+    # One mesh for loading and scoring: a checkpoint's params are read lazily straight onto
+    # their shardings (each host reading only its devices' blocks) and never moved again.
+    mesh = make_mesh(model=args.model_parallel)
+    model = load(args.model, allow_pickle=args.allow_pickle, mesh=mesh)
     if args.tokenizer is not None:
         model = model.replace(tokenizer=_tokenizer_folder(args.tokenizer))
     fn, validate = signal_function(model, args.signal)
     source = open_data(args.data, model, args)
     try:
         store = score(fn, model.params, source, batch_size=args.batch_size,
-                      mesh=make_mesh(model=args.model_parallel),
+                      mesh=mesh,
                       param_rules=list(model.partition_rules),
                       store=ScoreStore(out, chunk_size=args.chunk_size,
                                        overwrite=args.overwrite),

@@ -69,7 +69,7 @@ def _tokenizer(folder: Path) -> str | None:
 
 
 def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
-         index: int | None = None) -> Model:
+         index: int | None = None, mesh: Any = None) -> Model:
     """Open any model folder memjax understands as a :class:`Model`.
 
     Args:
@@ -79,6 +79,12 @@ def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
         (Hugging Face checkpoints load as float32).
       allow_pickle: accept ``.bin``/``.pt`` weights (``torch.load(weights_only=True)``).
       index: which model of a saved set (``memjax.train.save_models``).
+      mesh: a ``jax.sharding.Mesh`` (every process passes the same one): a Hugging Face
+        checkpoint's safetensors are then read lazily and each parameter is placed
+        straight onto the sharding its partition rule gives over the mesh's ``model``
+        axis, each process reading only the blocks its devices hold (see
+        :func:`memjax.convert.core.load_pretrained`). Other folders load whole; the
+        engine places their params when scoring.
 
     Returns:
       The :class:`Model`; ``model.source`` is the folder.
@@ -117,6 +123,6 @@ def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
             module = cast(module, dtype)
     else:
         module, config = load_pretrained(folder, dtype=dtype or jnp.float32,
-                                         allow_pickle=allow_pickle)
+                                         allow_pickle=allow_pickle, mesh=mesh)
     return from_port(module, config, source=source, preprocess=_preprocess(folder),
                      tokenizer=_tokenizer(folder))
