@@ -135,7 +135,8 @@ class _Preparation:
                 raise InputError(
                     f"model {folder} reads input_ids but has no tokenizer files "
                     "(tokenizer.json, tokenizer_config.json, vocab.json, ...); copy the "
-                    "checkpoint's tokenizer files into the folder (or pass tokenizer=)")
+                    "checkpoint's tokenizer files into the folder (or give one: --tokenizer "
+                    "FOLDER on the command line, tokenizer= in Python)")
             tokenizer = load_tokenizer(model.tokenizer, where=f"model {folder}")
         length = self.max_length if self.max_length is not None else context
         if length is None:

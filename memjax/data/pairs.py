@@ -125,7 +125,8 @@ class PairsSource(RandomAccessSource):
         return self._truncated
 
     def spec(self) -> dict[str, Any]:
-        return {"kind": "pairs", "path": self.path, "n": len(self.files),
+        # No path: the file's contents and the images' stats identify the data.
+        return {"kind": "pairs", "n": len(self.files),
                 "content_hash": self._content_hash, "images_hash": hash_json(self._stats),
                 "text_field": self.text_field, "image_field": self.image_field,
                 "image": self.loader.spec(),

@@ -274,8 +274,7 @@ class JsonlTextSource(RandomAccessSource):
     def spec(self) -> dict[str, Any]:
         tokens = self.tokens.spec() if self.tokens else {}
         return {
-            "kind": "jsonl",
-            "path": self.path,
+            "kind": "jsonl",  # no path: the contents identify the data, wherever it lies
             "n": len(self._offsets),
             "content_hash": self._content_hash,
             "text_field": self.text_field,
