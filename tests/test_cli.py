@@ -179,9 +179,9 @@ def test_audit_numbers_equal_independent_recomputation(audit):
 
     # MiniLM: memjax's sentence embeddings are PyTorch's, and the median nearest-neighbour
     # cosine is the float64 one of PyTorch's embeddings.
-    (folder, texts), _, (embeddings, _, _) = seen["embed_texts"]
+    (folder, texts), _, (embeddings, _, _, (_, _, length)) = seen["embed_texts"]
     assert folder == minilm_folder()
-    ref = _sentence_embeddings_torch(folder, texts)
+    ref = _sentence_embeddings_torch(folder, texts, max_length=length)
     unit = lambda e: e / np.linalg.norm(e, axis=1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(unit(np.asarray(embeddings, np.float64)), unit(ref), atol=1e-5)
     cosine = unit(ref) @ unit(ref).T
@@ -342,10 +342,14 @@ def test_setup_cfg_lists_every_subpackage():
 def test_mia_cli_reruns_the_audit_attacks_from_saved_models(report, tmp_path, capsys):
     """memjax mia on the audit's saved target + reference models gives the same metrics."""
     out = tmp_path / "mia"
-    assert main(["mia", "--models", str(report / "reference_models"), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["mia", "lira", "--models", str(report / "reference_models"), "--out",
+                 str(out), "--no-progress"]) == 0
     assert "LiRA online AUC" in capsys.readouterr().out
+    assert main(["mia", "rmia", "--models", str(report / "reference_models"), "--out",
+                 str(tmp_path / "rmia"), "--no-progress"]) == 0
     rerun = json.loads((out / "metrics.json").read_text())["Membership inference"]
+    rerun.update(json.loads((tmp_path / "rmia" / "metrics.json").read_text())[
+        "Membership inference"])
     audit = json.loads((report / "metrics.json").read_text())[
         "Membership inference with reference models: LOSS vs LiRA vs RMIA"]
     shared = [k for k in rerun if k.endswith(("AUC", "FPR"))]
@@ -354,7 +358,7 @@ def test_mia_cli_reruns_the_audit_attacks_from_saved_models(report, tmp_path, ca
         assert rerun[key] == pytest.approx(audit[key], abs=1e-9), key
     assert (out / "roc.png").is_file()
     # Attacking a reference model instead of the target also works.
-    assert main(["mia", "--models", str(report / "reference_models"), "--target", "3",
+    assert main(["mia", "lira", "--models", str(report / "reference_models"), "--target", "3",
                  "--out", str(tmp_path / "mia3"), "--no-progress"]) == 0
     # ... and attacks model 3: its LOSS AUC is scikit-learn's AUC of model 3's own losses
     # (its logits through the Python API, cross-entropy in float64) against its own
@@ -387,7 +391,7 @@ def test_mia_cli_reruns_the_audit_attacks_from_saved_models(report, tmp_path, ca
 def test_mia_cli_refuses_data_of_another_size(report, tmp_path, capsys):
     data = digits().arrays
     np.savez(tmp_path / "small.npz", image=data["image"][:100], label=data["label"][:100])
-    assert main(["mia", "--models", str(report / "reference_models"), "--data",
+    assert main(["mia", "lira", "--models", str(report / "reference_models"), "--data",
                  str(tmp_path / "small.npz"), "--out", str(tmp_path / "m"),
                  "--no-progress"]) == 2
     assert "--data has 100 examples; the models' keep mask covers 1797" in \
@@ -404,7 +408,8 @@ def test_mia_cli_on_stored_classification_signals(report, tmp_path, capsys):
     member = pq.read_table(report / "scores.parquet")["member"].to_numpy()
     np.save(tmp_path / "member_ids.npy", np.flatnonzero(member))  # ids form, not a mask
     out = tmp_path / "mia"
-    assert main(["mia", "--scores", str(store), "--members", str(tmp_path / "member_ids.npy"),
+    assert main(["mia", "stored", "--scores", str(store), "--member-ids",
+                 str(tmp_path / "member_ids.npy"),
                  "--out", str(out)]) == 0
     rerun = json.loads((out / "metrics.json").read_text())["Membership inference"]
     audit = json.loads((report / "metrics.json").read_text())[

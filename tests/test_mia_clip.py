@@ -205,3 +205,28 @@ def test_errors(rng):
         wsa(a, b, a, b, epochs=0)
     with pytest.raises(InputError, match="n_folds"):
         text_only_baseline(a, b, n_folds=6)
+
+
+def test_aea_views_commute_with_the_checkpoint_normalisation(rng):
+    """AEAView acts on preprocessed images: crop-resize (weights summing to 1) and flip
+    commute with the per-channel (x - mean) / std, so a view of the normalised image is
+    the normalised view of the raw [0, 1] image (float32 rounding only)."""
+    import jax
+
+    from memjax.augment import view_key
+    from memjax.mia import AEAView
+
+    image = rng.random((20, 28, 3)).astype(np.float32)
+    mean = np.array([0.48, 0.46, 0.41], np.float32)
+    std = np.array([0.27, 0.26, 0.28], np.float32)
+    for k in range(4):
+        key = view_key(3, 11, k)
+        raw_view = np.asarray(AEAView()(jax.numpy.asarray(image), key))
+        norm_view = np.asarray(AEAView()(jax.numpy.asarray((image - mean) / std), key))
+        assert raw_view.shape == image.shape
+        # |values| <= ~4 after normalising; float32 resampling rounds at ~1e-6.
+        np.testing.assert_allclose(norm_view, (raw_view - mean) / std, atol=1e-5)
+    # Different views differ (the crop and flip really vary with the key).
+    views = [np.asarray(AEAView()(jax.numpy.asarray(image), view_key(3, 11, k)))
+             for k in range(4)]
+    assert not all(np.array_equal(views[0], v) for v in views[1:])

@@ -81,6 +81,33 @@ def test_loss_zlib_reference(rng):
     np.testing.assert_allclose(tokens.reference(ml, ref), ref - ml)
 
 
+def test_token_features_match_loops(rng):
+    """Dataset-inference features: LOSS, zlib, then Min-K%, Max-K% and Min-K%++ per k, each
+    against a per-row float64 loop (Max-K%: the mean of the highest k-fraction)."""
+    logp, mask = _random_tokens(rng)
+    mu = -rng.exponential(3.0, logp.shape)
+    sigma = rng.exponential(1.0, logp.shape) + 0.1
+    mean_loss = rng.exponential(2.0, logp.shape[0])
+    texts = [f"text {i} " * (i + 1) for i in range(logp.shape[0])]
+    ks = (0.1, 0.5)
+    got, names = tokens.token_features(logp, mu, sigma, mask, mean_loss, texts, ks=ks)
+    assert names == ["LOSS", "zlib", "Min-K% 0.1", "Max-K% 0.1", "Min-K%++ 0.1",
+                     "Min-K% 0.5", "Max-K% 0.5", "Min-K%++ 0.5"]
+    z = (logp - mu) / sigma
+    want = [-mean_loss,
+            -mean_loss / np.array([len(zlib_mod.compress(t.encode())) for t in texts])]
+    for k in ks:
+        highest = []
+        for row, m in zip(logp, mask, strict=True):
+            v = sorted(row[m].tolist(), reverse=True)
+            highest.append(np.mean(v[:max(1, int(len(v) * k))]))
+        want += [_ref_lowest_k_mean(logp, mask, k), np.array(highest),
+                 _ref_lowest_k_mean(z, mask, k)]
+    np.testing.assert_allclose(got, np.stack(want, 1), rtol=1e-12)
+    # Without texts there is no zlib column.
+    assert tokens.token_features(logp, mu, sigma, mask, mean_loss, ks=ks)[1][1] == "Min-K% 0.1"
+
+
 def test_token_errors():
     logp = np.zeros((2, 3))
     mask = np.ones((2, 3), bool)

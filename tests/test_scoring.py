@@ -104,8 +104,9 @@ def test_mia_on_stored_token_signals(lm_folder, tmp_path, capsys):
     members[::3] = True
     np.save(tmp_path / "members.npy", members)
     out = tmp_path / "mia"
-    assert main(["mia", "--scores", str(store), "--members", str(tmp_path / "members.npy"),
-                 "--texts", str(root / "texts.jsonl"), "--k", "0.3", "--out", str(out)]) == 0
+    assert main(["mia", "stored", "--scores", str(store), "--members",
+                 str(tmp_path / "members.npy"), "--texts", str(root / "texts.jsonl"), "--k",
+                 "0.3", "--out", str(out)]) == 0
     assert "Min-K%++ (k=0.3) AUC" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())["Membership inference"]
     logp, full = signals["logp"], np.pad(mask, ((0, 0), (0, 1)))
@@ -123,13 +124,14 @@ def test_mia_on_stored_signals_refuses_bad_members(lm_folder, tmp_path, capsys):
     np.save(tmp_path / "short.npy", np.ones(5, bool))
     np.save(tmp_path / "floats.npy", np.ones(len(texts)))
     np.save(tmp_path / "all.npy", np.ones(len(texts), bool))
-    for name, message in (("short", "does not cover example ids"),
-                          ("floats", "expected a 1-D bool mask or integer ids"),
+    for name, message in (("short", "expected a 1-D boolean mask with one entry per example"),
+                          ("floats", "dtype float64; expected a boolean mask by example id"),
                           ("all", "expected both members and non-members")):
-        assert main(["mia", "--scores", str(store), "--members",
+        assert main(["mia", "stored", "--scores", str(store), "--members",
                      str(tmp_path / f"{name}.npy"), "--out", str(tmp_path / name)]) == 2
         assert message in capsys.readouterr().err
-    assert main(["mia", "--scores", str(store), "--out", str(tmp_path / "x")]) == 2
-    assert "--scores needs --members" in capsys.readouterr().err
-    assert main(["mia", "--out", str(tmp_path / "y")]) == 2
-    assert "exactly one of --models" in capsys.readouterr().err
+    assert main(["mia", "stored", "--scores", str(store), "--out", str(tmp_path / "x")]) == 2
+    assert "one of the arguments --members --member-ids is required" in \
+        capsys.readouterr().err
+    assert main(["mia"]) == 2
+    assert "the following arguments are required: ATTACK" in capsys.readouterr().err

@@ -79,5 +79,6 @@ def membership_section(images: np.ndarray, labels: np.ndarray, folder: Path, *, 
         "with a chosen on the reference models.",
         metrics, figures=[("roc_reference.png", "Log-log ROC of LOSS, LiRA and RMIA")],
         files=[("reference_models", "target (model 0) and reference models with their keep "
-                "masks: memjax mia --models reference_models reruns the attacks")],
+                "masks: memjax mia lira --models reference_models (and mia rmia) "
+                "rerun the attacks")],
     )

@@ -1,29 +1,59 @@
 """Membership-inference attacks over per-example signals (higher = more likely member).
 
 - :func:`loss`, :func:`min_k`, :func:`min_k_plus_plus`, :func:`zlib`, :func:`reference`:
-  attacks on one model's signals.
+  attacks on one model's signals; :func:`token_features` for dataset inference.
 - :func:`lira` (Carlini et al. 2022) and :func:`rmia` / :func:`choose_a` (Zarifzadeh et al.
-  2024): attacks calibrated by reference models; :func:`attack_suite` runs them all
-  against one model of a stack scored with :func:`all_model_signals`, and
-  :func:`attack_metrics` reports AUC and TPR at low FPR.
+  2024): attacks calibrated by reference models, with :func:`missing_references` for the
+  examples a keep matrix leaves without IN or OUT models. On arrays of M models' signals
+  (:func:`load_signals`, :func:`reference_signals`): :func:`lira_attacks` and
+  :func:`rmia_attacks`; on model stacks and folders: :func:`all_model_signals`,
+  :func:`model_signals`, :func:`attack_suite`; :func:`attack_metrics` reports AUC and TPR
+  at low FPR.
 - :func:`csa`, :func:`aea`, :func:`wsa` and the control :func:`text_only_baseline`
-  (Ko et al. 2023): attacks on CLIP-style image and text embeddings.
+  (Ko et al. 2023): attacks on CLIP-style image and text embeddings, which
+  :func:`embed_pairs` computes for any CLIP model (with AEA's views, :class:`AEAView`).
 - :func:`attacks_from_signals`: every attack a stored signal bundle supports (what
-  ``memjax mia --scores`` runs), with :func:`member_flags` and :func:`jsonl_texts` to
-  read membership and texts by example id.
+  ``memjax mia stored`` runs), with :func:`read_members` (membership by example id from
+  the user's files) and :func:`jsonl_texts` to read texts by example id.
 - :func:`dataset_inference` (Maini et al. 2024): a t-test over aggregated attack features.
 """
 
-from memjax.mia._clip import aea, csa, text_only_baseline, wsa
+from memjax.mia._arrays import (
+    AttackResult,
+    ReferenceSignals,
+    lira_attacks,
+    load_signals,
+    phi_from_logits,
+    reference_signals,
+    rmia_attacks,
+)
+from memjax.mia._clip import AEAView, PairEmbeddings, aea, csa, embed_pairs, text_only_baseline, wsa
 from memjax.mia._inference import DatasetInferenceResult, dataset_inference
-from memjax.mia._lira import lira
+from memjax.mia._lira import lira, missing_references
 from memjax.mia._rmia import choose_a, rmia
-from memjax.mia._stored import attacks_from_signals, jsonl_texts, member_flags, token_mask
-from memjax.mia._suite import all_model_signals, attack_metrics, attack_suite
-from memjax.mia._tokens import loss, min_k, min_k_plus_plus, reference, zlib
+from memjax.mia._stored import (
+    attacks_from_signals,
+    jsonl_texts,
+    members_of,
+    read_members,
+    token_mask,
+)
+from memjax.mia._suite import all_model_signals, attack_metrics, attack_suite, model_signals
+from memjax.mia._tokens import (
+    loss,
+    min_k,
+    min_k_plus_plus,
+    reference,
+    token_features,
+    zlib,
+)
 
 __all__ = [
+    "AEAView",
+    "AttackResult",
     "DatasetInferenceResult",
+    "PairEmbeddings",
+    "ReferenceSignals",
     "aea",
     "all_model_signals",
     "attack_metrics",
@@ -32,15 +62,25 @@ __all__ = [
     "choose_a",
     "csa",
     "dataset_inference",
+    "embed_pairs",
     "jsonl_texts",
     "lira",
+    "lira_attacks",
+    "load_signals",
     "loss",
-    "member_flags",
+    "members_of",
     "min_k",
     "min_k_plus_plus",
+    "missing_references",
+    "model_signals",
+    "phi_from_logits",
+    "read_members",
     "reference",
+    "reference_signals",
     "rmia",
+    "rmia_attacks",
     "text_only_baseline",
+    "token_features",
     "token_mask",
     "wsa",
     "zlib",

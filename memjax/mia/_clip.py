@@ -9,6 +9,8 @@ Models: A Pilot Study" (ICCV; reference code reds-lab/CLIP-MIA):
   set on known non-members, then train a classifier on ``[img_emb, txt_emb]``.
 - :func:`text_only_baseline` -- a distribution-shift control (CLIP-MIA-Bench caveat): the
   same classifier on text embeddings alone, separating the pool from the known non-members.
+- :func:`embed_pairs` -- the embeddings these attacks take, of any CLIP :class:`memjax.Model`
+  on a pairs source, with AEA's augmented views (:class:`AEAView`) keyed by example id.
 
 Higher score = more likely member, everywhere. The attacks take embeddings computed
 elsewhere (the engine's ``contrastive`` signal, or any CLIP encoder); cosines are computed
@@ -17,8 +19,10 @@ in float32 (the reference code's fp16 autocast is not copied).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +31,11 @@ import optax
 from jax.typing import ArrayLike
 
 from memjax._checks import check_choice, check_float_array, check_positive_int
+from memjax.augment import horizontal_flip, keyed_views, random_resized_crop
 from memjax.errors import InputError
 from memjax.kernels import unit_rows
 from memjax.metrics import roc_auc
+from memjax.models import Model
 from memjax.signals import contrastive
 
 AGGREGATIONS = ("mean", "max", "min", "median")
@@ -370,3 +376,92 @@ def text_only_baseline(candidates_txt: ArrayLike, known_nonmember_txt: ArrayLike
                          epochs=epochs, lr=lr, batch_size=batch_size)
         scores[test] = np.asarray(_logits(params, x[test]))
     return TextOnlyResult(auc=roc_auc(scores, is_pool), scores=scores, is_pool=is_pool)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class AEAView:
+    """One augmented view for AEA: a random resized crop of at least ``min_scale`` of the
+    area (aspect 3/4..4/3, resampled bilinearly to the image's size) and a horizontal flip
+    with probability 1/2 (torchvision's ``RandomResizedCrop`` and ``RandomHorizontalFlip``,
+    :mod:`memjax.augment`).
+
+    Only geometric operations: they act on the model's *preprocessed* image, and bilinear
+    resampling (weights summing to 1) and flips commute with the checkpoint's per-channel
+    normalisation ``(x − mean) / std``, so the view equals the normalised view of the raw
+    image. Colour changes would not (they need [0, 1] pixels), so none are used. Ko et al.
+    2023 do not fix the transformations; these are memjax's.
+    """
+
+    min_scale: float = 0.5
+
+    def __call__(self, image: jax.Array, key: jax.Array) -> jax.Array:
+        k_crop, k_flip = jax.random.split(key)
+        view = random_resized_crop(k_crop, image, scale=(self.min_scale, 1.0))
+        return horizontal_flip(k_flip, view)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairEmbeddings:
+    """``fn(params, example)`` for the engine: a pair's ``image_emb`` [D] and ``text_emb``
+    [D] from a CLIP's towers and, with ``n_views`` > 0, ``view_emb`` [n_views, D], the
+    image embeddings of views 0..n_views-1 of :class:`AEAView` keyed by
+    ``view_key(seed, example id, view)`` (needs ``score(..., with_ids=True)``)."""
+
+    image: Callable[[Any, Any], jax.Array]
+    text: Callable[[Any, Any], jax.Array]
+    image_field: str
+    n_views: int = 0
+    seed: int = 0
+
+    def __call__(self, params: Any, example: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        out = {"image_emb": self.image(params, example), "text_emb": self.text(params, example)}
+        if self.n_views:
+            views = keyed_views(AEAView(), example[self.image_field], self.seed,
+                                example["id"], self.n_views)
+            out["view_emb"] = jax.vmap(
+                lambda view: self.image(params, {**example, self.image_field: view}))(views)
+        return out
+
+
+def embed_pairs(model: Model, source: Any, *, n_views: int = 0, seed: int = 0,
+                batch_size: int = 64, progress: bool = False) -> dict[str, np.ndarray]:
+    """Image and text embeddings of every pair of ``source`` under a CLIP ``model``.
+
+    Args:
+      model: a :class:`memjax.Model` of kind ``"clip"`` (with ``"image"`` and ``"text"``
+        towers), e.g. ``memjax.load`` of a Hugging Face CLIP checkpoint.
+      source: pairs prepared for the model (``memjax.data.open_source("pairs:...",
+        model=model)``): the towers' input fields.
+      n_views: AEA's augmented views per image (0: none).
+      seed: seeds the views.
+
+    Returns:
+      ``id`` [N], ``image_emb`` [N, D], ``text_emb`` [N, D] (float32, unnormalised) and,
+      with views, ``view_emb`` [N, n_views, D].
+    """
+    from memjax.engine import score
+
+    if not isinstance(model, Model) or model.kind != "clip":
+        raise InputError(f"model: expected a CLIP memjax.Model (kind 'clip'), got "
+                         f"{getattr(model, 'kind', type(model).__name__)!r}")
+    if n_views:
+        check_positive_int(n_views, "n_views")
+    image, text = model.tower("image"), model.tower("text")
+    missing = [f for f in dict.fromkeys((*image.inputs, *text.inputs))
+               if f not in _fields(source)]
+    if missing:
+        raise InputError(f"--data: the CLIP's towers read field(s) {missing}; the source has "
+                         f"{sorted(_fields(source))} (expected image-text pairs, e.g. "
+                         "pairs:FILE, opened for this model)")
+    fn = PairEmbeddings(image.apply, text.apply, image.inputs[0], int(n_views), int(seed))
+    return score(fn, model.params, source, batch_size=batch_size, progress=progress,
+                 with_ids=bool(n_views), param_rules=list(model.partition_rules))
+
+
+def _fields(source: Any) -> set[str]:
+    if isinstance(source, dict):
+        return set(source)
+    return set(source.read(np.zeros(1, np.int64)))

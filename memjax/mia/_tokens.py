@@ -218,3 +218,34 @@ def reference(target_loss, ref_loss) -> np.ndarray:
     _check_finite(t, "target_loss")
     _check_finite(r, "ref_loss")
     return -(t - r)
+
+
+#: Fractions k of Min-K% / Max-K% / Min-K%++ used as dataset-inference features (the range
+#: of Maini et al. 2024's feature set).
+FEATURE_KS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+
+
+def token_features(token_logp, mu, sigma, mask, mean_loss, texts: Sequence[str] | None = None,
+                   *, ks: Sequence[float] = FEATURE_KS) -> tuple[np.ndarray, list[str]]:
+    """Per-example MIA features for dataset inference (Maini et al. 2024): ([N, F], names).
+
+    LOSS, the zlib ratio (when ``texts`` are given), and for each k in ``ks``: Min-K%,
+    Max-K% (the mean of the highest k-fraction of token log-probabilities,
+    ``-min_k(-logp)``) and Min-K%++. Orientation does not matter: the aggregator of
+    :func:`memjax.mia.dataset_inference` learns each feature's sign and weight.
+
+    Args:
+        token_logp, mu, sigma, mask: as in :func:`min_k_plus_plus` ([N, T]).
+        mean_loss: [N] per-example mean token loss.
+        texts: N strings for the zlib feature (optional).
+        ks: the fractions k.
+    """
+    logp = _as_float_array(token_logp, "token_logp", 2)
+    columns = {"LOSS": loss(mean_loss)}
+    if texts is not None:
+        columns["zlib"] = zlib(mean_loss, texts)
+    for k in ks:
+        columns[f"Min-K% {k}"] = min_k(logp, mask, k)
+        columns[f"Max-K% {k}"] = -min_k(np.where(np.asarray(mask), -logp, 0.0), mask, k)
+        columns[f"Min-K%++ {k}"] = min_k_plus_plus(logp, mu, sigma, mask, k)
+    return np.stack(list(columns.values()), axis=1), list(columns)

@@ -227,7 +227,7 @@ def causal_lm_tokens(
     Returns:
         :func:`tokens`' fields, plus ``scored`` [T] bool, the positions counted in
         ``mean_loss`` and ``n_tokens``; stored with the signals because Min-K% needs it
-        (``memjax mia --scores``).
+        (``memjax mia stored``).
     """
     ids = jnp.asarray(input_ids)
     mask = jnp.asarray(attention_mask)
