@@ -410,3 +410,38 @@ def test_minilm_real_weights_match_transformers_and_sentence_transformers(minilm
           f"vs sentence-transformers {diff_st:.2e}")
     assert diff_hf <= 1e-5 and diff_st <= 1e-5
     np.testing.assert_allclose(np.linalg.norm(ours, axis=-1), 1.0, atol=1e-6)
+
+
+def test_minilm_loads_as_a_users_sentence_transformers_checkpoint(minilm, tmp_path):
+    """memjax.load reads the folder's sentence-transformers pipeline (mean pooling,
+    Normalize, max_seq_length 256) and its tokenizer: texts from a JSONL file come out as
+    sentence-transformers' embeddings, the text longer than 256 tokens truncated and
+    counted; ``memjax convert`` keeps the pipeline files, so the converted folder equals."""
+    from memjax import load
+    from memjax.cli import main
+    from memjax.data import open_source
+
+    sentence_config = read_sentence_config(minilm)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(minilm))
+    enc = tokenizer(SENTENCES, padding=True, truncation=True,
+                    max_length=sentence_config.max_seq_length, return_tensors="pt")
+    hf = transformers.AutoModel.from_pretrained(str(minilm)).eval()
+    with torch.no_grad():
+        hidden = hf(**enc).last_hidden_state
+    mask = enc["attention_mask"][..., None].float()
+    ref = torch.nn.functional.normalize(
+        (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9), p=2, dim=1).numpy()
+    n_long = sum(len(ids) > 256 for ids in tokenizer(SENTENCES)["input_ids"])
+    assert n_long >= 1
+
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in SENTENCES))
+    assert main(["convert", str(minilm), str(tmp_path / "converted")]) == 0
+    for folder in (minilm, tmp_path / "converted"):
+        model = load(folder)
+        assert model.context_length == 256 and model.kind == "text_encoder"
+        source = open_source(f"jsonl:{texts}", model=model)
+        assert source.truncated() == (n_long, len(SENTENCES), 256)
+        ours = score(model.apply, model.params, source, batch_size=8)["score"]
+        # 1e-5: float32 BERT vs PyTorch, as in the test above.
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)

@@ -124,5 +124,22 @@ def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
     else:
         module, config = load_pretrained(folder, dtype=dtype or jnp.float32,
                                          allow_pickle=allow_pickle, mesh=mesh)
-    return from_port(module, config, source=source, preprocess=_preprocess(folder),
-                     tokenizer=_tokenizer(folder))
+    model = from_port(module, config, source=source, preprocess=_preprocess(folder),
+                      tokenizer=_tokenizer(folder))
+    return _sentence_transformer(model, folder)
+
+
+def _sentence_transformer(model: Model, folder: Path) -> Model:
+    """A sentence-transformers folder (``modules.json``) embeds texts as its pipeline does:
+    masked mean pooling, L2-normalised when it has a Normalize module, texts truncated
+    to its ``max_seq_length`` (Reimers & Gurevych 2019). Other folders are unchanged."""
+    if model.kind != "text_encoder" or not (folder / "modules.json").is_file():
+        return model
+    from memjax.models.bert import read_sentence_config
+
+    pipeline = read_sentence_config(folder)
+    forward = model.forward
+    return model.replace(
+        forward=NNXForward(forward.graphdef, "sentence_embedding", forward.inputs,
+                           (("normalize", pipeline.normalize),)),
+        name=f"{model.name} (sentence-transformers)", text_length=pipeline.max_seq_length)

@@ -52,6 +52,8 @@ PREPROCESSING_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model",
     "chat_template.jinja", "chat_template.json",
+    # sentence-transformers' pipeline: its modules, pooling and truncation length.
+    "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
 )
 
 
@@ -185,6 +187,7 @@ def copy_preprocessing(source: str | Path, directory: str | Path) -> list[str]:
     copied = []
     for name in PREPROCESSING_FILES:
         if (source / name).is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(directory / name, (source / name).read_bytes())
             copied.append(name)
     return copied

@@ -66,12 +66,16 @@ class NNXForward:
     graphdef: Any
     method: str = "__call__"
     inputs: tuple[str, ...] = ("image",)
+    #: Keyword arguments of ``method`` as (name, value) pairs (hashable), e.g. a
+    #: sentence-transformers checkpoint's ``(("normalize", True),)``.
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __call__(self, params: Any, inputs: Inputs, taps: Taps | None = None) -> Any:
         module = nnx.merge(self.graphdef, params)
         values = [inputs] if len(self.inputs) == 1 and not isinstance(inputs, Mapping) \
             else [inputs[n] for n in self.inputs]
-        out = getattr(module, self.method)(*[jnp.asarray(v)[None] for v in values], taps=taps)
+        out = getattr(module, self.method)(*[jnp.asarray(v)[None] for v in values],
+                                           taps=taps, **dict(self.options))
         return jax.tree.map(lambda x: x[0], out)
 
 
@@ -167,11 +171,17 @@ class Model:
     partition_rules: tuple = ()
     source: str | None = None
     towers: tuple = ()
+    #: The checkpoint's own text truncation length when its pipeline sets one below the
+    #: position table (sentence-transformers' ``max_seq_length``); see context_length.
+    text_length: int | None = None
 
     @property
     def context_length(self) -> int | None:
-        """The most tokens one text may have (the checkpoint's position table), or None
-        for a model without text input."""
+        """Tokens per text the checkpoint's own pipeline uses: its truncation length when
+        it sets one (sentence-transformers' ``max_seq_length``), else its position table;
+        None for a model without text input."""
+        if self.text_length is not None:
+            return self.text_length
         config = getattr(self.config, "text_config", self.config)
         for name in ("n_positions", "max_position_embeddings"):
             value = getattr(config, name, None)
