@@ -357,6 +357,16 @@ def test_mia_cli_reruns_the_audit_attacks_from_saved_models(report, tmp_path, ca
     for key in shared:
         assert rerun[key] == pytest.approx(audit[key], abs=1e-9), key
     assert (out / "roc.png").is_file()
+    # The arrays the audit leaves for other codebases' users: LiRA from signals.npz alone
+    # (phi and keep) gives the audit's LiRA numbers (the same float32 phi, in float64).
+    assert main(["mia", "lira", "--signals", str(report / "signals.npz"), "--out",
+                 str(tmp_path / "arrays"), "--no-progress"]) == 0
+    arrays = json.loads((tmp_path / "arrays" / "metrics.json").read_text())[
+        "Membership inference"]
+    lira_keys = [k for k in audit if k.startswith("LiRA") and k.endswith(("AUC", "FPR"))]
+    assert len(lira_keys) == 9
+    for key in lira_keys:
+        assert arrays[key] == pytest.approx(audit[key], abs=1e-9), key
     # Attacking a reference model instead of the target also works.
     assert main(["mia", "lira", "--models", str(report / "reference_models"), "--target", "3",
                  "--out", str(tmp_path / "mia3"), "--no-progress"]) == 0
