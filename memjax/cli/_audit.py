@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from memjax.cli._store import check_out_folder, positive_int
+from memjax.cli._common import check_out_folder, positive_int
 from memjax.errors import InputError
 
 

@@ -1,9 +1,11 @@
-"""What every subcommand shares: the data options, opening data the way a model expects
-it, and writing per-example results (Parquet) beside metrics and an HTML/PNG summary."""
+"""What every subcommand shares: output checks made before any work starts, the data
+options, opening data the way a model expects it, and writing per-example results
+(Parquet) beside metrics and an HTML/PNG summary."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -12,6 +14,87 @@ from typing import Any
 import numpy as np
 
 from memjax.errors import InputError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nearest_existing(path: Path) -> Path:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return folder
+    return Path(path.anchor or ".")
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """``path`` does not exist: its nearest existing ancestor must be a writable folder."""
+    parent = _nearest_existing(path.absolute())
+    if not parent.is_dir():
+        raise InputError(f"{what}: cannot create it, {str(parent)!r} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{what}: cannot create it, the folder {str(parent)!r} is not "
+                         "writable")
+
+
+def check_out_folder(path: str | os.PathLike, flag: str) -> Path:
+    """Refuse an output folder that is a file or cannot be created or written."""
+    path = Path(path)
+    what = f"{flag} {str(path)!r}"
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{what} is a file; expected a folder (or a new path)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"{what}: the folder is not writable")
+    else:
+        _check_creatable(path, what)
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str, suffix: str | None = None) -> Path:
+    """Refuse an output file path that is a folder, has another extension than
+    ``suffix``, or cannot be written."""
+    path = Path(path)
+    what = f"{flag} {str(path)!r}"
+    if path.is_dir():
+        raise InputError(f"{what} is a folder; expected a file path"
+                         + (f" ending in {suffix}" if suffix else ""))
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise InputError(f"{what}: expected a file name ending in {suffix} (the only format "
+                         "written here)")
+    if path.exists():
+        if not os.access(path, os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise InputError(f"{what}: not writable")
+    else:
+        _check_creatable(path, what)
+    return path
+
+
+def results_folder(text: str) -> Path:
+    """argparse type for a results folder (``--out`` of the analyses): a new path, or a
+    writable folder that is empty or an earlier memjax report (which the new one replaces
+    when it is complete). Refused before any work starts."""
+    from memjax.report import REPORT_FILES
+
+    path = Path(text)
+    try:
+        check_out_folder(path, "--out")
+    except InputError as error:
+        raise argparse.ArgumentTypeError(str(error).removeprefix(f"--out {text!r}").strip(
+            " :;")) from None
+    if path.is_dir() and any(path.iterdir()) and not all(
+            (path / f).is_file() for f in REPORT_FILES):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds files but is not a memjax report (no "
+            f"{' and '.join(REPORT_FILES)}); choose a new folder, or an earlier report")
+    return path
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from memjax.cli._store import check_out_folder
+from memjax.cli._common import check_out_folder
 
 
 def register(sub: Any) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from memjax.cli._common import positive_int, results_folder
 from memjax.errors import InputError
 
 TITLE = "Membership inference"
@@ -121,8 +122,9 @@ def register(sub: Any) -> None:
 
 def _output_options(batch_size: int = 64) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--out", default="memjax-mia", help="results folder")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
+    parser.add_argument("--out", type=results_folder, default="memjax-mia",
+                        help="results folder (new, empty, or an earlier report to replace)")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=f"examples per batch (default {batch_size})")
     parser.add_argument("--no-progress", action="store_true")
     return parser

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from memjax._checks import check_choice
-from memjax.cli._common import add_data_options, open_data
-from memjax.cli._store import check_out_folder, positive_int
+from memjax.cli._common import add_data_options, check_out_folder, open_data, positive_int
 from memjax.errors import InputError, MemjaxError, StoreError
 
 
