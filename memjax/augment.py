@@ -28,7 +28,7 @@ Visual Representations", Appendix A) follows torchvision's transforms:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -411,3 +411,51 @@ class SmallImageView:
         view = random_resized_crop(k_crop, image, scale=(self.min_scale, 1.0))
         return color_jitter(k_color, view, brightness=self.brightness,
                             contrast=self.contrast, saturation=0.0, hue=0.0, p=self.p)
+
+
+# --------------------------------------------------------------------------- text views
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenMaskView:
+    """A view of a tokenised text: each real, non-special token replaced by ``mask_id``
+    with probability ``rate`` (independently per position).
+
+    The SSL memorization papers (SSLMem, Wang et al. ICLR 2024; UnitMem/LayerMem, Wang et
+    al. NeurIPS 2024) define views for images only. For a text encoder memjax uses the
+    corruption the encoder was pre-trained with: BERT's masked-language-model input
+    (Devlin et al. 2019, "BERT: Pre-training of Deep Bidirectional Transformers for
+    Language Understanding", Sec. 3.1), which masks 15% of the tokens (``rate=0.15``).
+    Unlike BERT's 80/10/10 rule, a chosen token always becomes ``[MASK]`` (no random or
+    unchanged replacements), so a view differs from its text exactly where it is masked.
+    Padding (``attention_mask == 0``) and the special tokens ``keep_ids`` ([CLS], [SEP],
+    [PAD], ...) are never masked; ``attention_mask`` is returned unchanged.
+
+    Called as ``view(inputs, key)`` with ``inputs = {"input_ids": [T] int,
+    "attention_mask": [T]}`` (one text); returns the same dict with masked ``input_ids``.
+    """
+
+    mask_id: int
+    rate: float = 0.15
+    keep_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not 0.0 <= float(self.rate) <= 1.0:
+            raise InputError(f"TokenMaskView: rate={self.rate}: expected a probability in "
+                             "[0, 1]")
+        if isinstance(self.mask_id, bool) or not isinstance(self.mask_id, (int, np.integer)):
+            raise InputError(f"TokenMaskView: mask_id={self.mask_id!r}: expected a token id")
+
+    def __call__(self, inputs, key: jax.Array):
+        if not isinstance(inputs, Mapping) or "input_ids" not in inputs:
+            raise InputError("TokenMaskView: expected {'input_ids': [T], 'attention_mask': "
+                             f"[T]}} for one text, got {type(inputs).__name__}")
+        ids = inputs["input_ids"]
+        maskable = jnp.ones(ids.shape, bool)
+        if "attention_mask" in inputs:
+            maskable = inputs["attention_mask"] > 0
+        for special in self.keep_ids:
+            maskable = maskable & (ids != special)
+        chosen = jax.random.bernoulli(key, float(self.rate), ids.shape) & maskable
+        return {**inputs, "input_ids": jnp.where(chosen, jnp.asarray(self.mask_id, ids.dtype),
+                                                 ids)}

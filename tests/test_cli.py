@@ -448,17 +448,17 @@ def test_influence_cli(report, tmp_path, capsys):
     flagged = np.zeros(300, bool)
     flagged[:30] = True
     np.save(tmp_path / "flagged.npy", flagged)
-    assert main(["influence", "self", *common, "--out", str(tmp_path / "self.parquet"),
+    assert main(["influence", "self", *common, "--out", str(tmp_path / "self"),
                  "--flagged", str(tmp_path / "flagged.npy")]) == 0
     assert "AUROC of self_influence for the flagged examples" in capsys.readouterr().out
-    table = pq.read_table(tmp_path / "self.parquet").to_pandas()
+    table = pq.read_table(tmp_path / "self" / "scores.parquet").to_pandas()
     params, _ = load_model(model)
     expected = self_influence(classifier_loss, params, {"image": data["image"][:300],
                                                         "label": data["label"][:300]}, lr=0.1)
     np.testing.assert_allclose(table["self_influence"], expected, rtol=1e-6)
 
     assert main(["influence", "scores", *common, "--test", str(tmp_path / "test.npz"),
-                 "--out", str(tmp_path / "store")]) == 0
+                 "--store", str(tmp_path / "store"), "--out", str(tmp_path / "inf")]) == 0
     from memjax.engine import ScoreStore
 
     stored = ScoreStore(tmp_path / "store").read()
@@ -481,19 +481,21 @@ def test_influence_cli(report, tmp_path, capsys):
     np.testing.assert_array_equal(stored["id"], np.arange(300))
     np.testing.assert_allclose(stored["score"], direct.T, rtol=1e-6, atol=1e-7)
     assert np.ptp(stored["score"]) > 0
+    wide = pq.read_table(tmp_path / "inf" / "scores.parquet").to_pandas()
+    np.testing.assert_array_equal(wide["score[3]"], stored["score"][:, 3])
 
     assert main(["influence", "leakage", *common, "--test", str(tmp_path / "test.npz"),
-                 "--out", str(tmp_path / "leak.json")]) == 0
-    leak = json.loads((tmp_path / "leak.json").read_text())["leakage"]
-    assert [row["sources"][0] for row in leak] == list(range(0, 300, 50))  # exact copies
+                 "--out", str(tmp_path / "leak")]) == 0
+    leak = pq.read_table(tmp_path / "leak" / "scores.parquet").to_pydict()["source_ids"]
+    assert [row[0] for row in leak] == list(range(0, 300, 50))  # exact copies
 
     assert main(["influence", "lava", "--train", train, "--val", str(tmp_path / "val.npz"),
-                 "--out", str(tmp_path / "lava.parquet")]) == 0
-    assert len(pq.read_table(tmp_path / "lava.parquet")) == 300
+                 "--out", str(tmp_path / "lava")]) == 0
+    assert len(pq.read_table(tmp_path / "lava" / "scores.parquet")) == 300
     # The values are the Python API's on the flattened images (the CLI's documented input).
     from memjax.influence import lava_values
 
-    lava = pq.read_table(tmp_path / "lava.parquet").to_pandas()
+    lava = pq.read_table(tmp_path / "lava" / "scores.parquet").to_pandas()
     want = np.asarray(lava_values(data["image"][:300].reshape(300, -1), data["label"][:300],
                                   data["image"][1500:].reshape(len(data["image"]) - 1500, -1),
                                   data["label"][1500:]))
@@ -519,13 +521,13 @@ def test_memorization_cli(report, tmp_path, capsys):
     np.savez(tmp_path / "small.npz", **subset)
     small, model = str(tmp_path / "small.npz"), str(report / "model")
     assert main(["memorization", "unitmem", "--model", model, "--data", small, "--layers",
-                 "dense1,dense2", "--out", str(tmp_path / "units.json"), "--no-progress"]) == 0
-    units = json.loads((tmp_path / "units.json").read_text())
+                 "dense1,dense2", "--out", str(tmp_path / "units"), "--no-progress"]) == 0
+    units = pq.read_table(tmp_path / "units" / "scores.parquet").to_pandas()
     expected = unitmem(memjax.load(model), subset, layers=("dense1",), n_aug=5,
                        batch_size=64, progress=False)
-    np.testing.assert_allclose(units["dense1_unitmem"], expected.layers["dense1"].scores,
-                               rtol=1e-9)
-    assert len(units["dense2_argmax_id"]) == 256
+    np.testing.assert_allclose(units[units["layer"] == "dense1"]["unitmem"],
+                               expected.layers["dense1"].scores, rtol=1e-9)
+    assert (units["layer"] == "dense2").sum() == 256
 
     stacked, _, config, _ = load_models(report / "reference_models")
     f, g = (jax.tree.map(lambda a, m=m: a[m], stacked) for m in (0, 1))
@@ -533,15 +535,15 @@ def test_memorization_cli(report, tmp_path, capsys):
     save_model(tmp_path / "g", g, config)
     assert main(["memorization", "layermem", "--model", str(tmp_path / "f"), "--reference",
                  str(tmp_path / "g"), "--data", small, "--layers", "dense1,embedding",
-                 "--views", "small", "--out", str(tmp_path / "layers.parquet"),
+                 "--views", "small", "--out", str(tmp_path / "layers"),
                  "--no-progress"]) == 0
-    table = pq.read_table(tmp_path / "layers.parquet").to_pandas()
+    table = pq.read_table(tmp_path / "layers" / "scores.parquet").to_pandas()
     direct = layermem(memjax.Model.from_classifier(f, config),
                       memjax.Model.from_classifier(g, config), subset, views_fn=digit_views,
                       n_aug=5, layers=("dense1", "embedding"), batch_size=64, progress=False)
     np.testing.assert_allclose(table["embedding_layermem"], direct["raw"][:, 1], rtol=1e-6)
     assert main(["memorization", "layermem", "--model", model, "--data", small,
-                 "--out", str(tmp_path / "x.parquet")]) == 2
+                 "--out", str(tmp_path / "x")]) == 2
     assert "needs --reference" in capsys.readouterr().err
 
 
@@ -556,14 +558,18 @@ def test_memorization_dejavu_cli(tmp_path, capsys):
               "labels": rng.integers(0, 4, 40)}
     path = tmp_path / "emb.npz"
     np.savez(path, **arrays)
-    out = tmp_path / "dejavu.json"
+    out = tmp_path / "dejavu"
+
+    def metric(name):  # one value per fraction (5%, 20%, 100%) from metrics.json
+        got = json.loads((out / "metrics.json").read_text())["Déjà vu"]
+        return [got[f"most confident {f:.0%}: {name}"] for f in (0.05, 0.2, 1.0)]
+
     assert main(["memorization", "dejavu", "--embeddings", str(path), "--k", "10",
                  "--out", str(out)]) == 0
-    got = json.loads(out.read_text())
     want = dejavu(arrays["target"], arrays["reference"], arrays["public"],
                   arrays["public_labels"], arrays["labels"], k=10)
-    np.testing.assert_allclose(got["gap"]["top1"], want["gap"]["top1"])
-    np.testing.assert_allclose(got["target"]["top5"], want["target"]["top5"])
+    np.testing.assert_allclose(metric("top1 gap"), want["gap"]["top1"])
+    np.testing.assert_allclose(metric("target top5 accuracy"), want["target"]["top5"])
     assert "gap" in capsys.readouterr().out
 
     probs = rng.dirichlet(np.ones(4), size=40)
@@ -573,7 +579,7 @@ def test_memorization_dejavu_cli(tmp_path, capsys):
                  "--metric", "cosine", "--out", str(out)]) == 0
     want = dejavu(arrays["target"], None, arrays["public"], arrays["public_labels"],
                   arrays["labels"], k=10, metric="cosine", reference_probs=probs)
-    np.testing.assert_allclose(json.loads(out.read_text())["gap"]["top5"], want["gap"]["top5"])
+    np.testing.assert_allclose(metric("top5 gap"), want["gap"]["top5"])
 
     np.savez(path, target=arrays["target"], labels=arrays["labels"], extra=arrays["labels"])
     assert main(["memorization", "dejavu", "--embeddings", str(path), "--out", str(out)]) == 2

@@ -1,5 +1,7 @@
 """Forward-INF (Ko et al. 2024) against explicit per-example gradients and direct updates."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,7 +71,7 @@ def test_first_order_trainable_mask(problem):
     keys = ["b2", "w2"]
     expected = 0.1 * flat_grads(params, test, keys) @ flat_grads(params, train, keys).T
     by_tree = {"w1": False, "b1": False, "w2": True, "b2": True}
-    for trainable in (by_tree, lambda path: path.endswith("2")):
+    for trainable in (by_tree, lambda path: path.endswith("2"), ["w2", "b*2"], "*2"):
         got = forward_inf(loss_fn, params, test, train, mode="first_order", lr=0.1,
                           trainable=trainable, batch_size=16, mesh=one_device())
         np.testing.assert_allclose(got, expected, rtol=1e-5,
@@ -228,3 +230,64 @@ def test_repeated_calls_reuse_the_compilation(problem):
     finally:
         jax.monitoring.unregister_event_duration_listener(on_event)
     assert compiles == []
+
+
+def test_trainable_glob_matching_nothing_lists_the_paths(problem):
+    params, test, train = problem
+    with pytest.raises(InputError, match=r"\['w3'\] match no parameter; the parameter paths "
+                       r"are: b1, b2, w1, w2"):
+        forward_inf(loss_fn, params, test, train, lr=0.1, trainable=["w2", "w3"],
+                    batch_size=16, mesh=one_device())
+
+
+def test_causal_lm_loss_equals_numpy(rng):
+    """Mean next-token cross-entropy over the counted positions (token t+1 real), right
+    and left padding, against float64 NumPy."""
+    from memjax.influence import causal_lm_loss
+
+    t, v = 7, 11
+    logits = rng.normal(size=(t, v)) * 3
+    ids = rng.integers(0, v, t)
+
+    def apply(params, inputs):
+        return jnp.asarray(logits, jnp.float32) * params
+
+    for mask in ([1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1], [1] * 7, [1, 0, 0, 0, 0, 0, 0]):
+        mask = np.asarray(mask)
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        nll = -logp[np.arange(t - 1), ids[1:]]
+        counted = mask[1:]
+        want = (nll * counted).sum() / max(counted.sum(), 1)
+        got = causal_lm_loss(apply, jnp.float32(1.0), {"input_ids": jnp.asarray(ids),
+                                                       "attention_mask": jnp.asarray(mask)})
+        np.testing.assert_allclose(float(got), want, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_shot_logits_equal_numpy(rng):
+    """exp(logit_scale) x cosine of the image embedding with each prompt's, float64 NumPy."""
+    from memjax.influence import param_leaf, zero_shot_loss
+
+    e, c, t = 6, 4, 5
+    params = {"img": rng.normal(size=(3, e)), "txt": rng.normal(size=(9, e)),
+              "logit_scale": np.float64(1.3)}
+    params_32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    ids = rng.integers(0, 9, (c, t))
+    mask = np.ones((c, t), np.int32)
+    image = rng.normal(size=3)
+
+    def image_fn(p, x):
+        return x @ p["img"]
+
+    def text_fn(p, inputs):
+        return p["txt"][inputs["input_ids"]].sum(axis=0)
+
+    loss = functools.partial(zero_shot_loss, image_fn, text_fn,
+                             functools.partial(param_leaf, path="logit_scale"), ids, mask)
+    img = image @ params["img"]
+    txt = params["txt"][ids].sum(axis=1)
+    logits = np.exp(1.3) * (txt @ img) / np.linalg.norm(txt, axis=1) / np.linalg.norm(img)
+    for label in range(c):
+        want = np.log(np.exp(logits).sum()) - logits[label]
+        got = loss(params_32, {"image": jnp.asarray(image, jnp.float32),
+                               "label": jnp.int32(label)})
+        np.testing.assert_allclose(float(got), want, rtol=1e-5)

@@ -17,7 +17,6 @@ alignments are differences of O(1) distances: 1e-5 absolute.
 from __future__ import annotations
 
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -398,27 +397,28 @@ def test_memorization_and_influence_cli_open_hf_checkpoints(folders, data, tmp_p
     vit, vit_g = str(folders["vit"][0]), str(folders["vit_g"][0])
     assert main(["memorization", "unitmem", "--model", vit, "--data",
                  str(tmp_path / "train.npz"), "--layers", "layers.0.out", "--n-aug", "2",
-                 "--batch-size", "8", "--out", str(tmp_path / "u.json"),
+                 "--batch-size", "8", "--out", str(tmp_path / "u"),
                  "--no-progress"]) == 0
     direct = unitmem(memjax.load(vit), {"image": train["image"]}, layers=["layers.0.out"],
                      n_aug=2, batch_size=8)
-    got = json.loads((tmp_path / "u.json").read_text())
-    np.testing.assert_allclose(got["layers.0.out_unitmem"],
-                               direct.layers["layers.0.out"].scores, rtol=1e-12)
-    assert main(["memorization", "layermem", "--model", vit, "--reference", vit_g, "--data",
-                 str(tmp_path / "train.npz"), "--layers", "final", "--n-aug", "2",
-                 "--batch-size", "8", "--out", str(tmp_path / "l.parquet"),
-                 "--no-progress"]) == 0
     import pyarrow.parquet as pq
 
-    table = pq.read_table(tmp_path / "l.parquet").to_pandas()
+    got = pq.read_table(tmp_path / "u" / "scores.parquet").to_pandas()
+    np.testing.assert_allclose(got["unitmem"], direct.layers["layers.0.out"].scores,
+                               rtol=1e-12)
+    assert main(["memorization", "layermem", "--model", vit, "--reference", vit_g, "--data",
+                 str(tmp_path / "train.npz"), "--layers", "final", "--n-aug", "2",
+                 "--batch-size", "8", "--out", str(tmp_path / "l"),
+                 "--no-progress"]) == 0
+    table = pq.read_table(tmp_path / "l" / "scores.parquet").to_pandas()
     direct = layermem(memjax.load(vit), memjax.load(vit_g), {"image": train["image"]},
                       views_fn=SimCLRView(), n_aug=2, layers=["final"], batch_size=8,
                       progress=False)
     np.testing.assert_allclose(table["final_layermem"], direct["raw"][:, 0], rtol=1e-12)
     assert main(["influence", "scores", "--model", vit, "--train", str(tmp_path / "train.npz"),
                  "--test", str(tmp_path / "test.npz"), "--mode", "first_order",
-                 "--batch-size", "8", "--out", str(tmp_path / "inf"), "--no-progress"]) == 0
+                 "--batch-size", "8", "--store", str(tmp_path / "inf"), "--out",
+                 str(tmp_path / "inf_results"), "--no-progress"]) == 0
     stored = memjax.ScoreStore(tmp_path / "inf").read()["score"]
     model = memjax.load(vit)
     want = forward_inf(functools.partial(cross_entropy_loss, model.apply), model.params,

@@ -1,4 +1,23 @@
-"""``memjax influence``: Forward-INF scores, self-influence and leakage, or LAVA values."""
+"""``memjax influence``: Forward-INF scores, self-influence and leakage on any classifier,
+CLIP zero-shot classifier or causal LM that ``memjax.load`` opens; LAVA data values.
+
+Every command writes a results folder (``--out``): ``scores.parquet`` (one row per
+example), ``metrics.json``, ``index.html`` and a histogram PNG.
+
+- ``scores``: one row per TRAINING example: ``id``, ``name`` (when the source names its
+  examples) and one column ``score[<test id>]`` per test example (a wide table: column
+  ``score[t]`` is the [N_train] influence of every training example on test example t);
+  with ``--group`` a single ``score`` column.
+- ``self``: ``id``, ``name``, ``self_influence``.
+- ``leakage``: one row per TEST example: ``test_id``, ``test_name``, ``source_ids`` [k]
+  and ``source_names`` [k], best first.
+- ``lava``: ``id``, ``name``, ``lava_value``.
+
+The loss follows the model's kind: a classifier's cross-entropy (fields ``image``,
+``label``), a CLIP's zero-shot cross-entropy over ``--classes`` prompts, a causal LM's
+mean next-token cross-entropy over the attention mask (``memjax.influence``'s
+``cross_entropy_loss``, ``zero_shot_loss``, ``causal_lm_loss``).
+"""
 
 from __future__ import annotations
 
@@ -9,22 +28,35 @@ from typing import Any
 
 import numpy as np
 
-from memjax._io import atomic_write_json
+from memjax.cli._common import (
+    add_data_options,
+    open_data,
+    positive_int,
+    print_metrics,
+    results_folder,
+    write_results,
+)
 from memjax.errors import InputError
+
+#: The default CLIP prompt (Radford et al. 2021 use "a photo of a {}." for ImageNet).
+DEFAULT_PROMPT = "a photo of a {}."
 
 
 def register(sub: Any) -> None:
     """Add the subcommand and its arguments to the ``memjax`` parser."""
     influence = sub.add_parser("influence", help="Forward-INF influence (scores, self, "
-                               "leakage) of a memjax classifier, or LAVA data values")
+                               "leakage) of a classifier, CLIP or causal LM, or LAVA values")
     influence.add_argument("what", choices=["scores", "self", "leakage", "lava"])
-    influence.add_argument("--model", help="classifier folder: Hugging Face checkpoint, memjax "
-                           "convert output or memjax.train model (not for lava)")
+    influence.add_argument("--model", help="model folder (Hugging Face checkpoint, memjax "
+                           "convert output or memjax.train model): a classifier, a CLIP "
+                           "(zero-shot over --classes) or a causal LM (not for lava)")
     influence.add_argument("--train", default="digits", help="training data")
     influence.add_argument("--test", help="test examples (scores, leakage)")
     influence.add_argument("--val", help="clean validation data (lava)")
-    influence.add_argument("--out", required=True, help="scores: store folder; self/lava: "
-                           ".parquet; leakage: .json")
+    influence.add_argument("--out", required=True, type=results_folder,
+                           help="results folder (scores.parquet, metrics.json, index.html)")
+    influence.add_argument("--store", help="scores: also stream the [N, T] scores to this "
+                           "resumable score store folder")
     influence.add_argument("--mode", default="finite", choices=["finite", "first_order"])
     influence.add_argument("--direction", default="ascent", choices=["ascent", "descent"])
     influence.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "sign"])
@@ -33,76 +65,225 @@ def register(sub: Any) -> None:
     influence.add_argument("--score", default="oriented", choices=["oriented", "delta", "abs"])
     influence.add_argument("--group", action="store_true", help="one update on all test "
                            "examples together")
+    influence.add_argument("--trainable", nargs="+", metavar="PATTERN", help="glob patterns "
+                           "over parameter paths (e.g. 'classifier/*'): only these are "
+                           "updated and differentiated, the rest frozen (default: every "
+                           "float parameter; BatchNorm statistics are always frozen)")
+    influence.add_argument("--classes", nargs="+", metavar="NAME", help="CLIP: class names "
+                           "in label order (default: the image folder's class folders)")
+    influence.add_argument("--classes-file", help="CLIP: a text file of class names, one per "
+                           "line, in label order")
+    influence.add_argument("--prompt", default=DEFAULT_PROMPT, help="CLIP: the prompt "
+                           f"template, '{{}}' is the class name (default {DEFAULT_PROMPT!r})")
     influence.add_argument("--k", type=int, default=5, help="leakage: sources per test")
     influence.add_argument("--flagged", help="self/lava: .npy bool [N] of known-bad examples: "
-                           "prints the AUROC")
-    influence.add_argument("--batch-size", type=int, default=256)
+                           "reports the AUROC")
+    influence.add_argument("--batch-size", type=positive_int, default=256)
     influence.add_argument("--no-progress", action="store_true")
+    add_data_options(influence)
     influence.set_defaults(run=cmd_influence)
 
 
 def cmd_influence(args: argparse.Namespace) -> int:
-    """Forward-INF (scores, self, leakage) on any classifier folder, or LAVA values."""
-    from memjax.data import open_source
-
-    train = open_source(args.train)
+    """Forward-INF (scores, self, leakage) on any supported model folder, or LAVA values."""
     if args.what == "lava":
-        return _influence_lava(args, train)
+        return _influence_lava(args)
     from memjax.convert import load
-    from memjax.influence import cross_entropy_loss, forward_inf, self_influence
 
     if args.model is None:
-        raise InputError(f"memjax influence {args.what} needs --model (a classifier folder: "
-                         "Hugging Face checkpoint, memjax convert output or memjax.train "
-                         "model, e.g. the audit's model/)")
+        raise InputError(f"memjax influence {args.what} needs --model (a classifier, CLIP or "
+                         "causal LM folder: Hugging Face checkpoint, memjax convert output "
+                         "or memjax.train model, e.g. the audit's model/)")
     model = load(args.model)
-    if model.kind != "classifier":
-        raise InputError(f"--model {args.model!r}: Forward-INF here uses the cross-entropy "
-                         f"of a classifier's logits; {model.name} is a {model.kind!r} model")
-    # The model's own per-example logits: the same code path for every model folder.
-    classifier_loss = functools.partial(cross_entropy_loss, model.apply)
+    train = open_data(args.train, model, args, what="--train")
+    loss_fn = influence_loss(model, args, train)
+    _check_loss_fields(model, train, "--train")
     params = model.params
+    trainable = tuple(args.trainable) if args.trainable else None
     step = {"mode": args.mode, "optimizer": args.optimizer, "lr": args.lr,
-            "steps": args.steps}
+            "steps": args.steps, "trainable": trainable}
     progress = not args.no_progress
+    settings = [("model", str(args.model)), ("loss", LOSS_NAMES[model.kind]),
+                ("trainable", ", ".join(trainable) if trainable else "all float parameters")]
     if args.what == "self":
-        values = self_influence(classifier_loss, params, train, **step,
-                                batch_size=args.batch_size, progress=progress)
-        return _write_values(args, train, values, "self_influence")
+        from memjax.influence import self_influence
+
+        values = self_influence(loss_fn, params, train, **step, batch_size=args.batch_size,
+                                progress=progress)
+        settings += [(k, str(v)) for k, v in step.items() if k != "trainable"]
+        return _write_values(args, train, np.asarray(values), "self_influence",
+                             "Forward-INF self-influence", settings)
     if args.test is None:
         raise InputError(f"memjax influence {args.what} needs --test (the test examples)")
-    test_source = open_source(args.test)
+    test_source = open_data(args.test, model, args, what="--test")
+    _check_loss_fields(model, test_source, "--test")
     test = test_source.read(np.arange(len(test_source)))
     if args.what == "scores":
-        from memjax.engine import ScoreStore
-
-        forward_inf(classifier_loss, params, test, train, **step, direction=args.direction,
-                    score=args.score, group=args.group, batch_size=args.batch_size,
-                    store=ScoreStore(args.out), progress=progress)
-        print(f"wrote Forward-INF scores (field 'score', [N, T]) to {args.out}")
-        return 0
+        return _scores(args, loss_fn, params, test, test_source, train, step, settings)
     from memjax.influence import relative_first_order, top_sources
 
     # Ranked by first-order influence relative to self-influence (a gradient cosine): an
     # exact copy of a training example ranks its source first (see memjax.influence.RANKING).
-    top = top_sources(relative_first_order(classifier_loss, params, test, train,
-                                           batch_size=args.batch_size), args.k)
-    ids = _example_ids(train)
-    rows = [{"test": int(t), "sources": ids[top[t]].tolist()} for t in range(len(top))]
-    atomic_write_json(Path(args.out), {"k": args.k, "ranking": "first-order Forward-INF "
-                      "relative to self-influence", "leakage": rows})
-    print(f"wrote the top-{args.k} training sources of {len(rows)} test examples to "
-          f"{args.out}")
+    relative = relative_first_order(loss_fn, params, test, train, batch_size=args.batch_size,
+                                    trainable=trainable, progress=progress)
+    top = top_sources(relative, args.k)
+    train_ids, train_names = example_ids(train), example_names(train)
+    table = {"test_id": example_ids(test_source), "source_ids": train_ids[top]}
+    test_names = example_names(test_source)
+    if test_names is not None:
+        table["test_name"] = test_names
+    if train_names is not None:
+        table["source_names"] = train_names[top]
+    metrics = [*settings, ("k", args.k), ("test examples", len(top)),
+               ("training examples", len(train_ids))]
+    text = (f"The {args.k} training examples that support each test example most, ranked by "
+            "first-order Forward-INF relative to self-influence (the cosine of the test and "
+            "training gradients; an exact copy of a training example ranks its source "
+            "first). One row per test example.")
+    folder = write_results(args.out, "Forward-INF leakage", text, table, metrics)
+    print(f"wrote the top-{args.k} training sources of {len(top)} test examples")
+    print_metrics(metrics, folder)
     return 0
 
 
-def _influence_lava(args: argparse.Namespace, train) -> int:
+#: The loss each model kind gets (shown in the report).
+LOSS_NAMES = {"classifier": "cross-entropy of the classifier's logits",
+              "clip": "cross-entropy of CLIP zero-shot logits over the class prompts",
+              "causal_lm": "mean next-token cross-entropy over the attention mask"}
+
+
+def influence_loss(model: Any, args: argparse.Namespace, train: Any):
+    """The per-example ``loss_fn(params, example)`` Forward-INF differentiates for this
+    model: a partial of a ``memjax.influence`` loss (value-hashable: equal settings share
+    one compiled program)."""
+    from memjax.influence import causal_lm_loss, cross_entropy_loss, param_leaf, zero_shot_loss
+
+    if model.kind == "classifier":
+        return functools.partial(cross_entropy_loss, model.apply)
+    if model.kind == "causal_lm":
+        return functools.partial(causal_lm_loss, model.apply)
+    if model.kind == "clip":
+        ids, mask = tokenize_prompts(model, class_prompts(args, train), args)
+        return functools.partial(zero_shot_loss, model.tower("image").apply,
+                                 model.tower("text").apply,
+                                 functools.partial(param_leaf, path="logit_scale"), ids, mask)
+    raise InputError(f"--model {args.model!r}: Forward-INF needs a loss; memjax has one for "
+                     f"classifiers, CLIP (zero-shot) and causal LMs, but {model.name} is a "
+                     f"{model.kind!r} model")
+
+
+def _check_loss_fields(model: Any, source: Any, what: str) -> None:
+    """The fields the loss reads are in the data (named error before any compilation)."""
+    needed = {"classifier": ("image", "label"), "clip": ("image", "label"),
+              "causal_lm": ("input_ids", "attention_mask")}[model.kind]
+    fields = source.read(np.zeros(1, np.int64))
+    missing = [f for f in needed if f not in fields]
+    if missing:
+        raise InputError(f"{what}: the {model.kind} loss reads fields {list(needed)}; the "
+                         f"data has {sorted(fields)} (missing {missing})")
+
+
+def class_prompts(args: argparse.Namespace, train: Any) -> list[str]:
+    """One prompt per class, in label order: ``--prompt`` filled with each class name from
+    ``--classes``, ``--classes-file`` or the image folder's class folders."""
+    if args.classes and args.classes_file:
+        raise InputError("pass --classes or --classes-file, not both")
+    if args.classes_file:
+        try:
+            lines = Path(args.classes_file).read_text().splitlines()
+        except OSError as error:
+            raise InputError(f"--classes-file {args.classes_file}: cannot read ({error})") \
+                from None
+        classes = [line.strip() for line in lines if line.strip()]
+        if not classes:
+            raise InputError(f"--classes-file {args.classes_file}: no class names; expected "
+                             "one class name per line, in label order")
+    elif args.classes:
+        classes = list(args.classes)
+    else:
+        classes = list(getattr(train, "classes", None) or [])
+        if not classes:
+            raise InputError("--model is a CLIP: zero-shot classification needs the class "
+                             "names: pass --classes NAME... or --classes-file FILE (in label "
+                             "order), or --train images:DIR with one folder per class")
+    if "{}" not in args.prompt:
+        raise InputError(f"--prompt {args.prompt!r}: expected a template with '{{}}' where "
+                         "the class name goes")
+    return [args.prompt.replace("{}", name) for name in classes]
+
+
+def load_tokenizer(model: Any, what: str = "--model"):
+    """The model's own tokenizer (``transformers.AutoTokenizer``, local files only)."""
+    if model.tokenizer is None:
+        raise InputError(f"{what} {model.source or model.name}: no tokenizer files "
+                         "(tokenizer.json, vocab.txt, ...) in the model folder")
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(model.tokenizer,
+                                                          local_files_only=True)
+    except Exception as error:  # transformers raises many types for broken files
+        raise InputError(f"{what}: cannot load the tokenizer in {model.tokenizer}: "
+                         f"{error}") from None
+
+
+def tokenize_prompts(model: Any, prompts: list[str], args: argparse.Namespace
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, attention_mask)`` [C, T] int32 of the prompts, padded to
+    ``--max-length`` (default the model's context length) with the model's tokenizer."""
+    tokenizer = load_tokenizer(model)
+    length = args.max_length or model.context_length
+    encoded = tokenizer(prompts, padding="max_length", truncation=True, max_length=length,
+                        return_tensors="np")
+    cut = sum(len(ids) > length for ids in tokenizer(prompts)["input_ids"])
+    if cut:
+        raise InputError(f"--prompt: {cut} class prompts are longer than {length} tokens; "
+                         "shorten the prompt or the class names")
+    return (np.asarray(encoded["input_ids"], np.int32),
+            np.asarray(encoded["attention_mask"], np.int32))
+
+
+def _scores(args, loss_fn, params, test, test_source, train, step, settings) -> int:
+    from memjax.engine import ScoreStore
+    from memjax.influence import forward_inf
+
+    out = forward_inf(loss_fn, params, test, train, **step, direction=args.direction,
+                      score=args.score, group=args.group, batch_size=args.batch_size,
+                      store=ScoreStore(args.store) if args.store else None,
+                      progress=not args.no_progress)
+    # [N] (group) or [N, T]: one row per training example.
+    scores = np.asarray(out.read()["score"]) if args.store else np.asarray(out).T
+    table = _id_columns(train)
+    if args.group:
+        table["score"] = scores
+    else:
+        for t, test_id in enumerate(example_ids(test_source)):
+            table[f"score[{test_id}]"] = scores[:, t]
+    metrics = [*settings, *[(k, str(v)) for k, v in step.items() if k != "trainable"],
+               ("direction", args.direction), ("score", args.score), ("group", args.group),
+               ("training examples", len(scores)),
+               ("test examples", 1 if args.group else scores.shape[1]),
+               ("mean score", float(scores.mean())), ("max |score|", float(np.abs(scores).max()))]
+    text = ("Forward-INF (Ko et al., CVPR 2024): the change of each training example's loss "
+            "after an update of the model on the test example (oriented: positive = the "
+            "training example supports the test example). One row per training example; "
+            "column score[t] holds the influence on test example id t" +
+            (" (all test examples updated together)." if args.group else "."))
+    folder = write_results(args.out, "Forward-INF influence", text, table, metrics,
+                           figures=lambda f: [histogram(f, "scores.png", scores,
+                                                        "Forward-INF score")])
+    print(f"wrote Forward-INF scores of {len(scores)} training examples")
+    print_metrics(metrics, folder)
+    return 0
+
+
+def _influence_lava(args: argparse.Namespace) -> int:
     from memjax.data import open_source
     from memjax.influence import lava_values
 
     if args.val is None:
         raise InputError("memjax influence lava needs --val (clean validation data)")
-    val = open_source(args.val)
+    train, val = open_source(args.train), open_source(args.val)
     fields = train.read(np.arange(len(train)))
     val_fields = val.read(np.arange(len(val)))
     for name, data in (("--train", fields), ("--val", val_fields)):
@@ -112,28 +293,75 @@ def _influence_lava(args: argparse.Namespace, train) -> int:
     values = lava_values(fields["image"].reshape(len(fields["image"]), -1), fields["label"],
                          val_fields["image"].reshape(len(val_fields["image"]), -1),
                          val_fields["label"])
-    return _write_values(args, train, np.asarray(values), "lava_value")
+    return _write_values(args, train, np.asarray(values), "lava_value",
+                         "LAVA data values", [("validation examples", len(val))])
 
 
-def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str) -> int:
-    """Per-training-example values to Parquet (id, value), plus AUROC with --flagged."""
-    from memjax.engine.store import write_parquet
+def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str,
+                  title: str, settings: list) -> int:
+    """Per-training-example values (id, name, value), plus the AUROC with --flagged."""
     from memjax.metrics import roc_auc
 
-    ids = _example_ids(train)
-    write_parquet([{"id": ids, name: values}], args.out)
-    print(f"wrote {name} of {len(ids)} training examples to {args.out}")
+    table = {**_id_columns(train), name: values}
+    metrics = [*settings, ("training examples", len(values)),
+               (f"mean {name}", float(values.mean()))]
     if args.flagged:
         flagged = np.load(args.flagged, allow_pickle=False)
         if flagged.dtype != bool or flagged.shape != values.shape:
             raise InputError(f"--flagged: expected a bool .npy of shape {values.shape}, got "
                              f"{flagged.dtype} {flagged.shape}")
-        print(f"AUROC of {name} for the flagged examples: {roc_auc(values, flagged):.4f}")
+        auroc = float(roc_auc(values, flagged))
+        metrics.append((f"AUROC of {name} for the flagged examples", auroc))
+        table["flagged"] = flagged
+    text = (f"{title}: one row per training example (higher = more influential / more "
+            "valuable to flag)." if name == "self_influence" else
+            f"{title}: one row per training example.")
+    folder = write_results(args.out, title, text, table, metrics,
+                           figures=lambda f: [histogram(f, f"{name}.png", values, name)])
+    print(f"wrote {name} of {len(values)} training examples")
+    print_metrics(metrics, folder)
     return 0
 
 
-def _example_ids(source) -> np.ndarray:
+# ---- shared with memjax memorization -------------------------------------------------
+
+def example_ids(source: Any) -> np.ndarray:
     """The example ids of a source (its ``id`` field; else the row numbers)."""
     from memjax.data import source_ids
 
     return source_ids(source, np.arange(len(source)))
+
+
+def example_names(source: Any) -> np.ndarray | None:
+    """The source's stable string names of its examples (file name / key), or None."""
+    names = getattr(source, "names", None)
+    if not callable(names):
+        return None
+    values = names()
+    return None if values is None else np.asarray([str(v) for v in values], dtype=object)
+
+
+def _id_columns(source: Any) -> dict[str, np.ndarray]:
+    columns = {"id": example_ids(source)}
+    names = example_names(source)
+    if names is not None:
+        columns["name"] = names
+    return columns
+
+
+def histogram(folder: Path, file: str, values: np.ndarray, label: str) -> tuple[str, str]:
+    """A histogram PNG of ``values`` (all of them, flattened) in ``folder``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = np.asarray(values, np.float64).ravel()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.hist(values[np.isfinite(values)], bins=50)
+    ax.set_xlabel(label)
+    ax.set_ylabel("count")
+    fig.tight_layout()
+    fig.savefig(folder / file, dpi=100)
+    plt.close(fig)
+    return file, f"distribution of {label}"

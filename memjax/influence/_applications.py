@@ -113,10 +113,14 @@ RANKING = {"mode": "first_order", "optimizer": "sgd", "lr": 0.1}
 
 
 def relative_first_order(loss_fn: LossFn, params: Any, test: Any, train: Any, *,
-                         batch_size: int = 256) -> np.ndarray:
-    """[T, N] first-order Forward-INF relative to self-influence (a gradient cosine)."""
-    scores = forward_inf(loss_fn, params, test, train, **RANKING, batch_size=batch_size)
-    own = self_influence(loss_fn, params, train, **RANKING, batch_size=batch_size)
+                         batch_size: int = 256, trainable: Any = None,
+                         progress: bool = False) -> np.ndarray:
+    """[T, N] first-order Forward-INF relative to self-influence (a gradient cosine over
+    the ``trainable`` parameters, see :func:`trainable_mask`)."""
+    scores = forward_inf(loss_fn, params, test, train, **RANKING, trainable=trainable,
+                         batch_size=batch_size, progress=progress)
+    own = self_influence(loss_fn, params, train, **RANKING, trainable=trainable,
+                         batch_size=batch_size, progress=progress)
     return relative_influence(scores, own)
 
 

@@ -22,6 +22,8 @@ whose stacked copies fit ``memory_budget`` bytes.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -56,14 +58,45 @@ def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def param_paths(params: Any) -> list[str]:
+    """The path name of every array leaf of ``params`` (``jax.tree.leaves`` order), e.g.
+    ``"vit/layers/0/fc1/kernel"``: what :func:`trainable_mask`'s patterns match."""
+    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def glob_predicate(params: Any, patterns: Any) -> Callable[[str], bool]:
+    """``path -> bool``: does any of the fnmatch ``patterns`` match the parameter path.
+
+    A pattern matching no parameter path is an ``InputError`` that lists every path, so a
+    misspelt ``--trainable`` never silently freezes the whole model. ``*`` also matches
+    ``/`` (``"classifier*"`` selects ``classifier/kernel`` and ``classifier/bias``).
+    """
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise InputError(f"trainable: expected non-empty glob patterns over parameter "
+                         f"paths, got {patterns!r}")
+    paths = param_paths(params)
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(x, p) for x in paths)]
+    if unmatched:
+        raise InputError(f"trainable: the pattern(s) {unmatched} match no parameter; the "
+                         f"parameter paths are: {', '.join(paths)}")
+    return functools.partial(_matches_any, patterns=patterns)
+
+
+def _matches_any(path: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(path, p) for p in patterns)
+
+
 def trainable_mask(params: Any, trainable: Any = None) -> list[bool]:
     """One bool per array leaf of ``params`` (``jax.tree.leaves`` order): updated or not.
 
     Args:
       params: a pytree of arrays (dicts, Flax NNX ``State``, ...).
       trainable: None (every float leaf), a pytree of bools with the structure of
-        ``params`` (for an NNX state, one bool per ``Variable`` also works), or a predicate
-        ``trainable(path) -> bool`` on the leaf's path name (e.g. ``"layers/0/kernel"``).
+        ``params`` (for an NNX state, one bool per ``Variable`` also works), a predicate
+        ``trainable(path) -> bool`` on the leaf's path name (e.g. ``"layers/0/kernel"``),
+        or glob patterns over those path names (a string or a list/tuple of strings, see
+        :func:`glob_predicate`; a pattern that matches nothing is an error).
 
     Non-float leaves and NNX ``BatchStat`` variables are never trainable: Forward-INF
     measures the effect of a gradient step, and BatchNorm running statistics are not
@@ -77,6 +110,9 @@ def trainable_mask(params: Any, trainable: Any = None) -> list[bool]:
         frozen = isinstance(node, nnx.BatchStat)
         allowed.extend(not frozen and jnp.issubdtype(jnp.result_type(a), jnp.floating)
                        for a in arrays)
+    if isinstance(trainable, str) or (isinstance(trainable, (list, tuple)) and trainable
+                                      and all(isinstance(t, str) for t in trainable)):
+        trainable = glob_predicate(params, trainable)
     if trainable is None:
         user = [True] * len(allowed)
     elif callable(trainable):

@@ -16,6 +16,10 @@
   captions of neighbouring public images; precision/recall against the true objects and
   population-level gaps (:func:`dejavu_sets`).
 
+:func:`crop_embeddings` embeds crops of images with any :class:`memjax.Model` (background
+crops cut with :func:`background_box`, or the :func:`center_box` / :func:`periphery_box`
+crops when no boxes are annotated), the inputs of :func:`dejavu`.
+
 The k-NN is exact and blockwise (:func:`knn`): the public set is scanned in blocks with a
 running ``lax.top_k`` merge, so memory is O(Q x block), never Q x P. Higher gap = more
 memorized by the target.
@@ -465,3 +469,105 @@ def _bool_sets(x: ArrayLike, name: str) -> np.ndarray:
         raise InputError(f"{name}: expected a non-empty [Q, C] bool array, got {a.dtype} "
                          f"{a.shape}")
     return a
+
+
+# --------------------------------------------------------------------------- crops from a model
+
+CROPS = ("none", "center", "periphery")
+
+
+def center_box(height: int, width: int, fraction: float = 0.5) -> tuple[int, int, int, int]:
+    """The central box ``(top, left, h, w)`` covering ``fraction`` of each side (at least one
+    pixel; torchvision's centre-crop rounding)."""
+    height, width = check_positive_int(height, "height"), check_positive_int(width, "width")
+    if not 0 < float(fraction) <= 1:
+        raise InputError(f"fraction={fraction!r}: expected a side fraction in (0, 1]")
+    h, w = max(1, round(height * fraction)), max(1, round(width * fraction))
+    return int(round((height - h) / 2.0)), int(round((width - w) / 2.0)), h, w
+
+
+def periphery_box(height: int, width: int, fraction: float = 0.5
+                  ) -> tuple[int, int, int, int]:
+    """The largest rectangle outside the central box of ``fraction`` of each side
+    (:func:`background_box` with that box as the object): a stand-in for Meehan et al.'s
+    background crop when no object boxes are annotated and objects sit in the middle of
+    the picture (as in ImageNet-style photos)."""
+    top, left, h, w = center_box(height, width, fraction)
+    if h == height and w == width:
+        raise InputError(f"fraction={fraction!r}: the central box covers the whole image; "
+                         "expected a fraction < 1 for a periphery crop")
+    return background_box([left, top, left + w, top + h], height, width)
+
+
+def _crop_embedding_fn(encode, layer, box, size, normalize, image_field):
+    """fn(params, example) -> {"embedding": [D]}: crop, resize to the input size, normalise,
+    encode (a tap is averaged over its positions, the model output flattened)."""
+    def fn(params, example):
+        from memjax.augment import resample_box
+
+        image = example[image_field].astype(jnp.float32)
+        if box is not None:
+            image = resample_box(image, box, size)
+        if normalize is not None:
+            mean, std = (jnp.reshape(v, (1,) * (image.ndim - v.ndim) + v.shape)
+                         for v in normalize)
+            image = (image - mean) / std
+        out = encode(params, image)
+        if layer is not None:
+            rep = out[layer].astype(jnp.float32)
+            rep = rep.reshape(-1, rep.shape[-1]).mean(axis=0) if rep.ndim else rep[None]
+        else:
+            rep = jnp.ravel(out).astype(jnp.float32)
+        return {"embedding": rep}
+    return fn
+
+
+def crop_embeddings(model: Any, source: Any, *, crop: str = "none", fraction: float = 0.5,
+                    layer: str | None = None, normalize: tuple[Any, Any] | None = None,
+                    image_field: str = "image", batch_size: int, mesh: Mesh | None = None,
+                    progress: bool = False) -> dict[str, np.ndarray]:
+    """Embeddings of (crops of) every image of ``source`` for :func:`dejavu`.
+
+    Meehan et al. 2023 embed the background crop of each training image; here the crop is
+    ``"none"`` (the image as given, e.g. a background crop already cut from the original
+    with :func:`background_box`), ``"center"`` (:func:`center_box`) or ``"periphery"``
+    (:func:`periphery_box`), bilinearly resized back to the image size
+    (:func:`memjax.augment.resample_box`), then normalised with ``normalize`` and encoded.
+
+    Args:
+      model: a :class:`memjax.Model` image encoder (a CLIP's ``tower("image")``).
+      source: images ``[H, W, C]`` (all one size) in ``image_field``; for a model that
+        normalises its inputs, pass them in [0, 1] with ``normalize=(mean, std)`` so the
+        crop is resampled in pixel space.
+      layer: a tap name (its activation averaged over space/tokens to ``[D]``), or None
+        for the model's output, flattened.
+
+    Returns:
+      ``{"id": [N], "embedding": [N, D] float32}``.
+    """
+    from memjax.engine import score
+
+    check_choice("crop", crop, CROPS)
+    first = source.read(np.zeros(1, np.int64)) if hasattr(source, "read") else \
+        {k: np.asarray(v)[:1] for k, v in source.items()}
+    if image_field not in first or np.ndim(first[image_field]) != 4:
+        raise InputError(f"source: expected an image field {image_field!r} [N, H, W, C], got "
+                         f"fields { {k: np.shape(v) for k, v in first.items()} }")
+    height, width = np.shape(first[image_field])[1:3]
+    box = {"none": None, "center": center_box, "periphery": periphery_box}[crop]
+    box = None if box is None else box(height, width, fraction)
+    encode = model.apply
+    if layer is not None:
+        view = jax.ShapeDtypeStruct(np.shape(first[image_field])[1:], jnp.float32)
+        available = model.activation_names(view)
+        if layer not in available:
+            raise InputError(f"layer {layer!r} is not among the model's activations; "
+                             f"available: {', '.join(available)}")
+        encode = model.activations((layer,))
+    if normalize is not None:
+        normalize = tuple(np.asarray(v, np.float32) for v in normalize)
+    fn = _crop_embedding_fn(encode, layer, box, (int(height), int(width)), normalize,
+                            image_field)
+    out = score(fn, model.params, source, batch_size=batch_size, mesh=mesh,
+                progress=progress)
+    return {"id": np.asarray(out["id"]), "embedding": np.asarray(out["embedding"])}

@@ -29,6 +29,16 @@ encoder, or ``Model.from_apply``). Views come from a pure ``views_fn(image [H, W
 -> view [h, w, C]`` (e.g. :class:`memjax.augment.SimCLRView`); view k of example i uses
 ``view_key(seed, i, k)`` with the example's id from the engine (``score(with_ids=True)``),
 so f and g see the same views for any batch size or device count.
+
+Images of a checkpoint that normalises its inputs (mean/std): pass the images in [0, 1]
+and ``normalize=(mean, std)``; the views are made in [0, 1] (colour jitter and clipping
+assume it) and normalised afterwards, the clean image of ``pairing="clean"`` too.
+
+Text encoders (a model reading ``input_ids``, e.g. BERT; not in the papers, which study
+vision encoders): ``views_fn(inputs, key)`` maps the dict of the model's input fields to a
+view (e.g. :class:`memjax.augment.TokenMaskView`), and a representation whose positions
+are the tokens has its padding positions (``attention_mask == 0``) zeroed before it is
+flattened and normalised, so padding never counts in the alignment.
 """
 
 from __future__ import annotations
@@ -80,14 +90,35 @@ def cosine_alignment(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
     return contrastive(image_emb, text_emb)["cosine"]
 
 
-def _view_batch(views_fn: ViewsFn, image: jax.Array, example_id: jax.Array, n_aug: int,
-                pairing: str, seed: int) -> jax.Array:
-    """The images to encode: 2K views (pairs 2k, 2k+1), or [clean, K views] (code variant)."""
+def _normalized(images: Any, normalize: tuple[Any, Any] | None) -> Any:
+    if normalize is None:
+        return images
+    mean, std = (jnp.reshape(v, (1,) * (images.ndim - v.ndim) + v.shape) for v in normalize)
+    return (images - mean) / std
+
+
+def _view_batch(views_fn: ViewsFn, image: Any, example_id: jax.Array, n_aug: int,
+                pairing: str, seed: int, normalize: tuple[Any, Any] | None = None) -> Any:
+    """The inputs to encode: 2K views (pairs 2k, 2k+1), or [clean, K views] (code
+    variant); ``image`` may be a dict of text fields (views and the clean input stacked
+    field by field); ``normalize`` (images) applies after the views are made."""
     n_views = 2 * n_aug if pairing == "views" else n_aug
     views = keyed_views(views_fn, image, seed, example_id, n_views)
     if pairing == "clean":
-        views = jnp.concatenate([image[None].astype(views.dtype), views])
-    return views
+        views = jax.tree.map(lambda clean, v: jnp.concatenate([clean[None].astype(v.dtype), v]),
+                             image, views)
+    return views if isinstance(views, Mapping) else _normalized(views, normalize)
+
+
+def _token_masked(rep: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``rep`` with its padding positions zeroed, when its positions are the [T] tokens of
+    ``mask``; any other representation (pooled, an image's) as it is."""
+    if mask is None or rep.ndim == 0:
+        return rep
+    flat = rep.reshape(-1, rep.shape[-1])
+    if flat.shape[0] != mask.shape[0]:
+        return rep
+    return jnp.where((mask > 0)[:, None], flat, jnp.zeros((), flat.dtype))
 
 
 def _pair_split(reps: jax.Array, pairing: str) -> tuple[jax.Array, jax.Array]:
@@ -96,25 +127,31 @@ def _pair_split(reps: jax.Array, pairing: str) -> tuple[jax.Array, jax.Array]:
     return jnp.broadcast_to(reps[:1], reps[1:].shape), reps[1:]
 
 
-def alignment_losses(encode: Encode, params: Any, image: jax.Array, example_id: jax.Array, *,
+def alignment_losses(encode: Encode, params: Any, image: Any, example_id: jax.Array, *,
                      views_fn: ViewsFn, n_aug: int, seed: int,
                      layers: tuple[str, ...] | None, distance: str = "l2",
-                     pairing: str = "views") -> jax.Array:
+                     pairing: str = "views",
+                     normalize: tuple[Any, Any] | None = None) -> jax.Array:
     """L_align of one encoder on ONE example, for each requested layer.
 
     Args:
       encode: ``encode(params, view) -> representation`` (``model.apply``) or
         ``-> {layer: activation}`` (``model.activations(layers)``).
-      image: [H, W, C] the clean example; example_id: int scalar keying its views.
+      image: [H, W, C] the clean example (or, for a text encoder, the dict of its input
+        fields ``{"input_ids": [T], "attention_mask": [T]}``); example_id: int scalar
+        keying its views.
       layers: names to read from ``encode``'s dict output, or None for a bare array output.
+      normalize: ``(mean, std)`` applied to image views after they are made.
 
     Returns:
       [L] float32 (L = len(layers), or 1 when ``layers`` is None): mean distance over the
       K view pairs, each layer read from the same forward pass of every view.
     """
-    batch = _view_batch(views_fn, image, example_id, n_aug, pairing, seed)
+    batch = _view_batch(views_fn, image, example_id, n_aug, pairing, seed, normalize)
     out = jax.vmap(encode, in_axes=(None, 0))(params, batch)
     reps = [out] if layers is None else [out[name] for name in layers]
+    if isinstance(batch, Mapping) and "attention_mask" in batch:
+        reps = [jax.vmap(_token_masked)(r, batch["attention_mask"]) for r in reps]
     dist = jax.vmap(functools.partial(view_distance, distance=distance))
     return jnp.stack([jnp.mean(dist(*_pair_split(r, pairing))) for r in reps])
 
@@ -122,10 +159,11 @@ def alignment_losses(encode: Encode, params: Any, image: jax.Array, example_id: 
 def clip_alignment(image_encode: Encode, text_encode: Encode, params: Any, image: jax.Array,
                    text: Any, example_id: jax.Array, *, views_fn: ViewsFn, n_aug: int,
                    seed: int,
-                   alignment: Callable[[jax.Array, jax.Array], jax.Array] = cosine_alignment
-                   ) -> jax.Array:
-    """Mean over K augmented views (ids 0..K-1) of ``alignment(image_emb, text_emb)``; scalar."""
-    views = keyed_views(views_fn, image, seed, example_id, n_aug)
+                   alignment: Callable[[jax.Array, jax.Array], jax.Array] = cosine_alignment,
+                   normalize: tuple[Any, Any] | None = None) -> jax.Array:
+    """Mean over K augmented views (ids 0..K-1) of ``alignment(image_emb, text_emb)``; scalar.
+    ``normalize`` (mean, std) applies to the views after they are made."""
+    views = _normalized(keyed_views(views_fn, image, seed, example_id, n_aug), normalize)
     img = jax.vmap(image_encode, in_axes=(None, 0))(params, views)
     txt = text_encode(params, text)
     return jnp.mean(jax.vmap(alignment, in_axes=(0, None))(img, txt)).astype(jnp.float32)
@@ -182,24 +220,28 @@ def _both(encoders_f: Any, encoders_g: Any, stacked: bool,
 
 
 def _sslmem_fn(encode_f, encode_g, stacked, views_fn, n_aug, seed, layers, distance, pairing,
-               image_field):
+               image_field, text_fields, normalize):
     """The per-example score function (the engine caches it by value: no lru_cache)."""
     def fn(params, example):
+        inputs = ({f: example[f] for f in text_fields} if text_fields
+                  else example[image_field])
+
         def per_model(encode, p):
-            return alignment_losses(encode, p, example[image_field], example[ID_FIELD],
+            return alignment_losses(encode, p, inputs, example[ID_FIELD],
                                     views_fn=views_fn, n_aug=n_aug, seed=seed, layers=layers,
-                                    distance=distance, pairing=pairing)
+                                    distance=distance, pairing=pairing, normalize=normalize)
         return _both(encode_f, encode_g, stacked, per_model, params)
     return fn
 
 
-def _clipmem_fn(towers_f, towers_g, stacked, views_fn, n_aug, seed, alignment, image_field):
+def _clipmem_fn(towers_f, towers_g, stacked, views_fn, n_aug, seed, alignment, image_field,
+                normalize):
     def fn(params, example):
         def per_model(towers, p):
             image_encode, text_encode = towers
             return clip_alignment(image_encode, text_encode, p, example[image_field], example,
                                   example[ID_FIELD], views_fn=views_fn, n_aug=n_aug,
-                                  seed=seed, alignment=alignment)
+                                  seed=seed, alignment=alignment, normalize=normalize)
         return _both(towers_f, towers_g, stacked, per_model, params)
     return fn
 
@@ -234,7 +276,16 @@ def _abstract(x: np.ndarray) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, device_dtype(x.dtype))
 
 
-def _abstract_view(views_fn: ViewsFn, image: np.ndarray, pairing: str) -> Any:
+def _abstract_view(views_fn: ViewsFn, image: Any, pairing: str) -> Any:
+    if isinstance(image, Mapping):  # a text encoder's input fields
+        view = jax.eval_shape(views_fn, {k: _abstract(v) for k, v in image.items()},
+                              jax.random.key(0))
+        shapes = {k: np.shape(v) for k, v in image.items()}
+        if not isinstance(view, Mapping) or any(
+                getattr(view.get(k), "shape", None) != shape for k, shape in shapes.items()):
+            raise InputError(f"views_fn: expected a text view with the fields and shapes of "
+                             f"its input {shapes}, got {view}")
+        return view
     view = jax.eval_shape(views_fn, _abstract(image), jax.random.key(0))
     if not hasattr(view, "shape") or len(view.shape) != 3:
         raise InputError(f"views_fn: expected one view [h, w, C] per call "
@@ -243,6 +294,19 @@ def _abstract_view(views_fn: ViewsFn, image: np.ndarray, pairing: str) -> Any:
         raise InputError(f"pairing='clean' compares the clean image {image.shape} with its "
                          f"views {tuple(view.shape)}: expected views of the same shape")
     return view
+
+
+def _check_normalize(normalize: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(mean, std)`` as float32 arrays (broadcast over the channels), std > 0."""
+    if normalize is None:
+        return None
+    try:
+        mean, std = (np.asarray(v, np.float32) for v in normalize)
+    except (TypeError, ValueError):
+        raise InputError(f"normalize: expected (mean, std), got {normalize!r}") from None
+    if not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise InputError(f"normalize: expected finite mean and std > 0, got {normalize!r}")
+    return mean, std
 
 
 def resolve_layers(available: Sequence[str], layers: Sequence[str]) -> tuple[str, ...]:
@@ -284,14 +348,19 @@ def _check_outputs(f: Model, g: Model, view: Any, layers: Sequence[str] | None
 
 
 def _alignment_run(f, g, source, *, views_fn, n_aug, seed, layers, batch_size, mesh, stack,
-                   distance, pairing, image_field, progress, single):
+                   distance, pairing, image_field, progress, single, normalize):
     _check_models(f=f, g=g)
     _callables(views_fn=views_fn)
     n_aug = check_positive_int(n_aug, "n_aug")
     check_choice("distance", distance, DISTANCES)
     check_choice("pairing", pairing, PAIRINGS)
     source = as_source(source)
-    image = _first_example(source, [image_field])[image_field]
+    text_fields = tuple(f.inputs) if "input_ids" in f.inputs else ()
+    if text_fields:
+        first = _first_example(source, text_fields)
+        image = {k: first[k] for k in text_fields}
+    else:
+        image = _first_example(source, [image_field])[image_field]
     view = _abstract_view(views_fn, image, pairing)
     resolved = _check_outputs(f, g, view, layers)
     if single and resolved is not None and len(resolved) != 1:
@@ -301,7 +370,7 @@ def _alignment_run(f, g, source, *, views_fn, n_aug, seed, layers, batch_size, m
     encode_f, encode_g = ((m.apply if resolved is None else m.activations(resolved))
                           for m in (f, g))
     fn = _sslmem_fn(encode_f, encode_g, stacked, views_fn, n_aug, int(seed), resolved,
-                    distance, pairing, image_field)
+                    distance, pairing, image_field, text_fields, _check_normalize(normalize))
     out = score(fn, params, source, batch_size=batch_size, mesh=mesh, progress=progress,
                 with_ids=True)
     loss_f = np.asarray(out["f"], np.float64)
@@ -313,7 +382,8 @@ def _alignment_run(f, g, source, *, views_fn, n_aug, seed, layers, batch_size, m
 def sslmem(f: Model, g: Model, source: Any, *, views_fn: ViewsFn, n_aug: int = 5,
            seed: int = 0, layer: str | None = None, batch_size: int, mesh: Mesh | None = None,
            stack: bool | None = None, distance: str = "l2", pairing: str = "views",
-           image_field: str = "image", progress: bool = True) -> dict[str, np.ndarray]:
+           image_field: str = "image", normalize: tuple[Any, Any] | None = None,
+           progress: bool = True) -> dict[str, np.ndarray]:
     """SSLMem of every example of ``source`` (Wang et al. 2024, ICLR).
 
     Args:
@@ -329,6 +399,8 @@ def sslmem(f: Model, g: Model, source: Any, *, views_fn: ViewsFn, n_aug: int = 5
       stack: evaluate f and g as one vmapped model (None: when they share a forward
         function and parameter shapes; True: required, else InputError).
       distance, pairing: see the module docstring (paper defaults).
+      normalize: ``(mean, std)`` applied to image views after they are made (images in
+        [0, 1]; the model's own input normalisation).
 
     Returns:
       ``{"id": [N], "loss_f": [N], "loss_g": [N], "raw": [N], "normalized": [N]}``:
@@ -339,7 +411,7 @@ def sslmem(f: Model, g: Model, source: Any, *, views_fn: ViewsFn, n_aug: int = 5
     ids, _, loss_f, loss_g, raw = _alignment_run(
         f, g, source, views_fn=views_fn, n_aug=n_aug, seed=seed, layers=layers,
         batch_size=batch_size, mesh=mesh, stack=stack, distance=distance, pairing=pairing,
-        image_field=image_field, progress=progress, single=True)
+        image_field=image_field, progress=progress, single=True, normalize=normalize)
     return {"id": ids, "loss_f": loss_f[:, 0], "loss_g": loss_g[:, 0], "raw": raw[:, 0],
             "normalized": range_normalize(raw[:, 0])}
 
@@ -347,7 +419,8 @@ def sslmem(f: Model, g: Model, source: Any, *, views_fn: ViewsFn, n_aug: int = 5
 def layermem(f: Model, g: Model, source: Any, *, views_fn: ViewsFn, n_aug: int = 5,
              seed: int = 0, layers: Sequence[str], batch_size: int, mesh: Mesh | None = None,
              stack: bool | None = None, distance: str = "l2", pairing: str = "views",
-             image_field: str = "image", progress: bool = True) -> dict[str, Any]:
+             image_field: str = "image", normalize: tuple[Any, Any] | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """LayerMem and ΔLayerMem of every example for every requested layer (Wang et al. 2024).
 
     ``layers`` are activation names or fnmatch patterns (``"stages.*.out"``; ``*`` also
@@ -367,7 +440,7 @@ def layermem(f: Model, g: Model, source: Any, *, views_fn: ViewsFn, n_aug: int =
     ids, resolved, loss_f, loss_g, raw = _alignment_run(
         f, g, source, views_fn=views_fn, n_aug=n_aug, seed=seed, layers=layers,
         batch_size=batch_size, mesh=mesh, stack=stack, distance=distance, pairing=pairing,
-        image_field=image_field, progress=progress, single=False)
+        image_field=image_field, progress=progress, single=False, normalize=normalize)
     normalized = range_normalize(raw)
     return {"id": ids, "layers": resolved, "loss_f": loss_f, "loss_g": loss_g, "raw": raw,
             "normalized": normalized, "delta": _delta(normalized), "delta_raw": _delta(raw)}
@@ -381,7 +454,8 @@ def clipmem(f: Model, g: Model, pairs: Any, *, views_fn: ViewsFn, n_aug: int = 5
             seed: int = 0,
             alignment: Callable[[jax.Array, jax.Array], jax.Array] = cosine_alignment,
             batch_size: int, mesh: Mesh | None = None, stack: bool | None = None,
-            image_field: str = "image", progress: bool = True) -> dict[str, np.ndarray]:
+            image_field: str = "image", normalize: tuple[Any, Any] | None = None,
+            progress: bool = True) -> dict[str, np.ndarray]:
     """CLIPMem of every image-caption pair (Wang et al. 2025): SSLMem's design on CLIP.
 
     Args:
@@ -393,6 +467,8 @@ def clipmem(f: Model, g: Model, pairs: Any, *, views_fn: ViewsFn, n_aug: int = 5
       n_aug: K augmented views (ids 0..K-1) of each image.
       alignment: ``alignment(image_emb [D], text_emb [D]) -> scalar`` (default: cosine,
         norms clamped at EPS); higher = better aligned.
+      normalize: ``(mean, std)`` applied to the image views after they are made (images
+        in [0, 1]; the CLIP's own input normalisation).
 
     Returns:
       ``{"id": [N], "align_f": [N], "align_g": [N], "raw": [N], "normalized": [N]}`` with
@@ -417,7 +493,7 @@ def clipmem(f: Model, g: Model, pairs: Any, *, views_fn: ViewsFn, n_aug: int = 5
     encoders = {name: (image_tower.apply, text_tower.apply)
                 for name, (image_tower, text_tower) in towers.items()}
     fn = _clipmem_fn(encoders["f"], encoders["g"], stacked, views_fn, n_aug, int(seed),
-                     alignment, image_field)
+                     alignment, image_field, _check_normalize(normalize))
     out = score(fn, params, pairs, batch_size=batch_size, mesh=mesh, progress=progress,
                 with_ids=True)
     align_f = np.asarray(out["f"], np.float64)

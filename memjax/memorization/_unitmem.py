@@ -14,6 +14,13 @@ code (sprintml/LocalizingMemorizationInSSL): augmentation happens in [0, 1] spac
 model's own normalisation, BatchNorm uses running statistics (the model's ``train=False``), and the
 ratio is eps-guarded so a dead unit scores exactly 0.
 
+Text encoders (a model reading ``input_ids``, e.g. BERT): the views are a text view of
+the tokens (e.g. :class:`memjax.augment.TokenMaskView`) and a unit's activation is averaged
+over the REAL tokens of each view (``attention_mask``), not over padding; a tap whose
+positions are not the tokens (a pooled output) is averaged over all its positions. The
+paper studies vision encoders only; this is the same definition with tokens in place of
+spatial positions.
+
 Negative activations (GELU, pre-activation taps): UnitMem assumes non-negative
 (post-ReLU) activations, else the ratio can leave [0, 1] or blow up when the denominator
 crosses 0. ``negative="clamp"`` (default) clamps ``mu`` at 0 — the value a ReLU would give
@@ -25,6 +32,7 @@ negative everywhere. Both leave post-ReLU activations unchanged.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from memjax import kernels
-from memjax._checks import check_choice, check_positive_int
+from memjax._checks import check_choice, check_positive_int, device_dtype
 from memjax.augment import SimCLRView, check_image_shape, keyed_views, output_size
 from memjax.data.base import ID_FIELD, SliceSource, as_source
 from memjax.engine import make_mesh, param_shardings, score
@@ -204,17 +212,68 @@ def summarize(scores: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
 # --------------------------------------------------------------------------- engine glue
 
 
-def unit_means(activation: jax.Array, spatial: str = "mean") -> jax.Array:
+def unit_means(activation: jax.Array, spatial: str = "mean",
+               weights: jax.Array | None = None) -> jax.Array:
     """``[K, ..., U]`` activations of K views -> ``[U]``: each view reduced over every
-    axis but the last (space or tokens) by ``spatial``, then averaged over views."""
+    axis but the last (space or tokens) by ``spatial``, then averaged over views.
+
+    ``weights`` ``[K, P]`` (a text view's ``attention_mask``): when the activation has
+    exactly P positions per view, only positions with weight > 0 count (masked mean, or
+    max over them; a view with no real token gives 0); other activations ignore it.
+    """
     # float32 before reducing: a bf16 mean over thousands of positions loses digits.
     flat = activation.astype(jnp.float32).reshape(activation.shape[0], -1,
                                                   activation.shape[-1])
+    if weights is not None and weights.shape == flat.shape[:2]:
+        real = (weights > 0)[..., None]
+        if spatial == "mean":
+            count = jnp.maximum(jnp.sum(real, axis=1).astype(jnp.float32), 1.0)
+            per_view = jnp.sum(jnp.where(real, flat, 0.0), axis=1) / count
+        else:
+            top = jnp.max(jnp.where(real, flat, -jnp.inf), axis=1)
+            per_view = jnp.where(jnp.any(real, axis=1), top, 0.0)
+        return per_view.mean(axis=0)
     per_view = flat.mean(axis=1) if spatial == "mean" else flat.max(axis=1)
     return per_view.mean(axis=0)
 
 
 VIEWS_FIELD = "_unitmem_views"
+
+
+def is_text_model(model: Model) -> bool:
+    """Does the model read tokens (``input_ids``) rather than an image?"""
+    return "input_ids" in model.inputs
+
+
+def _text_views_stage(views_fn: ViewsFn, n_aug: int, seed: int, fields: tuple[str, ...]):
+    """prepare(example) -> K text views, one field ``VIEWS_FIELD/<name>`` [K, T] per model
+    input (``views_fn`` maps the dict of the example's model inputs to a view of it)."""
+    def prepare(example):
+        views = keyed_views(views_fn, {f: example[f] for f in fields}, seed,
+                            example[ID_FIELD], n_aug)
+        return {f"{VIEWS_FIELD}/{f}": views[f] for f in fields}
+    return prepare
+
+
+def _text_unit_means_fn(activations, layers: tuple[str, ...], spatial: str,
+                        fields: tuple[str, ...]):
+    """As :func:`_unit_means_fn` for text views: b*K views through the encoder as one flat
+    batch, each unit averaged over the real tokens of each view (``attention_mask``)."""
+    def fn(params, rows):
+        views = {f: rows[f"{VIEWS_FIELD}/{f}"] for f in fields}
+        b, k = views["input_ids"].shape[:2]
+        flat = {f: v.reshape(b * k, *v.shape[2:]) for f, v in views.items()}
+        acts = jax.vmap(activations, in_axes=(None, 0))(params, flat)
+        weights = views.get("attention_mask")
+        out = []
+        for name in layers:
+            a = acts[name].reshape(b, k, *acts[name].shape[1:])
+            if weights is None:
+                out.append(jax.vmap(lambda x: unit_means(x, spatial))(a))
+            else:
+                out.append(jax.vmap(lambda x, w: unit_means(x, spatial, w))(a, weights))
+        return tuple(out)
+    return fn
 
 
 def _views_stage(views_fn: ViewsFn, n_aug: int, seed: int, image_field: str,
@@ -227,10 +286,17 @@ def _views_stage(views_fn: ViewsFn, n_aug: int, seed: int, image_field: str,
             image = image.astype(jnp.float32) / 255.0
         views = keyed_views(views_fn, image, seed, example[ID_FIELD], n_aug)
         if normalize is not None:  # after augmentation: jitter/clip act in [0, 1] space
-            mean, std = normalize
+            mean, std = (_channels_last(v, views.ndim) for v in normalize)
             views = (views - mean) / std
         return {VIEWS_FIELD: views}
     return prepare
+
+
+def _channels_last(value: np.ndarray, ndim: int) -> np.ndarray:
+    """A (mean or std) value [C] (or scalar) shaped to broadcast over ``[..., C]`` arrays of
+    ``ndim`` axes (explicitly: memjax runs with rank promotion disallowed)."""
+    value = np.asarray(value, np.float32)
+    return value.reshape((1,) * (ndim - value.ndim) + value.shape)
 
 
 def _unit_means_fn(activations, layers: tuple[str, ...], spatial: str):
@@ -248,19 +314,22 @@ def _unit_means_fn(activations, layers: tuple[str, ...], spatial: str):
     return fn
 
 
-def _check_layers(model: Model, view: jax.ShapeDtypeStruct, layers: Sequence[str]
-                  ) -> tuple[str, ...]:
-    """Layer names checked against the model's activations (shapes only, no compute)."""
+def _check_layers(model: Model, view: Any, layers: Sequence[str]) -> tuple[str, ...]:
+    """Layer names or fnmatch patterns resolved against the model's activations (shapes
+    only, no compute); a name or pattern matching none lists every activation name."""
     if isinstance(layers, str):
         layers = [layers]
     layers = tuple(layers)
     if not layers:
         raise InputError("layers: expected at least one layer name")
     available = model.activation_names(view)
-    unknown = [name for name in layers if name not in available]
+    unknown = [name for name in layers
+               if not any(fnmatch.fnmatchcase(a, name) for a in available)]
     if unknown:
         raise InputError(f"layers {unknown} are not among the model's activations; "
                          f"available: {', '.join(available)}")
+    layers = tuple(dict.fromkeys(a for name in layers for a in available
+                                 if fnmatch.fnmatchcase(a, name)))
     shapes = jax.eval_shape(model.activations(layers), model.params, view)
     for name in layers:
         if len(shapes[name].shape) < 1:
@@ -306,10 +375,14 @@ def unitmem(model: Model, source: Any, *, layers: Sequence[str], n_aug: int,
         memjax.train encoder, or ``Model.from_apply``); ``layers`` name its activations.
       source: a dict of arrays or a memjax source with ``image_field`` ``[H, W, C]`` in
         [0, 1] (float) or uint8 (divided by 255); example ids key the augmentations.
-      layers: activation names of the model (``model.activation_names``).
+      layers: activation names of the model (``model.activation_names``) or fnmatch
+        patterns over them (``"layers.*.out"``), resolved in the model's order.
       n_aug: views per example (the reference code uses 10).
       views_fn: ``views_fn(image, key) -> view``; default: the SimCLR view
-        (:class:`memjax.augment.SimCLRView`) at ``size`` (default: the image size).
+        (:class:`memjax.augment.SimCLRView`) at ``size`` (default: the image size). For
+        a text model (it reads ``input_ids``): required, ``views_fn(inputs, key)`` on the
+        dict of the model's input fields (e.g. :class:`memjax.augment.TokenMaskView`);
+        ``image_field``, ``size`` and ``normalize`` do not apply.
       seed: view k of example id i uses ``view_key(seed, i, k)``.
       others: ``"mean"`` (paper; streamed) or ``"median"`` (reference code; materialises
         ``mu [N, U]`` on the host, as a median needs every value).
@@ -345,6 +418,44 @@ def unitmem(model: Model, source: Any, *, layers: Sequence[str], n_aug: int,
         raise InputError(f"source has {n} example; UnitMem compares each unit's top example "
                          "with the others and needs at least 2")
     first = source.read(np.zeros(1, np.int64))
+    text = is_text_model(model)
+    if text:
+        missing = [f for f in model.inputs if f not in first]
+        if missing:
+            raise InputError(f"source: the text model reads {list(model.inputs)}; missing "
+                             f"{missing} (fields: {sorted(first)})")
+        if views_fn is None:
+            raise InputError("views_fn: a text model needs a text view, e.g. "
+                             "memjax.augment.TokenMaskView(mask_id=tokenizer.mask_token_id)")
+        fields = tuple(model.inputs)
+        view = jax.eval_shape(views_fn, {f: jax.ShapeDtypeStruct(np.shape(first[f])[1:],
+                                                                  device_dtype(first[f].dtype))
+                                         for f in fields}, jax.random.key(0))
+        layers = _check_layers(model, view, layers)
+        prepare = _text_views_stage(views_fn, n_aug, int(seed), fields)
+        fn = _text_unit_means_fn(model.activations(layers), layers, spatial, fields)
+        validate = None
+    else:
+        layers, prepare, fn, validate = _image_setup(model, first, layers=layers,
+                                                     n_aug=n_aug, views_fn=views_fn,
+                                                     seed=seed, spatial=spatial, size=size,
+                                                     image_field=image_field,
+                                                     normalize=normalize)
+    chunk = chunk_size or batch_size * 64
+    if chunk % batch_size:
+        raise InputError(f"chunk_size={chunk_size}: expected a multiple of batch_size="
+                         f"{batch_size}")
+    mesh = make_mesh() if mesh is None else mesh
+    params = place_params(model.params, param_shardings(model.params, mesh))  # once
+    return _run_unitmem(fn, params, source, n, layers=layers, chunk=chunk, mesh=mesh,
+                        batch_size=batch_size, progress=progress, validate=validate,
+                        prepare=prepare, negative=negative, others=others, eps=eps,
+                        return_mu=return_mu, n_aug=n_aug)
+
+
+def _image_setup(model: Model, first: dict[str, np.ndarray], *, layers, n_aug, views_fn,
+                 seed, spatial, size, image_field, normalize):
+    """(layers, prepare, fn, validate) of UnitMem on images."""
     if image_field not in first:
         raise InputError(f"image_field={image_field!r} not in the source; fields: "
                          f"{sorted(first)}")
@@ -359,17 +470,16 @@ def unitmem(model: Model, source: Any, *, layers: Sequence[str], n_aug: int,
     view = jax.eval_shape(views_fn, jax.ShapeDtypeStruct(image_shape, jnp.float32),
                           jax.random.key(0))
     layers = _check_layers(model, jax.ShapeDtypeStruct(view.shape, jnp.float32), layers)
-
-    chunk = chunk_size or batch_size * 64
-    if chunk % batch_size:
-        raise InputError(f"chunk_size={chunk_size}: expected a multiple of batch_size="
-                         f"{batch_size}")
-    mesh = make_mesh() if mesh is None else mesh
-    params = place_params(model.params, param_shardings(model.params, mesh))  # once
     if normalize is not None:
         normalize = tuple(np.asarray(v, np.float32) for v in normalize)
     prepare = _views_stage(views_fn, n_aug, int(seed), image_field, normalize)
     fn = _unit_means_fn(model.activations(layers), layers, spatial)
+    return layers, prepare, fn, _check_images(image_field)
+
+
+def _run_unitmem(fn, params, source, n: int, *, layers, chunk, mesh, batch_size, progress,
+                 validate, prepare, negative, others, eps, return_mu, n_aug) -> UnitMemResult:
+    """Stream the chunks of ``source`` through the engine and fold the statistics."""
     keep_mu = return_mu or others == "median"
     stats: list[RunningStats | None] = [None] * len(layers)
     mus: list[list[np.ndarray]] = [[] for _ in layers]
@@ -377,7 +487,7 @@ def unitmem(model: Model, source: Any, *, layers: Sequence[str], n_aug: int,
     for start in range(0, n, chunk):
         out = score(fn, params, SliceSource(source, start, min(n, start + chunk)),
                     batch_size=batch_size, mesh=mesh, progress=progress,
-                    validate=_check_images(image_field), with_ids=True, prepare=prepare,
+                    validate=validate, with_ids=True, prepare=prepare,
                     batched=True)
         ids.append(out[ID_FIELD])
         for l_idx in range(len(layers)):
