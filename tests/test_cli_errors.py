@@ -109,18 +109,27 @@ CASES = [
     case("mia", "rmia", "--signals", "{bad_jsonl}", "--out", NEW, message="{bad_jsonl}"),
     case("mia", "rmia", "--signals", "{missing}.npz", "--gamma", "x", "--out", NEW,
          message="argument --gamma"),
-    # -- influence (helper METHODS is changing these: revisit)
-    case("influence", "self", "--model", "{missing}", "--out", "{root}/self.parquet",
-         message="{missing}"),
-    case("influence", "lava", "--val", "{missing}.npz", "--out", "{root}/lava.parquet",
+    # -- influence
+    case("influence", "self", "--model", "{missing}", "--out", NEW, message="{missing}"),
+    case("influence", "lava", "--val", "{missing}.npz", "--out", NEW,
          message="{missing}.npz"),
     case("influence", "everything", "--out", NEW, message="argument what"),
-    # -- memorization (helper METHODS is changing these: revisit)
-    case("memorization", "dejavu", "--embeddings", "{missing}.npz", "--out",
-         "{root}/dejavu.json", message="--embeddings"),
-    case("memorization", "unitmem", "--out", "{root}/unitmem.json", message="--model"),
-    case("memorization", "layermem", "--model", "{mlp}", "--out", "{root}/layermem.parquet",
+    case("influence", "self", "--model", "{mlp}", "--trainable", "no_such_layer*", "--out",
+         NEW, message="no_such_layer*"),
+    case("influence", "scores", "--model", "{mlp}", "--out", "{foreign}",
+         message="is not a memjax report"),
+    case("influence", "self", "--model", "{mlp}", "--out", NEW, "--batch-size", "0",
+         message="argument --batch-size"),
+    # -- memorization
+    case("memorization", "dejavu", "--embeddings", "{missing}.npz", "--out", NEW,
+         message="--embeddings"),
+    case("memorization", "unitmem", "--out", NEW, message="--model"),
+    case("memorization", "unitmem", "--model", "{mlp}", "--layers", "no_such_layer",
+         "--out", NEW, message="no_such_layer"),
+    case("memorization", "layermem", "--model", "{mlp}", "--out", NEW,
          message="--reference"),
+    case("memorization", "unitmem", "--model", "{mlp}", "--out", "{file}",
+         message="is a file"),
 ]
 
 
