@@ -317,3 +317,14 @@ def _scan(root: str, extensions: tuple[str, ...]) -> tuple[list[str], list[str],
             f"{list(extensions)} (class folders found: {folders})"
         )
     return classes, files, labels
+
+
+def stack_images(images: list[np.ndarray], where: str) -> np.ndarray:
+    """[n, H, W, C] from one batch's preprocessed images, which must share one shape
+    (an empty batch gives [0, 0, 0, 3])."""
+    shapes = {image.shape for image in images}
+    if len(shapes) > 1:
+        raise InputError(f"{where}: images of different shapes {sorted(shapes)} after "
+                         "preprocessing; expected one shape (a processor that crops or "
+                         "resizes to a fixed size, or size=)")
+    return np.stack(images) if images else np.zeros((0, 0, 0, 3), np.float32)

@@ -13,14 +13,20 @@ import numpy as np
 
 from memjax.data._util import check_index, existing_path, hash_json
 from memjax.data.base import RandomAccessSource
-from memjax.data.images import image_loader, image_size
-from memjax.data.text import Tokenizer, check_text, parse_json_line, text_tokens
+from memjax.data.images import image_loader, image_size, stack_images
+from memjax.data.text import (
+    TokenizedTexts,
+    Tokenizer,
+    check_text,
+    parse_json_line,
+    text_tokens,
+)
 from memjax.errors import InputError
 
 PAIR_FORMATS = (".jsonl", ".csv", ".tsv")
 
 
-class PairsSource(RandomAccessSource):
+class PairsSource(TokenizedTexts, RandomAccessSource):
     """Images and their captions, one pair per row of a ``.jsonl``, ``.csv`` or ``.tsv``
     file (CSV/TSV: a header row naming the columns).
 
@@ -80,7 +86,6 @@ class PairsSource(RandomAccessSource):
         self.loader = image_loader(
             transform, size, lambda: image_size(self.files[0], self.files[0], self.where),
             self.where)
-        self._truncated: tuple[int, int, int | None] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -93,19 +98,8 @@ class PairsSource(RandomAccessSource):
         rows = [check_index(i, len(self.files), self.where)
                 for i in np.asarray(indices).reshape(-1)]
         images = [self.loader(self.files[i], self.files[i], self.where) for i in rows]
-        shapes = {image.shape for image in images}
-        if len(shapes) > 1:
-            raise InputError(f"{self.where}: images of different shapes {sorted(shapes)} "
-                             "after preprocessing; expected one shape (a processor that "
-                             "crops or resizes to a fixed size, or size=)")
-        texts = [self.captions[i] for i in rows]
-        out: dict[str, np.ndarray] = {
-            "image": np.stack(images) if images else np.zeros((0, 0, 0, 3), np.float32)}
-        if self.tokens is not None:
-            out["input_ids"], out["attention_mask"] = self.tokens.encode(texts)
-        text = np.empty(len(texts), dtype=object)
-        text[:] = texts
-        out["text"] = text
+        out: dict[str, np.ndarray] = {"image": stack_images(images, self.where)}
+        out.update(self.text_fields([self.captions[i] for i in rows]))
         out["id"] = np.asarray(rows, dtype=np.int64)
         return out
 
@@ -113,16 +107,10 @@ class PairsSource(RandomAccessSource):
         """Each row's image path as written (``#k`` on the k-th repeat of an image)."""
         return unique_names(self.written)
 
-    def truncated(self) -> tuple[int, int, int | None]:
-        """(captions longer than max_length tokens, captions, max_length); (0, n, None)
-        without a tokenizer."""
-        if self.tokens is None:
-            return 0, len(self), None
-        if self._truncated is None:
-            chunks = (self.captions[s:s + 4096] for s in range(0, len(self.captions), 4096))
-            count, total = self.tokens.count_truncated(chunks)
-            self._truncated = (count, total, self.tokens.max_length)
-        return self._truncated
+    def texts(self, chunk: int = 4096):
+        """Every caption, in order, as lists of up to ``chunk``."""
+        for start in range(0, len(self.captions), chunk):
+            yield self.captions[start:start + chunk]
 
     def spec(self) -> dict[str, Any]:
         # No path: the file's contents and the images' stats identify the data.

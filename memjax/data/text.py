@@ -155,7 +155,38 @@ def text_tokens(tokenizer: Tokenizer | TextTokens | None, max_length: Any,
     return TextTokens(tokenizer, max_length, pad_id=pad_id, where=where)
 
 
-class JsonlTextSource(RandomAccessSource):
+class TokenizedTexts:
+    """What sources of texts share (JSONL, image-caption pairs, WebDataset captions): the
+    text fields of a batch and the truncation count. A subclass sets ``tokens`` (a
+    :class:`TextTokens` or None) and implements ``texts()``, every text in order as lists
+    of strings, and ``__len__``."""
+
+    tokens: TextTokens | None = None
+    _truncated: tuple[int, int, int | None] | None = None
+
+    def text_fields(self, texts: list[str]) -> dict[str, np.ndarray]:
+        """``text`` (object array of the strings) and, with a tokenizer, ``input_ids`` and
+        ``attention_mask`` int32 [n, max_length]."""
+        out: dict[str, np.ndarray] = {}
+        if self.tokens is not None:
+            out["input_ids"], out["attention_mask"] = self.tokens.encode(texts)
+        column = np.empty(len(texts), dtype=object)
+        column[:] = texts
+        out["text"] = column
+        return out
+
+    def truncated(self) -> tuple[int, int, int | None]:
+        """(texts longer than max_length tokens, texts, max_length); (0, n, None) without
+        a tokenizer. Tokenises every text once, then cached."""
+        if self.tokens is None:
+            return 0, len(self), None
+        if self._truncated is None:
+            count, total = self.tokens.count_truncated(self.texts())
+            self._truncated = (count, total, self.tokens.max_length)
+        return self._truncated
+
+
+class JsonlTextSource(TokenizedTexts, RandomAccessSource):
     """One example per non-blank line of a JSONL file, read by random access.
 
     Opening scans the file once to record each line's byte offset (and hash the content
@@ -195,7 +226,6 @@ class JsonlTextSource(RandomAccessSource):
             check_positive_int(max_length, f"JsonlTextSource({self.path}): max_length")
         self.max_length = self.tokens.max_length if self.tokens else max_length
         self._offsets, self._lines, self._content_hash = _index_lines(self.path)
-        self._truncated: tuple[int, int, int | None] | None = None
         if len(self._offsets) == 0:
             raise InputError(f"JsonlTextSource: {self.path} has no examples (no non-blank "
                              "lines); expected one JSON object per line")
@@ -223,12 +253,7 @@ class JsonlTextSource(RandomAccessSource):
         rows = [check_index(i, n, f"JsonlTextSource({self.path})")
                 for i in np.asarray(indices).reshape(-1)]
         texts, ids = self._records(rows)
-        out: dict[str, np.ndarray] = {}
-        if self.tokens is not None:
-            out["input_ids"], out["attention_mask"] = self.tokens.encode(texts)
-        text = np.empty(len(texts), dtype=object)
-        text[:] = texts
-        out["text"] = text
+        out = self.text_fields(texts)
         out["id"] = _ids_array(ids) if self.id_field else np.asarray(rows, dtype=np.int64)
         return out
 
@@ -236,16 +261,6 @@ class JsonlTextSource(RandomAccessSource):
         """Every text, in order, as lists of up to ``chunk`` texts."""
         for start in range(0, len(self._offsets), chunk):
             yield self._records(range(start, min(start + chunk, len(self._offsets))))[0]
-
-    def truncated(self) -> tuple[int, int, int | None]:
-        """(texts longer than max_length tokens, texts, max_length); (0, n, None) without
-        a tokenizer. Tokenises every text once (then cached)."""
-        if self.tokens is None:
-            return 0, len(self), None
-        if self._truncated is None:
-            count, total = self.tokens.count_truncated(self.texts())
-            self._truncated = (count, total, self.tokens.max_length)
-        return self._truncated
 
     def _records(self, rows: Sequence[int]) -> tuple[list[str], list[Any]]:
         """Parse the given rows: their texts and (if ``id_field``) ids, in order."""

@@ -23,8 +23,8 @@ import numpy as np
 
 from memjax.data._util import check_index, hash_json
 from memjax.data.base import RandomAccessSource
-from memjax.data.images import IMAGE_EXTENSIONS, image_loader, image_size
-from memjax.data.text import Tokenizer, text_tokens
+from memjax.data.images import IMAGE_EXTENSIONS, image_loader, image_size, stack_images
+from memjax.data.text import TokenizedTexts, Tokenizer, text_tokens
 from memjax.errors import InputError
 
 #: Member extensions read as the example's image (one per example).
@@ -83,7 +83,7 @@ def shard_paths(pattern: str | os.PathLike, where: str) -> list[str]:
     return sorted({os.path.abspath(p) for p in paths})
 
 
-class WebDatasetSource(RandomAccessSource):
+class WebDatasetSource(TokenizedTexts, RandomAccessSource):
     """Examples of WebDataset tar shards: ``key.jpg|png|webp|...`` images with
     ``key.txt`` or ``key.json`` captions (optional), read by random access.
 
@@ -137,7 +137,6 @@ class WebDatasetSource(RandomAccessSource):
         self.tokens = text_tokens(tokenizer, max_length, pad_id, self.where)
         if self.tokens is not None and not self.has_text:
             raise InputError(_NO_CAPTIONS.format(self.where))
-        self._truncated: tuple[int, int, int | None] | None = None
         self.loader = image_loader(transform, size, self._first_size, self.where)
 
     def with_tokens(self, tokens: Any) -> WebDatasetSource:
@@ -160,20 +159,11 @@ class WebDatasetSource(RandomAccessSource):
         rows = [check_index(i, len(self.keys), self.where)
                 for i in np.asarray(indices).reshape(-1)]
         images, texts, labels = self._members(rows)
-        shapes = {image.shape for image in images}
-        if len(shapes) > 1:
-            raise InputError(f"{self.where}: images of different shapes {sorted(shapes)} "
-                             "after preprocessing; expected one shape (a processor that "
-                             "crops or resizes to a fixed size, or size=)")
-        out: dict[str, np.ndarray] = {"image": np.stack(images)}
+        out: dict[str, np.ndarray] = {"image": stack_images(images, self.where)}
         if self.has_label:
             out["label"] = np.asarray(labels, np.int32)
         if self.has_text:
-            if self.tokens is not None:
-                out["input_ids"], out["attention_mask"] = self.tokens.encode(texts)
-            text = np.empty(len(texts), dtype=object)
-            text[:] = texts
-            out["text"] = text
+            out.update(self.text_fields(texts))
         out["id"] = np.asarray(rows, dtype=np.int64)
         return out
 
@@ -232,16 +222,6 @@ class WebDatasetSource(RandomAccessSource):
                     out.extend(self._caption(file, i, f"{path}:{self.keys[i]}")
                                for i in rows if self._index["shard"][i] == shard)
             yield out
-
-    def truncated(self) -> tuple[int, int, int | None]:
-        """(captions longer than max_length tokens, captions, max_length); (0, n, None)
-        without a tokenizer. Reads every caption member once (then cached)."""
-        if self.tokens is None:
-            return 0, len(self), None
-        if self._truncated is None:
-            count, total = self.tokens.count_truncated(self.texts())
-            self._truncated = (count, total, self.tokens.max_length)
-        return self._truncated
 
     def spec(self) -> dict[str, Any]:
         layout = [self.keys, *(self._index[name].tolist() for name in sorted(self._index))]
