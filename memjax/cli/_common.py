@@ -175,3 +175,29 @@ def print_metrics(metrics: list[tuple[str, Any]], folder: Path) -> None:
         if isinstance(value, float):
             print(f"{name}: {value:.4f}")
     print(f"report: {folder / 'index.html'} (metrics.json, scores.parquet)")
+
+
+def example_ids(source: Any) -> np.ndarray:
+    """The example ids of a source (its ``id`` field; else the row numbers)."""
+    from memjax.data import source_ids
+
+    return source_ids(source, np.arange(len(source)))
+
+
+def example_names(source: Any) -> np.ndarray | None:
+    """The source's stable string names of its examples (file name / key), or None."""
+    names = getattr(source, "names", None)
+    if not callable(names):
+        return None
+    values = names()
+    return None if values is None else np.asarray([str(v) for v in values], dtype=object)
+
+
+def id_columns(source: Any) -> dict[str, np.ndarray]:
+    """The first columns of a per-example table: ``id`` and, when the source has them,
+    ``name``."""
+    columns = {"id": example_ids(source)}
+    names = example_names(source)
+    if names is not None:
+        columns["name"] = names
+    return columns

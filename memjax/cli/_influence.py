@@ -30,6 +30,9 @@ import numpy as np
 
 from memjax.cli._common import (
     add_data_options,
+    example_ids,
+    example_names,
+    id_columns,
     open_data,
     positive_int,
     print_metrics,
@@ -214,17 +217,12 @@ def class_prompts(args: argparse.Namespace, train: Any) -> list[str]:
 
 def load_tokenizer(model: Any, what: str = "--model"):
     """The model's own tokenizer (``transformers.AutoTokenizer``, local files only)."""
+    from memjax.data import load_tokenizer as load_folder
+
     if model.tokenizer is None:
         raise InputError(f"{what} {model.source or model.name}: no tokenizer files "
                          "(tokenizer.json, vocab.txt, ...) in the model folder")
-    import transformers
-
-    try:
-        return transformers.AutoTokenizer.from_pretrained(model.tokenizer,
-                                                          local_files_only=True)
-    except Exception as error:  # transformers raises many types for broken files
-        raise InputError(f"{what}: cannot load the tokenizer in {model.tokenizer}: "
-                         f"{error}") from None
+    return load_folder(model.tokenizer, where=what)
 
 
 def tokenize_prompts(model: Any, prompts: list[str], args: argparse.Namespace
@@ -253,7 +251,7 @@ def _scores(args, loss_fn, params, test, test_source, train, step, settings) -> 
                       progress=not args.no_progress)
     # [N] (group) or [N, T]: one row per training example.
     scores = np.asarray(out.read()["score"]) if args.store else np.asarray(out).T
-    table = _id_columns(train)
+    table = id_columns(train)
     if args.group:
         table["score"] = scores
     else:
@@ -302,7 +300,7 @@ def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str
     """Per-training-example values (id, name, value), plus the AUROC with --flagged."""
     from memjax.metrics import roc_auc
 
-    table = {**_id_columns(train), name: values}
+    table = {**id_columns(train), name: values}
     metrics = [*settings, ("training examples", len(values)),
                (f"mean {name}", float(values.mean()))]
     if args.flagged:
@@ -324,30 +322,6 @@ def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str
 
 
 # ---- shared with memjax memorization -------------------------------------------------
-
-def example_ids(source: Any) -> np.ndarray:
-    """The example ids of a source (its ``id`` field; else the row numbers)."""
-    from memjax.data import source_ids
-
-    return source_ids(source, np.arange(len(source)))
-
-
-def example_names(source: Any) -> np.ndarray | None:
-    """The source's stable string names of its examples (file name / key), or None."""
-    names = getattr(source, "names", None)
-    if not callable(names):
-        return None
-    values = names()
-    return None if values is None else np.asarray([str(v) for v in values], dtype=object)
-
-
-def _id_columns(source: Any) -> dict[str, np.ndarray]:
-    columns = {"id": example_ids(source)}
-    names = example_names(source)
-    if names is not None:
-        columns["name"] = names
-    return columns
-
 
 def histogram(folder: Path, file: str, values: np.ndarray, label: str) -> tuple[str, str]:
     """A histogram PNG of ``values`` (all of them, flattened) in ``folder``."""

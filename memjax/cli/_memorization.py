@@ -39,13 +39,15 @@ import numpy as np
 from memjax.augment import SimCLRView, SmallImageView, TokenMaskView
 from memjax.cli._common import (
     add_data_options,
+    example_names,
+    id_columns,
     open_data,
     positive_int,
     print_metrics,
     results_folder,
     write_results,
 )
-from memjax.cli._influence import example_ids, example_names, histogram, load_tokenizer
+from memjax.cli._influence import histogram, load_tokenizer
 from memjax.errors import InputError
 
 #: The image view functions ``--views`` names: SimCLR's views (crops down to 8% of the
@@ -216,14 +218,6 @@ def _open(args: argparse.Namespace, model: Any, spec: str, what: str,
     return source, normalize
 
 
-def _id_columns(source: Any) -> dict[str, np.ndarray]:
-    columns = {"id": example_ids(source)}
-    names = example_names(source)
-    if names is not None:
-        columns["name"] = names
-    return columns
-
-
 # ---- UnitMem --------------------------------------------------------------------------
 
 def _unitmem(args: argparse.Namespace, model: Any) -> int:
@@ -302,7 +296,7 @@ def _layermem(args: argparse.Namespace, f: Any, g: Any) -> int:
               "pairing": args.pairing, "normalize": None if is_text(f) else normalize,
               "progress": not args.no_progress}
     layers = layer_patterns(args)
-    table = _id_columns(source)
+    table = id_columns(source)
     metrics: list[tuple[str, Any]] = [("f", str(args.model)), ("g", str(args.reference)),
                                       ("examples", len(table["id"]))]
     if layers is None:
@@ -340,7 +334,7 @@ def _clipmem(args: argparse.Namespace, f: Any, g: Any) -> int:
     result = clipmem(f, g, source, views_fn=view_function(args, f.tower("image")),
                      n_aug=args.n_aug, seed=args.seed, batch_size=args.batch_size,
                      normalize=normalize, progress=not args.no_progress)
-    table = {**_id_columns(source), "clipmem": result["raw"],
+    table = {**id_columns(source), "clipmem": result["raw"],
              "clipmem_normalized": result["normalized"], "align_f": result["align_f"],
              "align_g": result["align_g"]}
     metrics = [("f", str(args.model)), ("g", str(args.reference)),

@@ -21,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from memjax.cli._common import positive_int, results_folder
+from memjax.cli._common import (
+    example_names,
+    positive_int,
+    results_folder,
+)
 from memjax.errors import InputError
 
 TITLE = "Membership inference"
@@ -194,7 +198,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
                "(Carlini et al. 2021)" if args.reference else "")
             + (". Dataset inference (Maini et al. 2024) t-tests the members against the "
                "non-members on held-out halves" if args.dataset_inference else "") + ".")
-    return _finish(args, text, signals["id"], _names(source), is_member, attacks, facts,
+    return _finish(args, text, signals["id"], example_names(source), is_member, attacks, facts,
                    figures)
 
 
@@ -294,7 +298,7 @@ def cmd_clip(args: argparse.Namespace) -> int:
                "known non-members, with the text-only control (the same classifier on "
                "captions alone: far from 0.5 means the sets differ by distribution, not "
                "membership)" if args.known_nonmembers else "") + ".")
-    return _finish(args, text, emb["id"], _names(source), is_member, attacks, facts,
+    return _finish(args, text, emb["id"], example_names(source), is_member, attacks, facts,
                    [_roc(attacks, is_member, f"{model.name} on {args.data}")])
 
 
@@ -378,7 +382,7 @@ def _models_stack(args: argparse.Namespace):
                               p_true=np.asarray(signals["p_true"]).T,
                               loss=np.asarray(signals["loss"]).T, where=f"--models "
                               f"{args.models!r}")
-    return stack, _names(source)
+    return stack, example_names(source)
 
 
 def _folders_stack(args: argparse.Namespace):
@@ -403,7 +407,7 @@ def _folders_stack(args: argparse.Namespace):
                             progress=not args.no_progress)
     stack = reference_signals(keep, phi=signals["phi"], p_true=signals["p_true"],
                               loss=signals["loss"], where="--target-model")
-    return stack, _names(sources[0])
+    return stack, example_names(sources[0])
 
 
 def _keep_file(path: str, n_models: int, n_examples: int) -> np.ndarray:
@@ -489,14 +493,6 @@ def _membership(args, ids: np.ndarray, n_examples: int) -> np.ndarray:
         raise InputError(f"{flag} {path!r}: {int(is_member.sum())} of the {is_member.size} "
                          "examples are members; expected both members and non-members")
     return is_member
-
-
-def _names(source) -> np.ndarray | None:
-    names = getattr(source, "names", None)
-    if not callable(names):
-        return None
-    values = names()
-    return None if values is None else np.asarray([str(v) for v in values])
 
 
 def _roc(attacks: dict[str, np.ndarray], is_member: np.ndarray, title: str):
