@@ -171,6 +171,15 @@ def test_audit_numbers_equal_independent_recomputation(audit):
     fresh = np.asarray(csa(*embed_pairs(params, images[pool], captions[pool])))
     np.testing.assert_allclose(fresh, attacks["CSA"], rtol=0, atol=1e-6)
     assert clip["CSA AUC"] == pytest.approx(_sklearn_auc(fresh, member[pool]), abs=1e-12)
+    # The pool read back from WebDataset shards (PNG + caption text, memjax.data): its AUC
+    # is that of the same 8-bit pixels embedded in memory by the Python API.
+    from memjax.audit.clip import to_8bit
+
+    eight_bit = np.asarray(csa(*embed_pairs(params, to_8bit(images[pool]) / np.float32(255),
+                                            captions[pool])))
+    assert clip["CSA AUC, pool read back from WebDataset shards (8-bit PNG + caption text)"] \
+        == pytest.approx(_sklearn_auc(eight_bit, member[pool]), abs=1e-12)
+    assert clip["max |CSA from shards - CSA of the same 8-bit pixels in memory|"] <= 1e-6
 
     # Text: the LOSS attack (-mean token loss) of the trained GPT-2's engine signals.
     demo = seen["run_text_demo"][2]
