@@ -19,7 +19,16 @@ import os
 import sys
 from pathlib import Path
 
-from memjax.cli import _audit, _convert, _influence, _memorization, _mia, _score, _store
+from memjax.cli import (
+    _audit,
+    _convert,
+    _distributed,
+    _influence,
+    _memorization,
+    _mia,
+    _score,
+    _store,
+)
 from memjax.errors import MemjaxError
 
 #: The subcommands' adapters, in the order ``memjax --help`` lists them.
@@ -43,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)
+    for leaf in subcommands(parser).values():
+        _distributed.add_options(leaf)
     return parser
 
 
@@ -76,6 +87,7 @@ def _run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
         sys.stdout.flush()
         return exit_.code if isinstance(exit_.code, int) else 0
     try:
+        _distributed.initialize(args)
         code = args.run(args)
         sys.stdout.flush()  # here, not at exit: a closed pipe must end quietly
         return code

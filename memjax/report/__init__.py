@@ -77,11 +77,17 @@ def write_report(out_dir: str | os.PathLike, title: str,
       build: ``build(staging_dir) -> sections``; writes its figures and data files into
         the staging folder (paths in sections are relative to it).
 
+    In a multi-host run only process 0 builds and writes it; the others return the path.
+
     Returns:
       The report folder. It holds ``index.html`` and ``metrics.json`` (every section's
       metrics), plus whatever ``build`` wrote.
     """
     out_dir = Path(out_dir).absolute()
+    import jax
+
+    if jax.process_index() != 0:  # several hosts: process 0 writes the one report
+        return out_dir
     _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
