@@ -102,6 +102,8 @@ CASES = [
     case("mia", "clip", "--model", "{missing}", "--data", "pairs:{missing}.csv", "--members",
          "{members}", "--out", NEW, message="{missing}"),
     case("mia", "lira", "--signals", "{missing}.npz", "--out", NEW, message="{missing}.npz"),
+    case("mia", "bench", "{missing}.toml", message="{missing}.toml"),
+    case("mia", "bench", "{bad_jsonl}", message="not valid TOML"),
     case("mia", "lira", "--signals", "{missing}.npz", "--out", "{foreign}",
          message="is not a memjax report"),
     case("mia", "lira", "--signals", "{missing}.npz", "--out", "{file}",

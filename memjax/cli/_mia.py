@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from memjax.cli import _mia_bench
 from memjax.cli._common import (
     example_names,
     positive_int,
@@ -63,6 +64,7 @@ def register(sub: Any) -> None:
     tokens.add_argument("--seed", type=int, default=0, help="dataset inference's split seed")
     add_data_options(tokens)
     tokens.set_defaults(run=cmd_tokens)
+    _mia_bench.register(attacks)
 
     clip = attacks.add_parser(
         "clip", parents=[output, members], help="a CLIP on image-text pairs: CSA, AEA, WSA, "
