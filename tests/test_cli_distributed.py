@@ -65,6 +65,38 @@ def test_two_processes_score_the_same_store_as_one(lm_and_texts, tmp_path):
         np.testing.assert_allclose(multi[name], single[name], rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_two_processes_run_the_same_mia_bench_as_one(lm_and_texts, tmp_path):
+    """memjax mia bench with model_parallel = 8: two processes x 4 devices (process 0
+    writes the stores and the table) give the table one process with 8 devices gives."""
+    import pyarrow.parquet as pq
+
+    folder, texts = lm_and_texts
+    lines = texts.read_text().splitlines()
+    (tmp_path / "m.jsonl").write_text("\n".join(lines[:26]) + "\n")
+    (tmp_path / "n.jsonl").write_text("\n".join(lines[26:]) + "\n")
+    for name in ("multi", "single"):
+        (tmp_path / f"{name}.toml").write_text(
+            f'out = "{name}"\nattacks = ["LOSS", "Min-K%++", "zlib"]\nbatch_size = 8\n'
+            f'model_parallel = 8\n[[models]]\nname = "lm"\npath = "{folder}"\n'
+            '[[datasets]]\nname = "d"\nmembers = "m.jsonl"\nnonmembers = "n.jsonl"\n')
+    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="4",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "memjax.cli", "mia", "bench", str(tmp_path / "multi.toml"),
+         "--no-progress", "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+         "--process-id", str(i)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    assert main(["mia", "bench", str(tmp_path / "single.toml"), "--no-progress"]) == 0
+    multi = pq.read_table(tmp_path / "multi" / "scores.parquet").to_pandas()
+    single = pq.read_table(tmp_path / "single" / "scores.parquet").to_pandas()
+    assert multi.equals(single)
+
+
 @pytest.mark.parametrize("options, message", [
     (["--coordinator", "127.0.0.1:1"], "go together"),
     (["--coordinator", "nohost", "--num-processes", "2", "--process-id", "0"], "HOST:PORT"),

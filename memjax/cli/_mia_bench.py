@@ -14,6 +14,7 @@ The config (paths relative to it)::
     attacks = ["LOSS", "zlib", "Min-K%", "Min-K%++", "reference", "dataset inference"]
     k = 0.2                               # Min-K% / Min-K%++ fraction
     batch_size = 32
+    model_parallel = 1                    # devices per model replica (params sharded)
     [[models]]
     name = "pythia-160m"
     path = "models/pythia-160m"
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -86,7 +86,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as error:
         raise InputError(f"{where}: not valid TOML ({error})") from None
     unknown = sorted(set(config) - {"out", "attacks", "k", "batch_size", "seed", "models",
-                                    "datasets", "plugins"})
+                                    "datasets", "plugins", "model_parallel"})
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}")
     for plugin in config.get("plugins", []):
@@ -123,6 +123,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return {"out": str(root / config.get("out", "mia-bench")), "attacks": attacks,
             "k": float(config.get("k", 0.2)), "batch_size": int(config.get("batch_size", 32)),
             "seed": int(config.get("seed", 0)),
+            "model_parallel": int(config.get("model_parallel", 1)),
             "models": table("models", {"name": True, "path": True, "reference": False}),
             "datasets": table("datasets", {"name": True, "members": True, "nonmembers": True,
                                            "text_field": False, "max_length": False})}
@@ -161,14 +162,16 @@ def combined_texts(dataset: dict[str, Any], folder: Path) -> tuple[Path, int, in
 
 
 def cell_signals(model_path: str, data: Path, dataset: dict[str, Any], store: Path,
-                 batch_size: int, progress: bool) -> tuple[dict[str, np.ndarray], Any]:
-    """A model's token signals on a dataset, through a resumable store."""
+                 batch_size: int, progress: bool, mesh: Any
+                 ) -> tuple[dict[str, np.ndarray], Any]:
+    """A model's token signals on a dataset, through a resumable store; the checkpoint is
+    loaded lazily onto ``mesh`` (params sharded over its model axis)."""
     from memjax.convert import load
     from memjax.data import open_source
     from memjax.engine import ScoreStore, score
     from memjax.signals import signal_function
 
-    model = load(model_path)
+    model = load(model_path, mesh=mesh)
     if model.kind != "causal_lm":
         raise InputError(f"model {model_path!r} is a {model.kind}; expected a causal LM")
     source = open_source(f"jsonl:{data}", model=model, max_length=dataset.get("max_length"),
@@ -176,18 +179,20 @@ def cell_signals(model_path: str, data: Path, dataset: dict[str, Any], store: Pa
     fn, validate = signal_function(model, "tokens")
     result = score(fn, model.params, source, batch_size=batch_size, progress=progress,
                    validate=validate, param_rules=list(model.partition_rules),
-                   store=ScoreStore(store))
+                   store=ScoreStore(store), mesh=mesh)
     return result.read(), source
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from memjax.cli._common import print_metrics, write_results
     from memjax.cli._mia import _texts
+    from memjax.engine import make_mesh
     from memjax.metrics import auc_confidence_interval, plot_roc, roc_auc, tpr_at_fpr
     from memjax.mia import dataset_inference, reference, token_features, token_mask
 
     config = read_config(args.config)
     work = Path(config["out"] + ".stores")
+    mesh = make_mesh(model=config["model_parallel"])
     rows: list[dict[str, Any]] = []
     curves: dict[str, dict] = {}
     for dataset in config["datasets"]:
@@ -198,14 +203,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"[bench] {cell}", flush=True)
             signals, source = cell_signals(entry["path"], data, dataset,
                                            work / f"{entry['name']}__{dataset['name']}",
-                                           config["batch_size"], not args.no_progress)
+                                           config["batch_size"], not args.no_progress, mesh)
             texts = _texts(source)
             scores = {name: np.asarray(ATTACKS[name](signals, texts, config["k"]), np.float64)
                       for name in config["attacks"] if name in ATTACKS}
             if REFERENCE in config["attacks"] and entry.get("reference"):
                 ref, _ = cell_signals(entry["reference"], data, dataset,
                                       work / f"{entry['name']}.reference__{dataset['name']}",
-                                      config["batch_size"], not args.no_progress)
+                                      config["batch_size"], not args.no_progress, mesh)
                 scores[REFERENCE] = reference(signals["mean_loss"], ref["mean_loss"])
             for name, s in scores.items():
                 low, high = auc_confidence_interval(s, is_member, seed=config["seed"])
@@ -246,5 +251,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
     folder = write_results(config["out"], "Membership-inference benchmark", text, table,
                            metrics, figures=figures)
     print_metrics(metrics, folder)
-    (work / "config.json").write_text(json.dumps(config, indent=1))
     return 0
