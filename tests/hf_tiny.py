@@ -77,6 +77,19 @@ def gpt2(folder: str | Path, *, seed: int = 0, n_positions: int = 64):
     return Path(folder), model
 
 
+def llama(folder: str | Path, *, seed: int = 0):
+    """A 2-layer Llama LM (GQA 4:2, vocab 300) with its BPE tokenizer adding <bos>."""
+    tokenizer = bpe_tokenizer(300, add_bos_eos=False)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    model = _seeded(transformers.LlamaForCausalLM, config, seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder), model
+
+
 def clip(folder: str | Path, *, seed: int = 0, image_size: int = 32):
     """A 2-layer CLIP (patch 8) with a BPE tokenizer adding <bos>/<eos> (the text tower
     pools at ``eos_token_id``) and a ``CLIPImageProcessor`` at ``image_size``."""
@@ -153,8 +166,8 @@ def bert(folder: str | Path, *, seed: int = 0):
     return Path(folder), model
 
 
-BUILDERS = {"gpt2": gpt2, "clip": clip, "vit": vit_classifier, "resnet": resnet_classifier,
-            "bert": bert}
+BUILDERS = {"gpt2": gpt2, "llama": llama, "clip": clip, "vit": vit_classifier,
+            "resnet": resnet_classifier, "bert": bert}
 _CACHE: dict[str, tuple] = {}
 
 

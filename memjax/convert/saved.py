@@ -140,6 +140,7 @@ _INTERFACES = {
     "CLIPModel": ("clip", "embed", ("image", "input_ids", "attention_mask")),
     "GPT2LMHeadModel": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
     "GPTNeoXForCausalLM": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
+    "LlamaForCausalLM": ("causal_lm", "__call__", ("input_ids", "attention_mask")),
     "BertModel": ("text_encoder", "__call__", ("input_ids", "attention_mask")),
     "ViTForImageClassification": ("classifier", "__call__", ("image",)),
     "ViTModel": ("encoder", "__call__", ("image",)),

@@ -113,8 +113,8 @@ def _tokens(model: Model) -> tuple[Callable, Validator]:
     lm = nnx.merge(model.forward.graphdef, model.params) \
         if isinstance(model.forward, NNXForward) else None
     if not hasattr(lm, "hidden_states"):
-        raise InputError(f"--signal tokens needs a causal LM port (GPT-2, GPT-NeoX); "
-                         f"{model.name} is not one")
+        raise InputError("--signal tokens needs a causal LM port (GPT-2, GPT-NeoX, "
+                         f"Llama/Mistral/Qwen/OLMo 2); {model.name} is not one")
     vocab = int(lm.unembedding().shape[1])  # once, not per batch
 
     def validate(fields, indices):
