@@ -36,6 +36,7 @@ from memjax.errors import InputError
 from memjax.models import with_taps
 from memjax.models.llama import rotary_inv_freq
 from memjax.signals import signal_function, tokens
+from tests.test_models_lm import hf_logp, inputs, saved
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -88,21 +89,6 @@ def hf_model(family: str, kwargs: dict, seed: int, *, scale: float = 0.15):
     return model
 
 
-def saved(model, folder: Path) -> Path:
-    model.save_pretrained(folder)
-    return folder
-
-
-def inputs(vocab: int, seed: int, batch: int = 3, length: int = 12):
-    """Token ids and a mask with a full row, a left-padded row and a right-padded row."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab, (batch, length))
-    mask = np.ones((batch, length), np.int64)
-    mask[1, :4] = 0
-    mask[2, length - 3:] = 0
-    return ids, mask
-
-
 def hf_forward(model, ids, mask):
     """HF logits, output_hidden_states, and every block's taps from forward hooks
     (``mlp_hidden``: the input of ``down_proj``)."""
@@ -147,12 +133,6 @@ def max_error(ours, ref, mask) -> tuple[float, float]:
 def assert_close(ours, ref, mask, what: str):
     err, bound = max_error(ours, ref, mask)
     assert err <= bound, f"{what}: max |memjax - HF| = {err:.3g} > {bound:.3g}"
-
-
-def hf_logp(logits, ids):
-    """HF-side log p(next token): log_softmax in torch at targets ids[:, 1:]."""
-    logp = torch.log_softmax(torch.tensor(logits[:, :-1]), dim=-1)
-    return torch.gather(logp, -1, torch.tensor(ids[:, 1:, None])).squeeze(-1).numpy()
 
 
 # ---------------------------------------------------------------------------- numerics
