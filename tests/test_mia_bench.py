@@ -106,3 +106,42 @@ def test_bad_configs_are_refused(tmp_path, capsys):
     bad.write_text("[[models]\n")
     assert main(["mia", "bench", str(bad)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+
+
+def longest_confident_run(signals, texts, k):
+    """A plug-in attack: the fraction of scored tokens with log p above -1 (higher =
+    member)."""
+    import numpy as np
+
+    scored = signals["scored"].astype(bool)
+    return ((signals["logp"] > -1.0) & scored).sum(1) / np.maximum(scored.sum(1), 1)
+
+
+def test_a_plugin_attack_runs_from_python_and_from_the_config(grid):
+    """``register_attack`` (Python) and ``plugins = [...]`` (config) add an attack; the
+    cells come from the stores the first run wrote, and the row equals the metric computed
+    by hand from those stored signals."""
+    import numpy as np
+
+    from memjax.engine import ScoreStore
+    from memjax.metrics import roc_auc, tpr_at_fpr
+    from memjax.mia import ATTACKS, bench_config, run_bench
+
+    root, _, _, paths = grid
+    spec = {"out": "result", "attacks": ["LOSS"],
+            "plugins": ["tests.test_mia_bench:longest_confident_run"], "batch_size": 8,
+            "models": [{"name": "a", "path": paths["a"]}],
+            "datasets": [{"name": "docs", "members": "docs_members.jsonl",
+                          "nonmembers": "docs_nonmembers.jsonl", "text_field": "body",
+                          "max_length": 32}]}
+    try:
+        config = bench_config(dict(spec, attacks=["LOSS", "longest_confident_run"]), root)
+        result = run_bench(config, progress=False, log=lambda line: None)
+    finally:
+        ATTACKS.pop("longest_confident_run", None)
+    row = next(r for r in result.rows if r["attack"] == "longest_confident_run")
+    signals = ScoreStore(root / "result.stores" / "a__docs").read()
+    is_member = np.arange(len(signals["mean_loss"])) < 40
+    scores = longest_confident_run(signals, None, 0.2)
+    assert row["AUC"] == roc_auc(scores, is_member)
+    assert row["TPR@1%FPR"] == tpr_at_fpr(scores, is_member, 0.01)

@@ -110,3 +110,52 @@ def test_text_section_reports_attacks_and_dataset_inference(text_demo, tmp_path)
         assert auc > 0.5 + 3 * se, (attack, auc, se)
     for file, _ in section.figures:
         assert (tmp_path / file).stat().st_size > 0
+
+
+def test_byte_tokenizer_gives_byte_tokens(tmp_path):
+    """The saved Hugging Face tokenizer's ids and mask are :func:`byte_tokens`' (multi-byte
+    characters, a cut inside one, empty text, padding)."""
+    from memjax.data.text import load_tokenizer
+    from memjax.train.lm import save_byte_tokenizer
+
+    tokenizer = load_tokenizer(save_byte_tokenizer(tmp_path))
+    texts = ["héllo wörld\n\ttabs", "x" * 60, "", "日本語 text", "a\u00a0b\u00ffc"]
+    encoded = tokenizer(texts, max_length=12, truncation=True, padding="max_length")
+    ids, mask = byte_tokens(texts, 12)
+    np.testing.assert_array_equal(np.asarray(encoded["input_ids"]), ids)
+    np.testing.assert_array_equal(np.asarray(encoded["attention_mask"]), mask)
+
+
+def test_bench_section_runs_the_grid_on_saved_gpt2_and_llama(text_demo, tmp_path):
+    """The audit's mia-bench section: the GPT-2 cell, scored from the saved folder through
+    its byte tokenizer and JSONL files, has the in-memory demo's token signals; the table
+    is the attacks on the stored signals; the grid's TOML reruns from the CLI to the same
+    table (from the stores); the Llama trained on the members is detected."""
+    import tomllib
+
+    from memjax.audit.llm_bench import bench_section
+    from memjax.audit.text import CONFIG, LEARNING_RATE, LENGTH, STEPS
+    from memjax.cli import main
+    from memjax.engine import ScoreStore
+    from memjax.mia import attacks_from_signals
+
+    section = bench_section(tmp_path, text_demo, seed=0, length=LENGTH, gpt2_config=CONFIG,
+                            steps=STEPS, learning_rate=LEARNING_RATE)
+    root = tmp_path / "llm-bench"
+    is_member = text_demo["is_member"]
+    order = np.concatenate([np.flatnonzero(is_member), np.flatnonzero(~is_member)])
+    stored = ScoreStore(root / "result.stores" / "gpt2__docstrings").read()
+    # Chunked vocabulary statistics at chunk 8,192 vs the demo's 64: fp32 rounding only.
+    np.testing.assert_allclose(stored["mean_loss"], text_demo["signals"]["mean_loss"][order],
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(stored["scored"], text_demo["signals"]["scored"][order])
+    metrics = dict(section.metrics)
+    members = np.arange(len(order)) < is_member.sum()
+    loss_auc = roc_auc(attacks_from_signals(stored)["LOSS"], members)
+    assert metrics["gpt2 / docstrings / LOSS AUC [95% CI]"].startswith(f"{loss_auc:.3f} [")
+    low = float(metrics["llama / docstrings / LOSS AUC [95% CI]"].split("[")[1].split(",")[0])
+    assert low > 0.5, metrics["llama / docstrings / LOSS AUC [95% CI]"]
+    first = (root / "table.csv").read_text()
+    assert tomllib.loads((root / "grid.toml").read_text())["models"][1]["name"] == "llama"
+    assert main(["mia", "bench", str(root / "grid.toml"), "--no-progress"]) == 0
+    assert (root / "result" / "table.csv").read_text() == first

@@ -41,6 +41,11 @@ def audit_batch_size(mesh, target: int = 256) -> int:
     return n_data * max(1, target // n_data)
 
 
+def _sections(made: Section | list[Section]) -> list[Section]:
+    """A section function's result as a list (the text section makes two)."""
+    return made if isinstance(made, list) else [made]
+
+
 def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 600,
               progress: bool = True, models: bool = True, references: int = 16,
               reference_steps: int = 300, demos: bool = True) -> Path:
@@ -137,7 +142,7 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
                        ("model", "the trained model (memjax score --model)")],
             ),
             *([reference_section(folder)] if reference_section else []),
-            *(section(folder) for section in demo_sections),
+            *(part for section in demo_sections for part in _sections(section(folder))),
             *extra_sections,
         ]
 

@@ -158,12 +158,19 @@ def plot_p_values(results: dict[str, DatasetInferenceResult], path: Path) -> Non
     plt.close(fig)
 
 
-def text_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Section:
-    """Train the tiny GPT-2, attack it per example and by dataset inference; one Section.
+def text_section(folder: Path, *, seed: int = 0, progress: bool = False) -> list[Section]:
+    """Train the tiny GPT-2, attack it per example and by dataset inference, then run the
+    benchmark grid of :mod:`memjax.audit.llm_bench` on it and a tiny Llama; two Sections.
 
-    Writes ``roc_text.png`` and ``dataset_inference.png`` into ``folder``.
+    Writes ``roc_text.png``, ``dataset_inference.png``, ``bench_roc_*.png`` and the grid's
+    folder ``llm-bench/`` into ``folder``.
     """
-    return demo_section(Path(folder), run_text_demo(seed, progress=progress), seed)
+    from memjax.audit.llm_bench import bench_section
+
+    demo = run_text_demo(seed, progress=progress)
+    return [demo_section(Path(folder), demo, seed),
+            bench_section(Path(folder), demo, seed=seed, length=LENGTH, gpt2_config=CONFIG,
+                          steps=STEPS, learning_rate=LEARNING_RATE, progress=progress)]
 
 
 def demo_section(folder: Path, demo: dict, seed: int) -> Section:

@@ -173,13 +173,13 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     """LOSS, Min-K%, Min-K%++, zlib (and a reference model) on every text; dataset
     inference of the members against the non-members."""
     from memjax.cli._common import open_data
-    from memjax.mia import attacks_from_signals, reference
+    from memjax.mia import attacks_from_signals, reference, source_texts
 
     model = _load(args.model, "--model", "causal_lm", "a causal LM")
     source = open_data(args.data, model, args)
     signals = _token_signals(model, source, args)
     is_member = _membership(args, signals["id"], len(source))
-    texts = _texts(source)
+    texts = source_texts(source)
     attacks = attacks_from_signals(signals, k=args.k, texts=texts)
     facts: list[tuple[str, Any]] = [("model", model.name), ("texts", int(is_member.size)),
                                     ("members", int(is_member.sum()))]
@@ -239,18 +239,6 @@ def _dataset_inference(signals, texts, attacks, is_member, args, figures) -> lis
             ("dataset inference t statistic", result.statistic),
             ("dataset inference p-value (false-positive check on the non-members)",
              check.p_value)]
-
-
-def _texts(source) -> list[str] | None:
-    """The raw texts of a text source (for zlib), or None when it has none."""
-    batch = source.read(np.arange(min(len(source), 1)))
-    if "text" not in batch:
-        return None
-    texts = []
-    for start in range(0, len(source), 4096):
-        rows = np.arange(start, min(start + 4096, len(source)))
-        texts.extend(str(t) for t in source.read(rows)["text"])
-    return texts
 
 
 # --------------------------------------------------------------------------- clip

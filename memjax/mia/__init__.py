@@ -16,6 +16,9 @@
   ``memjax mia stored`` runs), with :func:`read_members` (membership by example id from
   the user's files) and :func:`jsonl_texts` to read texts by example id.
 - :func:`dataset_inference` (Maini et al. 2024): a t-test over aggregated attack features.
+- :func:`run_bench` (``memjax mia bench``): a grid of causal LMs x text datasets x
+  attacks scored into resumable stores, one table (:func:`read_bench_config`,
+  :func:`bench_config`); :func:`register_attack` adds a plug-in attack.
 """
 
 from memjax.mia._arrays import (
@@ -26,6 +29,18 @@ from memjax.mia._arrays import (
     phi_from_logits,
     reference_signals,
     rmia_attacks,
+)
+from memjax.mia._bench import (
+    ATTACKS,
+    DATASET_INFERENCE,
+    REFERENCE,
+    BenchConfig,
+    BenchResult,
+    bench_config,
+    read_bench_config,
+    register_attack,
+    run_bench,
+    source_texts,
 )
 from memjax.mia._clip import AEAView, PairEmbeddings, aea, csa, embed_pairs, text_only_baseline, wsa
 from memjax.mia._inference import DatasetInferenceResult, dataset_inference
@@ -49,8 +64,13 @@ from memjax.mia._tokens import (
 )
 
 __all__ = [
+    "ATTACKS",
+    "DATASET_INFERENCE",
+    "REFERENCE",
     "AEAView",
     "AttackResult",
+    "BenchConfig",
+    "BenchResult",
     "DatasetInferenceResult",
     "PairEmbeddings",
     "ReferenceSignals",
@@ -59,6 +79,7 @@ __all__ = [
     "attack_metrics",
     "attack_suite",
     "attacks_from_signals",
+    "bench_config",
     "choose_a",
     "csa",
     "dataset_inference",
@@ -74,11 +95,15 @@ __all__ = [
     "missing_references",
     "model_signals",
     "phi_from_logits",
+    "read_bench_config",
     "read_members",
     "reference",
     "reference_signals",
+    "register_attack",
     "rmia",
     "rmia_attacks",
+    "run_bench",
+    "source_texts",
     "text_only_baseline",
     "token_features",
     "token_mask",

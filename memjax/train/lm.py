@@ -1,14 +1,19 @@
-"""A tiny GPT-2 trained on a keep-mask subset of texts (membership demonstrations).
+"""Tiny causal LMs trained on a keep-mask subset of texts (membership demonstrations).
 
-Texts are byte-tokenised (vocabulary 256, no tokenizer files needed): ``byte_tokens``.
-``fit_gpt2`` is a pure function of (key, data, keep mask): full-batch Adam on the masked
-next-token loss of the kept texts, deterministic by key, vmappable over (key, keep).
+Texts are byte-tokenised (vocabulary 256, no tokenizer files needed): ``byte_tokens``;
+:func:`save_byte_tokenizer` writes the Hugging Face tokenizer files that give the same
+ids, so a saved model scores users' JSONL texts through ``memjax.load`` like any
+checkpoint. :func:`fit_causal_lm` (any NNX causal LM port: GPT-2, the Llama family, ...)
+and :func:`fit_gpt2` are pure functions of (key, data, keep mask): full-batch Adam on the
+masked next-token loss of the kept texts, deterministic by key, vmappable over (key, keep).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +39,38 @@ def byte_tokens(texts: Sequence[str], length: int) -> tuple[np.ndarray, np.ndarr
     return ids, mask
 
 
-def next_token_loss(model: GPT2LMHeadModel, ids: jax.Array, mask: jax.Array,
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, the alphabet of the ByteLevel
+    pre-tokenizer of the ``tokenizers`` library (Radford et al. 2019)."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    extra = iter(range(256, 512))
+    return {b: chr(b if b in printable else next(extra)) for b in range(256)}
+
+
+def save_byte_tokenizer(folder: str | Path) -> Path:
+    """Write ``tokenizer.json`` + ``tokenizer_config.json`` into ``folder``: a Hugging Face
+    fast tokenizer whose ids are the UTF-8 bytes of the text (no special tokens, pad id 0),
+    so ``tokenizer(text, max_length=L, truncation=True, padding="max_length")`` gives
+    :func:`byte_tokens`' ids and mask."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {char: byte for byte, char in _byte_to_unicode().items()}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                       use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    pad = _byte_to_unicode()[0]
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": pad,
+         "model_max_length": 1 << 30, "padding_side": "right"}, indent=1))
+    return folder
+
+
+def next_token_loss(model: nnx.Module, ids: jax.Array, mask: jax.Array,
                     weight: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy over real (mask) positions of weighted texts."""
     logp = jax.nn.log_softmax(model(ids, mask)[:, :-1].astype(jnp.float32))
@@ -43,14 +79,15 @@ def next_token_loss(model: GPT2LMHeadModel, ids: jax.Array, mask: jax.Array,
     return -(token_logp * scored).sum() / jnp.maximum(scored.sum(), 1.0)
 
 
-def fit_gpt2(key: jax.Array, ids: jax.Array, mask: jax.Array, keep: jax.Array, *,
-             config: GPT2Config, steps: int = 200, learning_rate: float = 3e-3) -> nnx.State:
-    """Train a GPT-2 on the texts with ``keep`` = 1; returns its NNX state (params).
+def fit_causal_lm(key: jax.Array, ids: jax.Array, mask: jax.Array, keep: jax.Array, *,
+                  build: Callable[[nnx.Rngs], nnx.Module], steps: int = 200,
+                  learning_rate: float = 3e-3) -> nnx.State:
+    """Train ``build(rngs)`` (a causal LM port: ``model(ids, mask)`` -> logits [B, T, V]) on
+    the texts with ``keep`` = 1, full-batch Adam; returns its NNX state (params).
 
-    Build the model back with ``nnx.merge(nnx.split(GPT2LMHeadModel(config, ...))[0],
-    state)``; :func:`gpt2_graph` gives that graph without training.
+    Build the model back with ``nnx.merge(nnx.split(build(...))[0], state)``.
     """
-    graph, params = nnx.split(GPT2LMHeadModel(config, rngs=nnx.Rngs(params=key)))
+    graph, params = nnx.split(build(nnx.Rngs(params=key)))
     optimizer = optax.adam(learning_rate)
     weight = keep.astype(jnp.float32)
 
@@ -63,6 +100,17 @@ def fit_gpt2(key: jax.Array, ids: jax.Array, mask: jax.Array, keep: jax.Array, *
 
     (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
     return params
+
+
+def fit_gpt2(key: jax.Array, ids: jax.Array, mask: jax.Array, keep: jax.Array, *,
+             config: GPT2Config, steps: int = 200, learning_rate: float = 3e-3) -> nnx.State:
+    """:func:`fit_causal_lm` of a GPT-2; :func:`gpt2_graph` gives its graph."""
+    return fit_causal_lm(key, ids, mask, keep, steps=steps, learning_rate=learning_rate,
+                         build=functools.partial(_gpt2, config))
+
+
+def _gpt2(config: GPT2Config, rngs: nnx.Rngs) -> GPT2LMHeadModel:
+    return GPT2LMHeadModel(config, rngs=rngs)
 
 
 def gpt2_graph(config: GPT2Config):
