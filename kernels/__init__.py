@@ -45,6 +45,7 @@ from ._token_stats import (
     finalize_stats,
     merge_stats,
     project_logits,
+    soft_cap,
     streamed_hidden_stats,
     streamed_stats,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "mode",
     "project_logits",
     "resolve",
+    "soft_cap",
     "streamed_hidden_stats",
     "streamed_stats",
     "token_stats",
@@ -79,8 +81,8 @@ __all__ = [
 
 def vocab_stats(hidden: jax.Array, unembedding: jax.Array, bias: jax.Array | None,
                 index: jax.Array, *, chunk_size: int, impl: str | None = None,
-                block_rows: int | None = None, block_vocab: int | None = None
-                ) -> tuple[VocabStats, jax.Array]:
+                block_rows: int | None = None, block_vocab: int | None = None,
+                softcap: float | None = None) -> tuple[VocabStats, jax.Array]:
     """Dispatch point of the streamed vocabulary statistics (used by ``memjax.signals.tokens``).
 
     Args:
@@ -89,31 +91,35 @@ def vocab_stats(hidden: jax.Array, unembedding: jax.Array, bias: jax.Array | Non
         chunk_size: vocabulary columns per step of the reference's scan.
         impl: "kernel", "reference" or None (``MEMJAX_KERNELS``).
         block_rows, block_vocab: kernel tiles (None: the module defaults).
+        softcap: None, or c: statistics of the soft-capped logits ``c * tanh(z / c)``
+            (Gemma 2's ``final_logit_softcapping``; the target logit capped too).
 
     Returns:
         (VocabStats [N], target logit [N] float32).
     """
     if resolve("token_stats", impl) == "reference":
-        return _token_stats.reference(hidden, unembedding, bias, index, chunk_size=chunk_size)
+        return _token_stats.reference(hidden, unembedding, bias, index, chunk_size=chunk_size,
+                                      softcap=softcap)
     return _token_stats.kernel(
         hidden, unembedding, bias, index,
         block_rows=block_rows or _token_stats.BLOCK_ROWS,
         block_vocab=block_vocab or _token_stats.BLOCK_VOCAB,
-        interpret=interpret())
+        interpret=interpret(), softcap=softcap)
 
 
 def token_stats(hidden: ArrayLike, unembedding: ArrayLike, targets: ArrayLike,
                 bias: ArrayLike | None = None, *, chunk_size: int = 8192,
                 impl: str | None = None, block_rows: int | None = None,
-                block_vocab: int | None = None) -> dict[str, jax.Array]:
+                block_vocab: int | None = None, softcap: float | None = None
+                ) -> dict[str, jax.Array]:
     """Per-token log p(target), logsumexp, mu and sigma of log p, never forming [.., V].
 
     Args:
         hidden: [B, T, D] or [N, D] float final hidden states.
         unembedding: [D, V] float; bias: optional [V] float.
         targets: [B, T] or [N] int next tokens; ids outside [0, V) give NaN ``logp``.
-        chunk_size: the reference's vocabulary chunk; impl, block_rows, block_vocab: see
-            :func:`vocab_stats`.
+        chunk_size: the reference's vocabulary chunk; impl, block_rows, block_vocab,
+            softcap: see :func:`vocab_stats`.
 
     Returns:
         ``{"logp", "lse", "mu", "sigma"}``, float32, shaped like ``targets``.
@@ -141,7 +147,8 @@ def token_stats(hidden: ArrayLike, unembedding: ArrayLike, targets: ArrayLike,
     index = jnp.where((flat >= 0) & (flat < vocab), flat, vocab).astype(jnp.int32)
     stats, target_logit = vocab_stats(
         hidden.reshape(-1, hidden.shape[-1]), unembedding, bias, index,
-        chunk_size=chunk_size, impl=impl, block_rows=block_rows, block_vocab=block_vocab)
+        chunk_size=chunk_size, impl=impl, block_rows=block_rows, block_vocab=block_vocab,
+        softcap=softcap)
     lse, mu, sigma = finalize_stats(stats)
     # As memjax.signals.tokens: (z_t - m) - log w avoids rounding a large lse; log p <= 0.
     logp = jnp.minimum((target_logit - stats.m) - jnp.log(stats.w), 0.0)

@@ -150,12 +150,18 @@ def project_logits(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None)
     return z
 
 
+def soft_cap(z: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's final-logit soft-capping ``cap * tanh(z / cap)``; None: ``z`` unchanged."""
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
 def streamed_hidden_stats(
     hidden: jax.Array,
     unembedding: jax.Array,
     bias: jax.Array | None,
     index: jax.Array,
     chunk_size: int,
+    softcap: float | None = None,
 ) -> tuple[VocabStats, jax.Array]:
     """Streamed statistics of ``hidden @ unembedding + bias``, never forming [T, V].
 
@@ -165,6 +171,8 @@ def streamed_hidden_stats(
         hidden: [T, D] float; unembedding: [D, V] float; bias: [V] float or None.
         index: [T] int32 target ids; ``V`` (out of range) gives a NaN target logit.
         chunk_size: vocabulary columns per chunk (static).
+        softcap: None, or c: the logits are ``c * tanh(z / c)`` of the float32 ``z``
+            (Gemma 2's ``final_logit_softcapping``), the target logit too.
 
     Returns:
         (:class:`VocabStats` [T], target logit [T] float32).
@@ -178,11 +186,12 @@ def streamed_hidden_stats(
         target_logit = target_logit + jnp.take(
             bias, index, mode="fill", fill_value=jnp.nan
         ).astype(_F32)
-    chunk = lambda start, size: project_logits(
+    target_logit = soft_cap(target_logit, softcap)
+    chunk = lambda start, size: soft_cap(project_logits(
         hidden,
         lax.dynamic_slice_in_dim(unembedding, start, size, axis=1),
         None if bias is None else lax.dynamic_slice_in_dim(bias, start, size),
-    )
+    ), softcap)
     stats = streamed_stats(chunk, unembedding.shape[1], chunk_size, hidden.shape[0])
     return stats, target_logit
 
@@ -207,23 +216,25 @@ def streamed_stats(chunk, vocab: int, chunk_size: int, num_tokens: int) -> Vocab
 
 
 def reference(hidden: jax.Array, unembedding: jax.Array, bias: jax.Array | None,
-              index: jax.Array, *, chunk_size: int) -> tuple[VocabStats, jax.Array]:
+              index: jax.Array, *, chunk_size: int, softcap: float | None = None
+              ) -> tuple[VocabStats, jax.Array]:
     """The XLA reference: :func:`streamed_hidden_stats` (lax.scan over vocab chunks).
 
     Args:
         hidden: [N, D]; unembedding: [D, V]; bias: [V] or None; index: [N] int32 in [0, V]
-        (V marks an out-of-range target: NaN target logit).
+        (V marks an out-of-range target: NaN target logit); softcap: as
+        :func:`streamed_hidden_stats`.
 
     Returns:
         (VocabStats [N], target logit [N] float32).
     """
-    return streamed_hidden_stats(hidden, unembedding, bias, index, chunk_size)
+    return streamed_hidden_stats(hidden, unembedding, bias, index, chunk_size, softcap)
 
 
 # --------------------------------------------------------------------------- Pallas kernel
 
 
-def _kernel(*refs, vocab: int, block_vocab: int, has_bias: bool):
+def _kernel(*refs, vocab: int, block_vocab: int, has_bias: bool, softcap: float | None):
     if has_bias:
         h_ref, w_ref, b_ref, t_ref, m_ref, s_ref, mean_ref, m2_ref, tl_ref = refs
     else:
@@ -241,6 +252,7 @@ def _kernel(*refs, vocab: int, block_vocab: int, has_bias: bool):
     z = jnp.dot(h_ref[...], w_ref[...], preferred_element_type=_F32)  # [rows, block_vocab]
     if has_bias:
         z = z + b_ref[...].astype(_F32)[None, :]
+    z = soft_cap(z, softcap)
     cols = j * block_vocab + lax.broadcasted_iota(jnp.int32, z.shape, 1)
     # Columns past V read undefined memory (the last tile overhangs): -inf = probability 0.
     z = jnp.where(cols < vocab, z, -jnp.inf)
@@ -256,14 +268,15 @@ def _kernel(*refs, vocab: int, block_vocab: int, has_bias: bool):
 
 def kernel(hidden: jax.Array, unembedding: jax.Array, bias: jax.Array | None,
            index: jax.Array, *, block_rows: int = BLOCK_ROWS,
-           block_vocab: int = BLOCK_VOCAB, interpret: bool = False
-           ) -> tuple[VocabStats, jax.Array]:
+           block_vocab: int = BLOCK_VOCAB, interpret: bool = False,
+           softcap: float | None = None) -> tuple[VocabStats, jax.Array]:
     """The Pallas kernel; same contract as :func:`reference`.
 
     Args:
         hidden: [N, D]; unembedding: [D, V]; bias: [V] or None; index: [N] int32 in [0, V].
         block_rows, block_vocab: tile sizes (clamped to N and V).
         interpret: run in Pallas interpret mode (CPU).
+        softcap: as :func:`streamed_hidden_stats` (applied to each tile before masking).
     """
     n, dim = hidden.shape
     vocab = unembedding.shape[1]
@@ -285,7 +298,7 @@ def kernel(hidden: jax.Array, unembedding: jax.Array, bias: jax.Array | None,
     args.append(index)
     out = jax.ShapeDtypeStruct((n_pad,), _F32)
     body = functools.partial(_kernel, vocab=vocab, block_vocab=cols,
-                             has_bias=bias is not None)
+                             has_bias=bias is not None, softcap=softcap)
     m, w, mean, m2, target = pl.pallas_call(
         body,
         out_shape=(out,) * 5,

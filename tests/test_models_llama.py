@@ -1,5 +1,5 @@
-"""The Llama-family port (Llama, Mistral, Qwen2, Qwen3, OLMo 2) against Hugging Face's PyTorch
-models.
+"""The Llama-family port (Llama, Mistral, Qwen2, Qwen3, OLMo 2, Gemma, Gemma 2) against Hugging
+Face's PyTorch models.
 
 Every HF model here has random weights (no hub is reachable), every parameter redrawn
 around its init so nothing is trivial, and runs in fp32 in eval mode. Tolerances, never
@@ -47,7 +47,9 @@ HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
               "mistral": ("MistralConfig", "MistralForCausalLM"),
               "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
               "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-              "olmo2": ("Olmo2Config", "Olmo2ForCausalLM")}
+              "olmo2": ("Olmo2Config", "Olmo2ForCausalLM"),
+              "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+              "gemma2": ("Gemma2Config", "Gemma2ForCausalLM")}
 
 _TINY = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
              intermediate_size=96, max_position_embeddings=64)
@@ -71,6 +73,54 @@ TINY = {
     "qwen3-gqa2-qknorm-bias": ("qwen3", dict(_TINY, num_key_value_heads=4, head_dim=16,
                                              attention_bias=True)),
     "olmo2-gqa2-postnorm-qknorm": ("olmo2", dict(_TINY, num_key_value_heads=4)),
+    # Dynamic NTK: inputs() has T = 12, above max_position_embeddings = 8 (HF recomputes
+    # the base from T) and below 64 (HF's init frequencies).
+    "llama-gqa2-dynamic-above": ("llama", dict(
+        _TINY, num_key_value_heads=4, max_position_embeddings=8,
+        rope_parameters={"rope_type": "dynamic", "factor": 3.0, "rope_theta": 500.0})),
+    "qwen2-gqa4-dynamic-below": ("qwen2", dict(
+        _TINY, num_key_value_heads=2,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0})),
+    # YaRN with head_dim 16, theta 500, original length 64: the ramp bounds are dims 0 and 3
+    # of 8 (some kept, some interpolated, some mixed); attention factor 0.1 ln 4 + 1.
+    "qwen2-gqa2-yarn": ("qwen2", dict(
+        _TINY, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0,
+                         "original_max_position_embeddings": 64})),
+    # Every optional yarn key off its default: mscale ratio, no truncation, betas.
+    "llama-mha-yarn-mscale-notruncate": ("llama", dict(
+        _TINY, num_key_value_heads=8, head_dim=16,
+        rope_parameters={"rope_type": "yarn", "factor": 8.0, "rope_theta": 300.0,
+                         "original_max_position_embeddings": 32, "beta_fast": 16.0,
+                         "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5,
+                         "truncate": False})),
+    "llama-gqa4-yarn-attention-factor": ("llama", dict(
+        _TINY, num_key_value_heads=2,
+        rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1000.0,
+                         "original_max_position_embeddings": 32,
+                         "attention_factor": 1.3})),
+    # Qwen2 sliding layers: layer 1 (>= max_window_layers) windowed.
+    "qwen2-gqa2-sliding-layer1": ("qwen2", dict(
+        _TINY, num_key_value_heads=4, use_sliding_window=True, sliding_window=4,
+        max_window_layers=1)),
+    "qwen3-gqa2-sliding-layertypes": ("qwen3", dict(
+        _TINY, num_key_value_heads=4, head_dim=16, use_sliding_window=True, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"])),
+    # Gemma: embeddings times sqrt(64), (1 + weight) norms, GeGLU, explicit head_dim.
+    "gemma-gqa2-headdim16-tied": ("gemma", dict(_TINY, num_key_value_heads=4, head_dim=16)),
+    "gemma-mqa-untied-bias-linear": ("gemma", dict(
+        _TINY, num_key_value_heads=1, tie_word_embeddings=False, attention_bias=True,
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0})),
+    # Gemma 2: sandwich norms, soft-caps small enough to bend the scores and logits,
+    # query_pre_attn_scalar != head_dim, sliding (window 5) / full alternating over 3 layers.
+    "gemma2-gqa2-softcap-window5": ("gemma2", dict(
+        _TINY, num_hidden_layers=3, num_key_value_heads=4, head_dim=16,
+        query_pre_attn_scalar=24, sliding_window=5, attn_logit_softcapping=3.0,
+        final_logit_softcapping=2.0, attn_implementation="eager")),
+    "gemma2-mha-nocap-full": ("gemma2", dict(
+        _TINY, num_key_value_heads=8, head_dim=8, query_pre_attn_scalar=8,
+        attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention"], attn_implementation="eager")),
 }
 
 
@@ -162,8 +212,9 @@ def test_tiny_models_match_hf_everywhere(case, tmp_path, seed):
     # log-softmax at the targets.
     h = model.hidden_states(jnp.asarray(ids), jnp.asarray(mask))
     assert model.unembedding().shape == (h.shape[-1], kwargs["vocab_size"])
+    cap = model.final_logit_softcap
     logp = jax.vmap(lambda hh, t: tokens(hidden=hh, unembedding=model.unembedding(),
-                                         targets=t, chunk_size=32)["logp"])(
+                                         targets=t, chunk_size=32, softcap=cap)["logp"])(
         h[:, :-1], jnp.asarray(ids[:, 1:]))
     assert_close(logp, hf_logp(logits, ids), mask[:, :-1], f"{case} token logp")
 
@@ -239,9 +290,11 @@ def test_missing_extra_and_misshaped_tensors_are_named(tmp_path):
 
 
 CONFIG_REFUSALS = [
-    ("llama", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
-                                   "rope_theta": 1e4}}, "dynamic"),
-    ("llama", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, "yarn"),
+    ("llama", {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 4,
+                                   "long_factor": [2.0] * 4, "rope_theta": 1e4}}, "longrope"),
+    ("llama", {"rope_scaling": {"type": "yarn", "factor": 2.0,
+                                "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4}}, "factor"),
     ("llama", {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "factor"),
     ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                    "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
@@ -257,7 +310,16 @@ CONFIG_REFUSALS = [
     ("qwen2", {"attention_bias": False}, "attention_bias"),
     ("mistral", {"some_new_switch": 1}, "some_new_switch"),
     ("qwen3", {"use_sliding_window": True, "sliding_window": 4,
-               "layer_types": ["sliding_attention", "full_attention"]}, "use_sliding_window"),
+               "layer_types": ["sliding_attention"]}, "layer_types"),
+    ("gemma", {"hidden_activation": "silu"}, "hidden_activation"),
+    ("gemma", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+    ("gemma", {"mlp_bias": True}, "mlp_bias"),
+    ("gemma", {"sliding_window": 4}, "sliding_window"),
+    ("gemma2", {"layer_types": ["sliding_attention", "global"]}, "layer_types"),
+    ("gemma2", {"final_logit_softcapping": -1.0}, "final_logit_softcapping"),
+    ("gemma2", {"some_new_switch": 1}, "some_new_switch"),
+    ("gemma2", {"model_type": "gemma3_text"}, "q_norm/k_norm"),
+    ("llama", {"model_type": "falcon"}, "'gemma', 'gemma2'"),
 ]
 
 
@@ -274,9 +336,23 @@ def test_unimplemented_config_attributes_are_refused(family, changes, named, tmp
 def test_hf_default_configs_are_understood():
     """Every attribute of HF's own default config of each family is read, not refused."""
     from_hf = ARCHITECTURES["llama"].from_hf_config
-    for config_class, _ in HF_CLASSES.values():
+    for family, (config_class, _) in HF_CLASSES.items():
         config = from_hf(getattr(transformers, config_class)().to_dict())
-        assert config.num_hidden_layers == 32 and config.head_dim == 128
+        if not family.startswith("gemma"):
+            assert config.num_hidden_layers == 32 and config.head_dim == 128
+    gemma = from_hf(transformers.GemmaConfig().to_dict())
+    assert (gemma.hidden_act, gemma.tie_word_embeddings, gemma.embed_scale,
+            gemma.norm_plus_one, gemma.head_dim) == ("gelu_pytorch_tanh", True, True, True, 256)
+    gemma2 = from_hf(transformers.Gemma2Config().to_dict())
+    assert (gemma2.query_pre_attn_scalar, gemma2.attn_logit_softcapping,
+            gemma2.final_logit_softcapping, gemma2.sliding_window) == (256, 50.0, 30.0, 4096)
+    assert gemma2.layer_types[:2] == ("sliding_attention", "full_attention")
+    # A config.json that leaves attributes out gets HF's Gemma defaults, not Llama's.
+    assert from_hf({"model_type": "gemma2"}) == gemma2
+    # Legacy Gemma files: hidden_act "gelu" means the tanh approximation in HF.
+    legacy = from_hf({"model_type": "gemma", "hidden_act": "gelu",
+                      "hidden_activation": "gelu_pytorch_tanh"})
+    assert legacy.hidden_act == "gelu_pytorch_tanh"
     assert from_hf(transformers.MistralConfig().to_dict()).sliding_window == 4096
     qwen2 = from_hf(transformers.Qwen2Config().to_dict())
     assert (qwen2.qkv_bias, qwen2.o_bias, qwen2.sliding_window) == (True, False, None)
@@ -391,3 +467,125 @@ def test_cli_scores_a_llama_folder_as_pytorch_does(tmp_path_factory, tmp_path):
     ref = (-(logp * mask).sum(1) / mask.sum(1)).numpy()
     # float32 forward vs float64 PyTorch log-softmax of float32 logits: 1e-5 as above.
     np.testing.assert_allclose(ours["mean_loss"].to_numpy(), ref, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------- rope variants, Gemma 2, soft-capping
+
+
+def test_dynamic_ntk_and_yarn_frequencies_match_float64_formulas(seed):
+    """Dynamic NTK (emozilla 2023) and YaRN (Peng et al. 2023) frequencies against their
+    formulas in float64 NumPy, and each variant really changes something."""
+    from memjax.models.llama import layer_windows, yarn_attention_factor
+
+    from_hf = ARCHITECTURES["llama"].from_hf_config
+    dynamic = from_hf(dict(TINY["llama-gqa2-dynamic-above"][1], model_type="llama"))
+    dim, theta, factor, original = 8, 500.0, 3.0, 8
+    plain = rotary_inv_freq(dataclass_replace(dynamic, rope_type="default"))
+    # Up to the original length: HF's init frequencies, which are the unscaled ones.
+    np.testing.assert_array_equal(rotary_inv_freq(dynamic, original), plain)
+    rng = np.random.default_rng(seed)
+    for length in (original + 1, int(rng.integers(10, 200))):
+        base = theta * (factor * length / original - (factor - 1)) ** (dim / (dim - 2))
+        expected = base ** -(np.arange(0, dim, 2) / dim)
+        # float32 (HF's arithmetic) against float64: a few float32 ulps.
+        np.testing.assert_allclose(rotary_inv_freq(dynamic, length), expected, rtol=2e-6)
+        assert (rotary_inv_freq(dynamic, length)[1:] < plain[1:] * 0.99).all()
+
+    yarn = from_hf(dict(TINY["qwen2-gqa2-yarn"][1], model_type="qwen2"))
+    dim, theta, factor, original = 16, 500.0, 4.0, 64
+    corr = lambda rot: dim * np.log(original / (rot * 2 * np.pi)) / (2 * np.log(theta))
+    low, high = max(np.floor(corr(32.0)), 0), min(np.ceil(corr(1.0)), dim - 1)
+    ramp = np.clip((np.arange(dim // 2) - low) / (high - low), 0, 1)
+    extrapolated = theta ** -(np.arange(0, dim, 2) / dim)
+    expected = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    np.testing.assert_allclose(rotary_inv_freq(yarn), expected, rtol=2e-6)
+    ratio = extrapolated / rotary_inv_freq(yarn)
+    assert np.isclose(ratio, 1).any() and np.isclose(ratio, factor).any()
+    assert ((ratio > 1.01) & (ratio < factor - 0.01)).any()
+    assert yarn_attention_factor(yarn) == pytest.approx(0.1 * np.log(4.0) + 1)
+    mscaled = from_hf(dict(TINY["llama-mha-yarn-mscale-notruncate"][1], model_type="llama"))
+    assert yarn_attention_factor(mscaled) == pytest.approx(
+        (0.1 * np.log(8.0) + 1) / (0.05 * np.log(8.0) + 1))
+    assert not mscaled.rope_truncate and mscaled.rope_beta_fast == 16.0
+
+    qwen2 = from_hf(dict(TINY["qwen2-gqa2-sliding-layer1"][1], model_type="qwen2"))
+    assert layer_windows(qwen2) == (None, 4)
+
+
+def test_gemma2_soft_caps_and_windows_change_the_output(tmp_path, seed):
+    """The HF comparison would not notice a cap or window the tiny inputs never reach."""
+    family, kwargs = TINY["gemma2-gqa2-softcap-window5"]
+    model, config = load_pretrained(saved(hf_model(family, kwargs, seed), tmp_path))
+    ids, mask = (jnp.asarray(a) for a in inputs(kwargs["vocab_size"], seed))
+    capped = np.asarray(model(ids, mask))
+    assert np.abs(capped).max() <= 2.0 and np.abs(capped).max() > 1.5
+    state = nnx.state(model)
+    for change in (dict(attn_logit_softcapping=None), dict(sliding_window=None),
+                   dict(query_pre_attn_scalar=None)):
+        # The same weights in a module built from the changed config.
+        built = ARCHITECTURES["llama"].build(dataclass_replace(config, **change), nnx.Rngs(0))
+        other = nnx.merge(nnx.graphdef(built), state)
+        assert np.abs(np.asarray(other(ids, mask)) - capped).max() > 1e-3, change
+
+
+def _float64_capped_stats(hidden, weight, targets, cap):
+    z = hidden.astype(np.float64) @ weight.astype(np.float64)
+    z = cap * np.tanh(z / cap)
+    lse = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    logp = z - lse[:, None]
+    p = np.exp(logp)
+    mu = (p * logp).sum(-1)
+    sigma = np.sqrt((p * (logp - mu[:, None]) ** 2).sum(-1))
+    return {"logp": logp[np.arange(len(targets)), targets], "lse": lse, "mu": mu,
+            "sigma": sigma}
+
+
+def test_soft_capped_token_statistics_equal_float64(seed):
+    """tokens(softcap=c) on every path (full, logits chunks, hidden chunks, Pallas kernel in
+    interpret mode) equals the float64 log-softmax of c * tanh(z / c)."""
+    from memjax import kernels
+
+    rng = np.random.default_rng(seed)
+    t, d, v, cap = 9, 16, 203, 4.0
+    hidden = rng.normal(size=(t, d)).astype(np.float32)
+    weight = (rng.normal(size=(d, v)) * 2).astype(np.float32)  # |z| ~ 8: the cap bends it
+    targets = rng.integers(0, v, t)
+    ref = _float64_capped_stats(hidden, weight, targets, cap)
+    logits = jnp.asarray(hidden) @ jnp.asarray(weight)
+    paths = {  # jitted: one compilation each instead of op-by-op dispatch
+        "full": lambda h, w, z: tokens(hidden=h, unembedding=w, targets=targets, softcap=cap),
+        "hidden-chunks": lambda h, w, z: tokens(hidden=h, unembedding=w, targets=targets,
+                                                chunk_size=32, softcap=cap),
+        "logits-chunks": lambda h, w, z: tokens(z, targets=targets, chunk_size=50,
+                                                softcap=cap),
+        "kernel": lambda h, w, z: kernels.token_stats(h, w, targets, impl="kernel",
+                                                      block_rows=16, block_vocab=128,
+                                                      softcap=cap),
+    }
+    runs = {name: jax.jit(path)(hidden, weight, logits) for name, path in paths.items()}
+    for name, out in runs.items():
+        for key, expected in ref.items():
+            # float32 logits of 16 products and a 203-term float32 reduction: 1e-5.
+            np.testing.assert_allclose(out[key], expected, atol=1e-5, rtol=1e-5,
+                                       err_msg=f"{name} {key}")
+    uncapped = jax.jit(lambda h, w: tokens(hidden=h, unembedding=w, targets=targets,
+                                           chunk_size=32))(hidden, weight)
+    assert np.abs(np.asarray(uncapped["logp"]) - ref["logp"]).max() > 1e-2
+    with pytest.raises(InputError, match="softcap"):
+        tokens(logits, targets=targets, softcap=0.0)
+
+
+def test_gemma2_scores_through_signal_function_with_the_cap(tmp_path, seed):
+    """`memjax score --signal tokens` path (CausalLMTokenSignals) applies Gemma 2's cap."""
+    family, kwargs = TINY["gemma2-gqa2-softcap-window5"]
+    hf = hf_model(family, kwargs, seed)
+    model, config = load_pretrained(saved(hf, tmp_path / "hf"))
+    save(model, config, tmp_path / "converted")
+    lm = load(tmp_path / "converted")
+    fn, _ = signal_function(lm, "tokens")
+    ids, mask = inputs(kwargs["vocab_size"], seed)
+    out = jax.jit(fn)(lm.params, {"input_ids": jnp.asarray(ids[0], jnp.int32),
+                                  "attention_mask": jnp.asarray(mask[0], jnp.int32)})
+    logits, _, _ = hf_forward(hf, ids, mask)
+    assert_close(out["logp"][None, :-1], hf_logp(logits, ids)[:1], mask[:1, :-1],
+                 "gemma2 scored logp")

@@ -35,6 +35,10 @@ def register(sub: Any) -> None:
     score.add_argument("--batch-size", type=positive_int, default=256)
     score.add_argument("--chunk-size", type=positive_int, default=None,
                        help="examples per store chunk (a multiple of the batch size)")
+    score.add_argument("--no-length-buckets", dest="length_buckets", action="store_false",
+                       help="tokens: run every batch at full length in source order (default: "
+                       "sorted by length within windows, trimmed to length buckets; same "
+                       "scores)")
     existing = score.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help="continue the store in --out (same model, data and options)")
@@ -138,7 +142,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                       param_rules=list(model.partition_rules),
                       store=ScoreStore(out, chunk_size=args.chunk_size,
                                        overwrite=args.overwrite),
-                      progress=not args.no_progress, validate=validate)
+                      progress=not args.no_progress, validate=validate,
+                      length_buckets=args.length_buckets)
     except StoreError:
         raise  # refusals and corrupt stores say what to do themselves
     except MemjaxError as error:

@@ -11,12 +11,21 @@ own rows of each global batch and builds global arrays with
 ``jax.make_array_from_process_local_data``. Outputs are replicated (they are small:
 per-example scalars or short vectors), so every process can return them; process 0
 writes the store.
+
+Length buckets: a score function over sequences may declare its :class:`SequenceLayout`
+(``fn.sequence_layout``). The runner then reads batches in windows sorted by length, so
+each batch holds sequences of similar length, trims the batch's sequence fields to the
+smallest bucket (``quantum * 2**k``, or the source's length) that holds its longest real
+sequence, and pads the per-position outputs back with zeros: a corpus of mostly short
+texts at a long ``max_length`` no longer spends most of its work on padding. Scores come
+back and are stored in source order.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -72,6 +81,140 @@ def compile_cache_info() -> dict[str, int]:
 def clear_compile_cache() -> None:
     _COMPILED.clear()
     _CACHE_STATS.update(compiles=0, hits=0)
+
+
+#: Batches read and sorted by length together (never across a store chunk): enough for
+#: homogeneous batches, few enough that the window's fields fit in host memory.
+SORT_WINDOW_BATCHES = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """Where a score function's inputs and outputs run along a sequence axis, so the engine
+    may run a batch at a shorter length (a *bucket*) than the source's and get the same
+    scores (``score(..., length_buckets=True)``).
+
+    The function declares it as ``fn.sequence_layout`` and promises, per example of
+    ``length`` real tokens (right-padded to ``T``): its outputs do not change when the
+    sequence fields are cut to any ``bucket`` in ``[length, T]`` (a causal model: nothing
+    reads a later position, and an output that would, such as the last real token's
+    next-token log-probability, is set to 0 there), and each per-position output is 0
+    (False) at every position ``>= length``. The engine then pads the trimmed outputs
+    back with zeros and gets the untrimmed run's values, up to float summation order.
+
+    Attributes:
+      fields: example fields whose first axis (after the batch axis) is the position
+        ``[T]``; trimmed to ``[bucket]``.
+      length_field: the attention mask among ``fields`` (nonzero = real token). Only
+        right padding (``1..1 0..0``) is trimmed: a batch with any other row (left
+        padding) runs at full length.
+      outputs: output names (as :func:`score` returns them) whose first axis is the
+        position; padded back from ``[bucket]`` to ``[T]`` with zeros.
+      quantum: the smallest bucket; buckets are ``quantum * 2**k`` below ``T``, and
+        ``T``, so at most ``log2(T / quantum) + 1`` programs compile.
+    """
+
+    fields: tuple[str, ...]
+    length_field: str
+    outputs: tuple[str, ...]
+    quantum: int = 64
+
+    def __post_init__(self):
+        check_positive_int(self.quantum, "SequenceLayout.quantum")
+        if self.length_field not in self.fields:
+            raise InputError(f"SequenceLayout.length_field={self.length_field!r}: expected one "
+                             f"of its fields {list(self.fields)}")
+
+
+def bucket_length(longest: int, full: int, quantum: int) -> int:
+    """The smallest of ``quantum * 2**k`` (below ``full``) and ``full`` that is >= ``longest``."""
+    length = quantum
+    while length < longest:
+        length *= 2
+    return min(length, full)
+
+
+def right_padded_lengths(mask: np.ndarray) -> np.ndarray | None:
+    """[B] real tokens per row of ``mask`` [B, T] when every row is ``1..1 0..0`` (right
+    padding, nonzero = real), else None."""
+    real = np.asarray(mask) != 0
+    lengths = real.sum(axis=1)
+    if not np.array_equal(real, np.arange(real.shape[1])[None, :] < lengths[:, None]):
+        return None
+    return lengths
+
+
+def _sequence_fields(fields: dict[str, np.ndarray], layout: SequenceLayout) -> int | None:
+    """The batch's sequence length T when every layout field is there as [B, T, ...]."""
+    lengths = {fields[k].shape[1] if k in fields and fields[k].ndim >= 2 else None
+               for k in (*layout.fields, layout.length_field)}
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def trim_to_bucket(fields: dict[str, np.ndarray], layout: SequenceLayout
+                   ) -> tuple[dict[str, np.ndarray], int | None]:
+    """(fields with the sequence fields cut to the batch's bucket, the untrimmed length T)
+    or (fields, None) when they run untrimmed: no shorter bucket holds the longest row,
+    a field is missing, or a row is not right-padded."""
+    full = _sequence_fields(fields, layout)
+    if full is None:
+        return fields, None
+    lengths = right_padded_lengths(fields[layout.length_field])
+    if lengths is None:
+        return fields, None
+    length = bucket_length(int(lengths.max(initial=1)), full, layout.quantum)
+    if length >= full:
+        return fields, None
+    return {k: v[:, :length] if k in layout.fields else v for k, v in fields.items()}, full
+
+
+def pad_positions(outputs: dict[str, np.ndarray], layout: SequenceLayout, length: int,
+                  full: int) -> dict[str, np.ndarray]:
+    """Per-position outputs [B, length, ...] -> [B, full, ...], zeros after ``length``."""
+    padded = dict(outputs)
+    for name in layout.outputs:
+        value = outputs.get(name)
+        if value is None or value.ndim < 2 or value.shape[1] != length:
+            raise InputError(f"score function output {name!r}: its sequence_layout says it is "
+                             f"per position; expected shape [batch, {length}, ...], got "
+                             f"{None if value is None else value.shape}")
+        pad = [(0, 0), (0, full - length)] + [(0, 0)] * (value.ndim - 2)
+        padded[name] = np.pad(value, pad)
+    return padded
+
+
+def length_order(mask: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """Rows ``real`` (indices into ``mask`` [R, T]) shortest first (stable: ties keep their
+    order), or unchanged when ``mask`` is not right-padded."""
+    lengths = right_padded_lengths(mask[real])
+    if lengths is None:
+        return real
+    return real[np.argsort(lengths, kind="stable")]
+
+
+def _active_layout(fn: Any, length_buckets: bool, prepare: Callable | None
+                   ) -> SequenceLayout | None:
+    """The function's SequenceLayout when buckets apply to this run (see ``score``)."""
+    layout = getattr(fn, "sequence_layout", None)
+    if not length_buckets or prepare is not None or jax.process_count() > 1:
+        return None
+    if layout is not None and not isinstance(layout, SequenceLayout):
+        raise InputError(f"fn.sequence_layout: expected a memjax.engine.SequenceLayout, got "
+                         f"{type(layout).__name__}")
+    return layout
+
+
+def _sort_windows(batches: list[int], plan: BatchPlan, chunk_size: int) -> list[list[int]]:
+    """``batches`` grouped into windows sorted together: at most SORT_WINDOW_BATCHES
+    consecutive batches of one store chunk (``chunk_size`` examples; 0 without a store),
+    placed the same in every run so a resumed store recomputes identical chunks."""
+    per_chunk = chunk_size // plan.batch_size if chunk_size else SORT_WINDOW_BATCHES
+
+    def window(batch: int) -> tuple[int, int]:
+        chunk, offset = divmod(batch, per_chunk)
+        return chunk, offset // SORT_WINDOW_BATCHES
+
+    return [list(group) for _, group in itertools.groupby(batches, key=window)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -285,20 +428,51 @@ def _global_batch(fields: dict[str, np.ndarray], sharding: NamedSharding,
             for k, v in fields.items()}
 
 
-def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_finite: bool,
-                  prefetch: int, validate: Validator | None, with_ids: bool = False
-                  ) -> Iterator[tuple[int, dict[str, np.ndarray], np.ndarray | None]]:
-    """This process's rows of each batch in ``batches``, read ahead by grain threads.
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """One batch as read: this process's device fields (sequence fields maybe trimmed),
+    the ids and source indices of its real rows (None when this process reads only part
+    of each batch), and the untrimmed length T (None when not trimmed)."""
 
-    Yields (batch, device fields, ids of the batch's real examples or None when this
-    process reads only part of each batch).
-    """
+    batch: int
+    fields: dict[str, np.ndarray]
+    ids: np.ndarray | None
+    indices: np.ndarray | None
+    full_length: int | None
+
+
+def _window_rows(plan: BatchPlan, window: list[int], mask: np.ndarray | None
+                 ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows of the window's read, validity) for each batch of ``window``: in batch order,
+    or, given the window's length mask, its real rows sorted by length (the short last
+    batch of the source keeps its size and repeats its first row as padding)."""
+    size = plan.hi - plan.lo
+    if mask is None:
+        return [(np.arange(i * size, (i + 1) * size), plan.local_rows(b)[1])
+                for i, b in enumerate(window)]
+    valid = np.concatenate([plan.local_rows(b)[1] for b in window])
+    order = length_order(mask, np.flatnonzero(valid))
+    rows, start = [], 0
+    for batch in window:
+        n = plan.n_valid(batch)
+        taken = order[start:start + n]
+        start += n
+        rows.append((np.concatenate([taken, np.full(size - n, taken[0])]),
+                     np.arange(size) < n))
+    return rows
+
+
+def _load_batches(source: Source, plan: BatchPlan, windows: list[list[int]],
+                  check_finite: bool, prefetch: int, validate: Validator | None,
+                  with_ids: bool = False, layout: SequenceLayout | None = None
+                  ) -> Iterator[_Loaded]:
+    """This process's rows of each batch, one window of batches per read, read ahead by
+    grain threads. With a ``layout``, each window's real rows are sorted by length before
+    they are cut into batches, and each batch is trimmed to its bucket."""
     whole_batches = plan.lo == 0 and plan.hi == plan.batch_size
 
-    def load(position: int):
-        batch = batches[position]
-        indices, valid = plan.local_rows(batch)
-        raw = source.read(indices)
+    def one_batch(batch: int, raw: dict[str, np.ndarray], indices: np.ndarray,
+                  valid: np.ndarray) -> _Loaded:
         ids = _storable_ids(example_ids(raw, indices)[valid]) if whole_batches else None
         fields = _device_fields(raw)
         if not fields:
@@ -310,33 +484,60 @@ def _load_batches(source: Source, plan: BatchPlan, batches: list[int], check_fin
             validate({k: v[valid] for k, v in fields.items()}, indices[valid])
         if with_ids:  # padding rows repeat the batch's first example, id included
             fields[ID_FIELD] = integer_ids(example_ids(raw, indices))
-        return batch, fields, ids
+        full = None
+        if layout is not None:
+            fields, full = trim_to_bucket(fields, layout)
+        return _Loaded(batch, fields, ids, indices[valid] if whole_batches else None, full)
+
+    def load(position: int) -> list[_Loaded]:
+        window = windows[position]
+        parts = [plan.local_rows(b) for b in window]
+        indices = np.concatenate([i for i, _ in parts])
+        raw = source.read(indices)
+        mask = raw.get(layout.length_field) if layout is not None else None
+        sortable = mask is not None and np.ndim(mask) == 2
+        loaded = []
+        for batch, (rows, valid) in zip(window, _window_rows(plan, window,
+                                                             mask if sortable else None),
+                                        strict=True):
+            batch_raw = raw if len(window) == 1 and not sortable else \
+                {k: np.asarray(v)[rows] for k, v in raw.items()}
+            loaded.append(one_batch(batch, batch_raw, indices[rows], valid))
+        return loaded
 
     if prefetch <= 0:
-        yield from (load(i) for i in range(len(batches)))
+        for i in range(len(windows)):
+            yield from load(i)
         return
     import grain  # only for read-ahead: in-memory scoring (prefetch 0) never needs it
 
-    dataset = grain.MapDataset.range(len(batches)).map(load)
+    dataset = grain.MapDataset.range(len(windows)).map(load)
     options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=2 * prefetch)
-    yield from dataset.to_iter_dataset(options)
+    for loaded in dataset.to_iter_dataset(options):
+        yield from loaded
 
 
 class _Results:
-    """Collects per-batch outputs in example order and flushes full chunks to a store."""
+    """Collects per-batch outputs, puts them back in source order and flushes full chunks
+    to a store."""
 
     def __init__(self, source: Source, plan: BatchPlan, store: ScoreStore | None,
                  chunk_size: int, write: bool, check_finite: bool, progress: Progress):
         self.source, self.plan, self.store = source, plan, store
         self.chunk_size, self.write, self.check_finite = chunk_size, write, check_finite
         self.progress = progress
-        self.pending: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
-        self.all: list[tuple[np.ndarray, dict[str, np.ndarray]]] = []
+        self.pending: dict[int, list[_Part]] = {}
+        self.all: list[_Part] = []
 
-    def add(self, batch: int, outputs: dict[str, np.ndarray], ids: np.ndarray | None) -> None:
+    def add(self, batch: int, outputs: dict[str, np.ndarray], ids: np.ndarray | None,
+            indices: np.ndarray | None = None) -> None:
+        """``indices``: the source indices of the batch's real rows (None: the batch's own
+        contiguous examples, in order)."""
         n = self.plan.n_valid(batch)
+        if indices is None:
+            indices = self.plan.global_indices(batch)[:n]
         if ids is None:
-            ids = _example_ids(self.source, self.plan.global_indices(batch)[:n])
+            ids = _example_ids(self.source, indices)
         fields = {k: v[:n] for k, v in outputs.items()}
         for name, value in outputs.items():
             if value.ndim == 0 or value.shape[0] != self.plan.batch_size:
@@ -346,12 +547,12 @@ class _Results:
             _check_finite_outputs(fields, ids)
         self.progress.update(n)
         if self.store is None:
-            self.all.append((ids, fields))
+            self.all.append((indices, ids, fields))
             return
         chunk = batch * self.plan.batch_size // self.chunk_size
         parts = self.pending.setdefault(chunk, [])
-        parts.append((ids, fields))
-        rows = sum(len(i) for i, _ in parts)
+        parts.append((indices, ids, fields))
+        rows = sum(len(i) for i, _, _ in parts)
         if rows == min(self.chunk_size, self.plan.n_examples - chunk * self.chunk_size):
             ids_c, fields_c = _concat(self.pending.pop(chunk))
             if self.write:
@@ -362,9 +563,15 @@ class _Results:
         return {ID_COLUMN: ids, **fields}
 
 
-def _concat(parts):
-    ids = np.concatenate([i for i, _ in parts])
-    fields = {k: np.concatenate([f[k] for _, f in parts]) for k in parts[0][1]}
+# (source indices, ids, fields) of one batch's real rows.
+_Part = tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]
+
+
+def _concat(parts: list[_Part]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The parts' ids and fields, concatenated in source order."""
+    order = np.argsort(np.concatenate([i for i, _, _ in parts]), kind="stable")
+    ids = np.concatenate([i for _, i, _ in parts])[order]
+    fields = {k: np.concatenate([f[k] for _, _, f in parts])[order] for k in parts[0][2]}
     return ids, fields
 
 
@@ -385,6 +592,7 @@ def score(
     with_ids: bool = False,
     prepare: Callable[[dict[str, jax.Array]], dict[str, jax.Array]] | None = None,
     batched: bool = False,
+    length_buckets: bool = True,
 ) -> dict[str, np.ndarray] | ScoreStore:
     """Score every example of ``source`` with ``fn(params, example)``.
 
@@ -424,6 +632,16 @@ def score(
         that is itself a batch, e.g. K views of each example through one encoder:
         XLA:CPU runs a flat [rows * K] convolution 3.3x faster than the same convolution
         under two nested vmaps (bench/memorization.py). Rows must stay independent.
+      length_buckets: for a function that declares a :class:`SequenceLayout`
+        (``fn.sequence_layout``, e.g. the causal-LM token signals): read windows of
+        SORT_WINDOW_BATCHES batches (never across a store chunk), score their examples
+        shortest first, and run each batch trimmed to the smallest bucket that holds its
+        longest sequence (see :class:`SequenceLayout`). Scores are returned and stored in
+        source order and equal the untrimmed run's up to float summation order (the
+        store's fingerprint does not record the setting: either run resumes the other's
+        store). Off (untrimmed, source order) for a function without a layout, with
+        ``prepare``, and under multi-process ``jax.distributed`` (each process reads only
+        its own rows, so none knows a batch's longest sequence or the window's order).
 
     Returns:
       Without a store: ``{"id": [N], field: [N, ...]}`` in example order (output pytree
@@ -477,22 +695,35 @@ def score(
         bar.done = plan.n_examples - sum(plan.n_valid(b) for b in todo)
         results = _Results(source, plan, store, chunk_size, is_writer, check_finite, bar)
         placed = place_params(params, param_shardings(params, mesh, param_rules))
-        in_flight: list[tuple[int, Any]] = []
-        step = prep = None
-        for batch, fields, ids in _load_batches(source, plan, todo, check_finite, prefetch,
-                                                validate, with_ids):
-            global_batch = _global_batch(fields, batch_sharding, batch_size)
+        layout = _active_layout(fn, length_buckets, prepare)
+        windows = ([[b] for b in todo] if layout is None
+                   else _sort_windows(todo, plan, chunk_size))
+        in_flight: list[tuple[_Loaded, Any]] = []
+        steps: dict[Any, Any] = {}  # by the batch's shapes: one per bucket
+        prep = None
+
+        def collect(loaded: _Loaded, out: Any) -> None:
+            outputs = _flatten_outputs(out)
+            if loaded.full_length is not None:
+                length = loaded.fields[layout.length_field].shape[1]
+                outputs = pad_positions(outputs, layout, length, loaded.full_length)
+            results.add(loaded.batch, outputs, loaded.ids, loaded.indices)
+
+        for loaded in _load_batches(source, plan, windows, check_finite, prefetch,
+                                    validate, with_ids, layout):
+            global_batch = _global_batch(loaded.fields, batch_sharding, batch_size)
             if prepare is not None:  # its own program: XLA fuses the two stages worse
                 prep = prep or _compiled_prepare(prepare, global_batch, mesh)
                 global_batch = prep(global_batch)
-            step = step or _compiled_step(fn, placed, global_batch, mesh, batched)
-            in_flight.append((batch, step(placed, global_batch), ids))
+            shapes = tuple((k, v.shape) for k, v in loaded.fields.items())
+            if shapes not in steps:
+                steps[shapes] = _compiled_step(fn, placed, global_batch, mesh, batched)
+            in_flight.append((loaded, steps[shapes](placed, global_batch)))
             # Keep one batch in flight so the device computes while the host collects.
             if len(in_flight) > 1:
-                done_batch, out, done_ids = in_flight.pop(0)
-                results.add(done_batch, _flatten_outputs(out), done_ids)
-        for done_batch, out, done_ids in in_flight:
-            results.add(done_batch, _flatten_outputs(out), done_ids)
+                collect(*in_flight.pop(0))
+        for pending in in_flight:
+            collect(*pending)
         bar.close()
         if store is None:
             return results.result()

@@ -1,10 +1,11 @@
 """Models: the :class:`Model` protocol, Flax NNX ports, memjax's native small models.
 
-Architectures: BERT, CLIP, ViT, ResNet (Hugging Face), GPT-2, GPT-NeoX (Pythia),
-Llama / Mistral / Qwen2, the native CIFAR ResNet-9/ResNet-18, and the small MLP/CNN/ResNet
-that memjax.train trains (:mod:`memjax.models.classifier`). Importing this registers the
-ports' checkpoint converters (:mod:`memjax.models.registry`). Every model reports named
-activations through :class:`Taps` (see :mod:`memjax.models.taps`).
+Architectures: BERT, CLIP, ViT, ResNet (Hugging Face), GPT-2, GPT-NeoX (Pythia), the Llama
+family (Llama / Mistral / Qwen2 / Qwen3 / OLMo 2 / Gemma / Gemma 2), the native CIFAR
+ResNet-9/ResNet-18, and the small MLP/CNN/ResNet that memjax.train trains
+(:mod:`memjax.models.classifier`). Importing this registers the ports' checkpoint
+converters (:mod:`memjax.models.registry`). Every model reports named activations through
+:class:`Taps` (see :mod:`memjax.models.taps`).
 """
 
 from memjax.models import bert, cifar_resnet, classifier, clip, gpt2, gpt_neox, llama, resnet, vit

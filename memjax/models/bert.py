@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import ACTIVATIONS, Dense, LayerNorm, attention, padding_mask
+from memjax.models.layers import ACTIVATIONS, AttentionMask, Dense, LayerNorm, attention
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
@@ -77,7 +77,7 @@ class BertLayer(nnx.Module):
         self.act = config.hidden_act
         self.name = f"layers.{index}"
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, taps: Taps | None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: AttentionMask, taps: Taps | None) -> jax.Array:
         b, t, d = x.shape
         shape = (b, t, self.n_head, d // self.n_head)
         q, k, v = (proj(x).reshape(shape) for proj in (self.query, self.key, self.value))
@@ -121,7 +121,7 @@ class BertModel(nnx.Module):
         """Last hidden state [B, T, D] of ``input_ids`` [B, T]; ``attention_mask`` [B, T]
         (1 = token, 0 = padding, default all 1) and ``token_type_ids`` [B, T] (default 0)."""
         x = tap(taps, "embeddings", self.embed(input_ids, token_type_ids))
-        mask = padding_mask(attention_mask)
+        mask = AttentionMask(attention_mask)
         for layer in self.layers:
             x = layer(x, mask, taps)
         return x

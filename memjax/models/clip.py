@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import Dense, LayerNorm, causal_mask
+from memjax.models.layers import AttentionMask, Dense, LayerNorm
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 from memjax.models.vit import (
@@ -171,7 +171,7 @@ class CLIPTextTransformer(nnx.Module):
         x = self.token_embedding[...][input_ids]
         x = x + jnp.broadcast_to(self.position_embedding[...][:t], x.shape)
         x = tap(taps, "text.embeddings", x)
-        mask = causal_mask(attention_mask, t)
+        mask = AttentionMask(attention_mask, causal=True)
         for block in self.layers:
             x = block(x, mask, taps)
         x = tap(taps, "text.final", self.final_layer_norm(x))

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import ACTIVATIONS, Dense, LayerNorm, attention, causal_mask
+from memjax.models.layers import ACTIVATIONS, AttentionMask, Dense, LayerNorm, attention
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
@@ -92,7 +92,7 @@ class GPT2LMHeadModel(nnx.Module):
                              f"{self.config.n_positions}")
         x = self.wte[...][input_ids]
         x = x + jnp.broadcast_to(self.wpe[...][:t], x.shape)
-        mask = causal_mask(attention_mask, t)
+        mask = AttentionMask(attention_mask, causal=True)  # never a [T, T] array
         for block in self.layers:
             x = block(x, mask, taps)
         return tap(taps, "final", self.ln_f(x))

@@ -37,7 +37,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import ACTIVATIONS, Dense, LayerNorm, attention, causal_mask
+from memjax.models.layers import ACTIVATIONS, AttentionMask, Dense, LayerNorm, attention
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
@@ -167,7 +167,7 @@ class GPTNeoXForCausalLM(nnx.Module):
         """
         t = input_ids.shape[-1]
         x = self.embed_in[...][input_ids]
-        mask = causal_mask(attention_mask, t)
+        mask = AttentionMask(attention_mask, causal=True)  # never a [T, T] array
         cos, sin = rotary_cos_sin(self.config, t)
         for layer in self.layers:
             x = layer(x, mask, cos, sin, taps)

@@ -74,6 +74,8 @@ class Architecture:
       config_class: the port's config dataclass (for save/restore and partition rules).
       refine_config: (config, checkpoint keys) -> config, for structure that only the
         weights tell (e.g. whether a BERT checkpoint has a pooler).
+      refused: ``{model_type: why}`` for related model types recognised only to say what
+        is missing (never listed as supported).
     """
 
     name: str
@@ -85,6 +87,7 @@ class Architecture:
     ignore: tuple[str, ...] = ()
     config_class: type | None = None
     refine_config: Callable[[Any, frozenset[str]], Any] = lambda config, keys: config
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 ARCHITECTURES: dict[str, Architecture] = {}
@@ -123,6 +126,8 @@ def check_config(hf_config: dict[str, Any], implemented: set[str] | frozenset[st
 def detect_architecture(hf_config: dict[str, Any]) -> Architecture:
     model_type = hf_config.get("model_type")
     for arch in ARCHITECTURES.values():
+        if model_type in arch.refused:
+            raise InputError(f"config.json model_type {arch.refused[model_type]}")
         if model_type in arch.model_types:
             return arch
     known = sorted(t for a in ARCHITECTURES.values() for t in a.model_types)

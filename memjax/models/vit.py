@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import ACTIVATIONS, Dense, LayerNorm, attention
+from memjax.models.layers import ACTIVATIONS, AttentionMask, Dense, LayerNorm, attention
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
@@ -93,8 +93,10 @@ class EncoderBlock(nnx.Module):
         self.fc2 = Dense(inner, dim, rngs=rngs)
         self.heads, self.head_dim, self.act, self.name = heads, head_dim, act, name
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None, taps: Taps | None) -> jax.Array:
-        """x [B, T, D]; mask broadcastable to [B, H, T, T] (True = attend) or None."""
+    def __call__(self, x: jax.Array, mask: AttentionMask | jax.Array | None,
+                 taps: Taps | None) -> jax.Array:
+        """x [B, T, D]; mask an ``AttentionMask``, a bool array broadcastable to
+        [B, H, T, T] (True = attend), or None (see ``layers.attention``)."""
         b, t, _ = x.shape
         h = self.layer_norm1(x)
         shape = (b, t, self.heads, self.head_dim)

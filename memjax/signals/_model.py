@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from memjax._checks import check_choice
+from memjax.engine import SequenceLayout
 from memjax.errors import InputError
 from memjax.models import Model
 from memjax.models.protocol import NNXForward
@@ -53,20 +54,62 @@ class ClassificationSignals:
         return classification(self.apply(params, example), example[self.label_field])
 
 
+#: The per-position fields of the token signals ([T] each); the rest are per example.
+TOKEN_POSITION_FIELDS = ("logp", "mu", "sigma", "entropy", "lse", "scored")
+TOKEN_LAYOUT = SequenceLayout(fields=("input_ids", "attention_mask"),
+                              length_field="attention_mask", outputs=TOKEN_POSITION_FIELDS)
+
+
+def trims_exactly(lm: Any) -> bool:
+    """Whether a causal LM's outputs at real tokens are independent of the padded length.
+
+    False for HF's "dynamic" (NTK-aware) rotary scaling: past the trained context its
+    frequencies follow the padded length T (in HF too), so a trimmed batch would score
+    differently from the full-length one; such a model runs at full length.
+    """
+    return getattr(getattr(lm, "config", None), "rope_type", None) != "dynamic"
+
+
 @dataclasses.dataclass(frozen=True)
 class CausalLMTokenSignals:
     """fn(params, example) -> per-token signals of an NNX causal LM (hidden states and the
-    unembedding; the logits are never materialised beyond one vocabulary chunk)."""
+    unembedding; the logits are never materialised beyond one vocabulary chunk).
+
+    The fields of :func:`causal_lm_tokens`, with every per-position field set to 0 where
+    ``scored`` is False (padding, and the last real token, whose target would be padding
+    or nothing). memjax differs here from the bare :func:`causal_lm_tokens` (which
+    computes them at every position, padding included): those values depend on the
+    padding that follows, so they would change with the sequence length the engine runs
+    at. Zeroed, a batch run at a shorter length (``sequence_layout``, the engine's length
+    buckets) gives the same fields as the full-length run. No attack reads them: every
+    consumer masks with ``scored``.
+    """
 
     graphdef: Any
     chunk_size: int = TOKEN_CHUNK
+    #: Right-padded ``input_ids`` and ``attention_mask`` [T], per-position outputs [T]:
+    #: the engine may trim a batch to its longest sequence's bucket. None for a model
+    #: whose outputs depend on the padded length (see :func:`trims_exactly`).
+    sequence_layout: SequenceLayout | None = TOKEN_LAYOUT
 
     def __call__(self, params: Any, example: dict[str, jax.Array]) -> dict[str, jax.Array]:
         lm = nnx.merge(self.graphdef, params)
         ids, mask = example["input_ids"], example["attention_mask"]
         hidden = lm.hidden_states(ids[None], mask[None])[0]
-        return causal_lm_tokens(hidden, lm.unembedding(), ids, mask,
-                                chunk_size=self.chunk_size)
+        # Gemma 2's final-logit soft-cap (static config), applied to every vocabulary chunk.
+        signals = causal_lm_tokens(hidden, lm.unembedding(), ids, mask,
+                                   chunk_size=self.chunk_size,
+                                   softcap=getattr(lm, "final_logit_softcap", None))
+        return zero_unscored(signals)
+
+
+def zero_unscored(signals: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """:func:`causal_lm_tokens`' fields with the per-position float fields [T] set to 0
+    where ``scored`` is False (``where``, so a NaN there does not survive)."""
+    scored = signals["scored"]
+    zeroed = {name: jnp.where(scored, signals[name], jnp.zeros_like(signals[name]))
+              for name in TOKEN_POSITION_FIELDS if name != "scored"}
+    return {**signals, **zeroed}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,14 +157,15 @@ def _tokens(model: Model) -> tuple[Callable, Validator]:
         if isinstance(model.forward, NNXForward) else None
     if not hasattr(lm, "hidden_states"):
         raise InputError("--signal tokens needs a causal LM port (GPT-2, GPT-NeoX, "
-                         f"Llama/Mistral/Qwen/OLMo 2); {model.name} is not one")
+                         f"Llama/Mistral/Qwen/OLMo 2/Gemma); {model.name} is not one")
     vocab = int(lm.unembedding().shape[1])  # once, not per batch
 
     def validate(fields, indices):
         _require(fields, ("input_ids", "attention_mask"), "tokens")
         check_labels(fields["input_ids"], vocab, name="--data field 'input_ids'")
 
-    return CausalLMTokenSignals(model.forward.graphdef), validate
+    layout = TOKEN_LAYOUT if trims_exactly(lm) else None
+    return CausalLMTokenSignals(model.forward.graphdef, sequence_layout=layout), validate
 
 
 def _contrastive(model: Model) -> tuple[Callable, Validator]:

@@ -29,7 +29,13 @@ from jax import lax
 
 from memjax._checks import check_positive_int
 from memjax.errors import InputError
-from memjax.kernels import finalize_stats, project_logits, streamed_stats, vocab_stats
+from memjax.kernels import (
+    finalize_stats,
+    project_logits,
+    soft_cap,
+    streamed_stats,
+    vocab_stats,
+)
 
 _F32 = jnp.float32
 
@@ -43,6 +49,7 @@ def tokens(
     unembedding: jax.Array | None = None,
     bias: jax.Array | None = None,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> dict[str, jax.Array]:
     """Per-token signals of one sequence.
 
@@ -67,6 +74,10 @@ def tokens(
             float32 inputs are not affected. With ``hidden``, the streamed statistics go
             through ``memjax.kernels.vocab_stats``: ``MEMJAX_KERNELS`` (read at trace time)
             may select the fused Pallas kernel, whose own vocab tiles replace chunk_size.
+        softcap: None, or a positive c (a static Python float): the model's logits are
+            ``c * tanh(z / c)`` of the given (or projected) ``z``, as Gemma 2's
+            ``final_logit_softcapping`` (Gemma Team 2024); applied in float32 to every
+            chunk and to the target logit, so both paths stay exact.
 
     Returns:
         Dict of float32 arrays. Per position [T] (computed at every position, masked or
@@ -155,6 +166,8 @@ def tokens(
 
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise InputError(f"softcap must be None or a positive number, got {softcap!r}")
 
     # Out-of-range targets index past the end so the "fill" gathers give NaN (jnp would
     # otherwise wrap negative ids such as -100 and clamp large ones to a real token).
@@ -165,20 +178,21 @@ def tokens(
             z = logits.astype(_F32)
         else:
             z = project_logits(hidden, unembedding, bias)
-        logp, mu, sigma, lse = _full_vocab(z, index)
+        logp, mu, sigma, lse = _full_vocab(soft_cap(z, softcap), index)
     else:
         if logits is not None:
             target_logit = jnp.take_along_axis(
                 logits, index[:, None], axis=1, mode="fill", fill_value=jnp.nan
             )[:, 0].astype(_F32)
-            chunk = lambda start, size: lax.dynamic_slice_in_dim(
+            target_logit = soft_cap(target_logit, softcap)
+            chunk = lambda start, size: soft_cap(lax.dynamic_slice_in_dim(
                 logits, start, size, axis=1
-            ).astype(_F32)
+            ).astype(_F32), softcap)
             stats = streamed_stats(chunk, vocab, int(chunk_size), num_tokens)
         else:
             # MEMJAX_KERNELS picks the Pallas kernel or streamed_hidden_stats (the default).
             stats, target_logit = vocab_stats(
-                hidden, unembedding, bias, index, chunk_size=int(chunk_size)
+                hidden, unembedding, bias, index, chunk_size=int(chunk_size), softcap=softcap
             )
         lse, mu, sigma = finalize_stats(stats)
         # (z_t - m) - log w rather than z_t - lse: no rounding of a large lse. The target
@@ -209,6 +223,7 @@ def causal_lm_tokens(
     *,
     bias: jax.Array | None = None,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> dict[str, jax.Array]:
     """Per-token signals of one causal-LM sequence: position t scores token t+1.
 
@@ -223,6 +238,7 @@ def causal_lm_tokens(
         input_ids: [T] integer token ids.
         attention_mask: [T] (nonzero = real token, 0 = padding).
         chunk_size: as in :func:`tokens` (None: the full float32 log-softmax).
+        softcap: the model's final-logit soft-cap, as in :func:`tokens`.
 
     Returns:
         :func:`tokens`' fields, plus ``scored`` [T] bool, the positions counted in
@@ -234,7 +250,8 @@ def causal_lm_tokens(
     length = ids.shape[0]
     scored = (mask != 0) & (jnp.roll(mask, -1) != 0) & (jnp.arange(length) < length - 1)
     signals = tokens(hidden=hidden, unembedding=unembedding, bias=bias,
-                     targets=jnp.roll(ids, -1), mask=scored, chunk_size=chunk_size)
+                     targets=jnp.roll(ids, -1), mask=scored, chunk_size=chunk_size,
+                     softcap=softcap)
     return {**signals, "scored": scored}
 
 
