@@ -24,7 +24,7 @@ hidden states and slicing the padded rows off.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +150,41 @@ def project_logits(hidden: jax.Array, weight: jax.Array, bias: jax.Array | None)
     return z
 
 
+def _as_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as uint16 bits (XLA:CPU upcasts a bf16 slice or gather to
+    float32, and then hoists that convert of the whole matrix out of the vocabulary loop:
+    a float32 copy of the unembedding; integer slicing is never converted)."""
+    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(bits: jax.Array, dtype: Any) -> jax.Array:
+    return lax.bitcast_convert_type(bits, dtype) if bits.dtype != dtype else bits
+
+
+def slice_rows(rows: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
+    """``rows[start:start + size]`` of a [V, D] matrix, without a float32 copy of it."""
+    return _from_bits(lax.dynamic_slice_in_dim(_as_bits(rows), start, size, axis=0),
+                      rows.dtype)
+
+
+def take_rows(rows: jax.Array, index: jax.Array) -> jax.Array:
+    """``rows[index]`` [T, D] of a [V, D] matrix; an index of V (out of range) gives a NaN
+    row; no float32 copy of the matrix."""
+    inside = index < rows.shape[0]
+    taken = _from_bits(jnp.take(_as_bits(rows), jnp.where(inside, index, 0), axis=0),
+                       rows.dtype)
+    return jnp.where(inside[:, None], taken, jnp.asarray(jnp.nan, rows.dtype))
+
+
+def project_rows(hidden: jax.Array, rows: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``hidden [T, D] @ rows [C, D]^T + bias`` accumulated and returned in float32 (the
+    operands stay in their dtype: bf16 x bf16 -> float32 is a native dot on XLA:CPU)."""
+    z = lax.dot_general(hidden, rows, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+    if bias is not None:
+        z = z + jnp.broadcast_to(bias.astype(_F32), z.shape)
+    return z
+
+
 def soft_cap(z: jax.Array, cap: float | None) -> jax.Array:
     """Gemma 2's final-logit soft-capping ``cap * tanh(z / cap)``; None: ``z`` unchanged."""
     return z if cap is None else cap * jnp.tanh(z / cap)
@@ -177,19 +212,24 @@ def streamed_hidden_stats(
     Returns:
         (:class:`VocabStats` [T], target logit [T] float32).
     """
-    # The T target columns of W, not the [T, V] logits.
-    w_targets = jnp.take(unembedding, index, axis=1, mode="fill", fill_value=jnp.nan)
+    # Rows of W^T [V, D]: a model's unembedding() is its [V, D] embedding transposed, and
+    # XLA folds this transpose of a transpose away, so each chunk is a contiguous row
+    # slice of the stored matrix. Slicing columns of [D, V] instead made XLA hoist one
+    # whole transposed (and, for bf16, upcast) copy of the matrix out of the loop.
+    rows = unembedding.T
+    # The T target rows, not the [T, V] logits.
+    w_targets = take_rows(rows, index)
     target_logit = jnp.einsum(
-        "td,dt->t", hidden, w_targets, preferred_element_type=_F32
+        "td,td->t", hidden, w_targets, preferred_element_type=_F32
     )
     if bias is not None:
         target_logit = target_logit + jnp.take(
             bias, index, mode="fill", fill_value=jnp.nan
         ).astype(_F32)
     target_logit = soft_cap(target_logit, softcap)
-    chunk = lambda start, size: soft_cap(project_logits(
+    chunk = lambda start, size: soft_cap(project_rows(
         hidden,
-        lax.dynamic_slice_in_dim(unembedding, start, size, axis=1),
+        slice_rows(rows, start, size),
         None if bias is None else lax.dynamic_slice_in_dim(bias, start, size),
     ), softcap)
     stats = streamed_stats(chunk, unembedding.shape[1], chunk_size, hidden.shape[0])

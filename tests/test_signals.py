@@ -465,20 +465,23 @@ def test_tokens_chunked_memory():
 
     Measured with XLA's buffer assignment of the compiled program: temp memory of the
     chunked path is a fraction of one [B, T, V] float32 buffer, does not grow with V, and
-    its HLO has no buffer of that shape; the unchunked path exceeds one such buffer.
-    (float32 inputs: XLA:CPU upcasts bf16 slices of a loop-invariant array to float32
-    before the loop, which is a CPU-backend artefact.)
+    its HLO has no buffer of that shape; the unchunked path exceeds one such buffer. The
+    unembedding is given as the ports give it, the transpose of a stored [V, D] matrix
+    (the chunks are row slices of that matrix); a [D, V] array stored as such costs one
+    transposed copy of it (D x V, not T x V) on top.
     """
     batch, length, dim, chunk = 2, 64, 32, 512
 
-    def compiled(vocab, chunk_size):
-        fn = vjit(partial(tokens, chunk_size=chunk_size))
-        args = dict(
-            hidden=jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
-            unembedding=jax.ShapeDtypeStruct((batch, dim, vocab), jnp.float32),
-            targets=jax.ShapeDtypeStruct((batch, length), jnp.int32),
-        )
-        return fn.lower(**args).compile()
+    def compiled(vocab, chunk_size, stored_as_rows=True):
+        def fn(hidden, weight, targets):
+            unembedding = jnp.swapaxes(weight, 1, 2) if stored_as_rows else weight
+            return vjit(partial(tokens, chunk_size=chunk_size))(
+                hidden=hidden, unembedding=unembedding, targets=targets)
+
+        shape = (batch, vocab, dim) if stored_as_rows else (batch, dim, vocab)
+        return jax.jit(fn).lower(jax.ShapeDtypeStruct((batch, length, dim), jnp.float32),
+                                 jax.ShapeDtypeStruct(shape, jnp.float32),
+                                 jax.ShapeDtypeStruct((batch, length), jnp.int32)).compile()
 
     def temp(c):
         stats = c.memory_analysis()
@@ -491,12 +494,17 @@ def test_tokens_chunked_memory():
     chunked, unchunked = compiled(vocab, chunk), compiled(vocab, None)
     assert temp(unchunked) >= full_bytes
     assert big.search(unchunked.as_text())
-    # z, exp weights and offsets of one [B, T, chunk] chunk + the [B, D, chunk] weight slice
+    # z, exp weights and offsets of one [B, T, chunk] chunk + the [B, chunk, D] weight slice
     assert temp(chunked) < full_bytes / 2, temp(chunked) / full_bytes
     assert not big.search(chunked.as_text())
     # 4x the vocabulary: unchunked temp grows ~4x, chunked temp stays put
     assert temp(compiled(4 * vocab, None)) > 3.5 * temp(unchunked)
     assert temp(compiled(4 * vocab, chunk)) < 1.1 * temp(chunked)
+    # A [D, V] array stored as such: one transposed copy of it, still no [B, T, V].
+    weight_bytes = batch * dim * vocab * 4
+    columns = compiled(vocab, chunk, stored_as_rows=False)
+    assert temp(columns) < full_bytes / 2 + weight_bytes, temp(columns) / full_bytes
+    assert not big.search(columns.as_text())
 
 
 def test_tokens_bad_input():

@@ -30,10 +30,14 @@ class Dense(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((d_out,))) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...].astype(x.dtype)
-        if self.bias is None:
-            return y
-        return y + jnp.broadcast_to(self.bias[...].astype(x.dtype), y.shape)
+        """[..., in] -> [..., out] in x's dtype, accumulated in float32 and rounded once
+        (as PyTorch's bf16/fp16 Linear; for float32 x, the plain product). For bf16 x,
+        XLA:CPU runs the bf16 x bf16 -> float32 product natively, ~2x faster than the
+        bf16 -> bf16 one."""
+        y = jnp.dot(x, self.kernel[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + jnp.broadcast_to(self.bias[...].astype(jnp.float32), y.shape)
+        return y.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -227,7 +231,8 @@ def _attention_heads_first(q, k, v, mask, scale, softcap):
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v,
+                      preferred_element_type=jnp.float32).astype(v.dtype)
 
 
 def _mask_rows(mask, start, length: int, tq: int, k_lo: int, k_hi: int):

@@ -68,10 +68,14 @@ def tokens(
         bias: optional [V] float output bias (only with ``hidden``).
         chunk_size: None for the reference path; a positive int to stream the vocabulary
             in chunks of that many columns (a static Python int; any V, the last chunk may
-            be shorter). Memory then scales with ``T * chunk_size``, not ``T * V``. Caveat:
-            XLA:CPU's bf16 normalisation upcasts a bf16 ``logits`` or ``unembedding`` array
-            to float32 whole, once, before the loop (its slices are taken in float32);
-            float32 inputs are not affected. With ``hidden``, the streamed statistics go
+            be shorter). Memory then scales with ``T * chunk_size``, not ``T * V``. With
+            ``hidden``, each chunk is a row slice of ``unembedding.T``: give the transpose
+            of a stored [V, D] matrix (as every port's ``unembedding()`` does) and XLA
+            slices the stored matrix itself; a [D, V] array stored as such costs one
+            transposed copy. On XLA:CPU a bf16 matrix is sliced as its uint16 bits (a
+            float slice would be upcast, making a float32 copy of the whole matrix), which
+            still costs one 16-bit copy; a bf16 ``logits`` array is upcast whole, once,
+            before the loop. With ``hidden``, the streamed statistics go
             through ``memjax.kernels.vocab_stats``: ``MEMJAX_KERNELS`` (read at trace time)
             may select the fused Pallas kernel, whose own vocab tiles replace chunk_size.
         softcap: None, or a positive c (a static Python float): the model's logits are
