@@ -24,7 +24,8 @@ if str(REPO) not in sys.path:  # `python bench/run_all.py` puts bench/, not the 
 from bench import common  # noqa: E402
 
 BENCHMARKS = ("classification_throughput", "token_signals", "vit_components",
-              "engine_overhead", "data_throughput", "checkpoint_load", "clip_csa")
+              "engine_overhead", "data_throughput", "checkpoint_load", "clip_csa",
+              "attention_cpu", "llm_scoring")
 
 
 def wait_until_quiet(max_wait_s: float, load: float = 1.0) -> float:
