@@ -13,6 +13,13 @@
   for L2-regularised logistic regression, :func:`lds` (Park et al. 2023), :func:`pearson`,
   :func:`spearman`.
 - :func:`lava_values` (Just et al. 2023): data values from class-wise optimal transport.
+- Curvature: :func:`hvp` / :func:`gnhvp` (Hessian / Gauss-Newton vector products),
+  :func:`cg_solve` and :func:`lissa` inverse-curvature solves batched over vectors,
+  :func:`dense_curvature` / :func:`dense_solve` as the exact ground truth for small models;
+  K-FAC / EK-FAC factors of MLP dense layers (Martens & Grosse 2015; George et al. 2018;
+  Grosse et al. 2023): :func:`kfac_batch_stats` / :func:`kfac_factors`,
+  :func:`ekfac_batch_stats` / :func:`ekfac_factors`, :func:`merge_kfac_stats`,
+  :func:`kfac_precondition`.
 """
 
 from memjax.influence._applications import (
@@ -31,6 +38,28 @@ from memjax.influence._forward_inf import (
     trainable_mask,
 )
 from memjax.influence._gradients import grad_dot, per_example_grads, project, tracin
+from memjax.influence._ihvp import (
+    SolveResult,
+    cg_solve,
+    dense_curvature,
+    dense_solve,
+    gnhvp,
+    hvp,
+    lissa,
+    require_converged,
+)
+from memjax.influence._kfac import (
+    DenseFactors,
+    EkfacStats,
+    KfacStats,
+    ekfac_batch_stats,
+    ekfac_factors,
+    kfac_batch_stats,
+    kfac_factors,
+    sample_labels,
+)
+from memjax.influence._kfac import merge_stats as merge_kfac_stats
+from memjax.influence._kfac import precondition as kfac_precondition
 from memjax.influence._lava import lava, lava_values
 from memjax.influence._loo import (
     dual_loo_influence,
@@ -50,20 +79,36 @@ from memjax.influence._stats import lds, pearson, spearman
 
 __all__ = [
     "RANKING",
+    "DenseFactors",
+    "EkfacStats",
+    "KfacStats",
+    "SolveResult",
     "causal_lm_loss",
+    "cg_solve",
     "cross_entropy_loss",
+    "dense_curvature",
+    "dense_solve",
     "dual_loo_influence",
+    "ekfac_batch_stats",
+    "ekfac_factors",
     "fit_logistic",
     "forward_inf",
     "glob_predicate",
+    "gnhvp",
     "grad_dot",
     "hit_rates",
+    "hvp",
+    "kfac_batch_stats",
+    "kfac_factors",
+    "kfac_precondition",
     "lava",
     "lava_values",
     "lds",
+    "lissa",
     "logistic_loss",
     "loo_influence",
     "make_optimizer",
+    "merge_kfac_stats",
     "param_leaf",
     "param_paths",
     "pearson",
@@ -72,6 +117,8 @@ __all__ = [
     "refit_logistic",
     "relative_first_order",
     "relative_influence",
+    "require_converged",
+    "sample_labels",
     "self_influence",
     "spearman",
     "top_sources",
