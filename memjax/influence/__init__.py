@@ -20,6 +20,11 @@
   Grosse et al. 2023): :func:`kfac_batch_stats` / :func:`kfac_factors`,
   :func:`ekfac_batch_stats` / :func:`ekfac_factors`, :func:`merge_kfac_stats`,
   :func:`kfac_precondition`.
+- Many queries: :func:`gradient_store` (projected per-example training gradients in a
+  resumable store, once), :func:`query_vectors` and :func:`query_store` (blocked scoring
+  with running top-k / bottom-k, never an N x T matrix); :func:`factorized_projection`
+  with :func:`kronecker_factors` (LoGra, Choe et al. 2024: a dense layer's projected
+  gradient without forming it).
 """
 
 from memjax.influence._applications import (
@@ -36,6 +41,14 @@ from memjax.influence._forward_inf import (
     make_optimizer,
     param_paths,
     trainable_mask,
+)
+from memjax.influence._grad_store import (
+    ProjectedGradient,
+    factorized_projection,
+    gradient_store,
+    kronecker_factors,
+    query_store,
+    query_vectors,
 )
 from memjax.influence._gradients import grad_dot, per_example_grads, project, tracin
 from memjax.influence._ihvp import (
@@ -82,6 +95,7 @@ __all__ = [
     "DenseFactors",
     "EkfacStats",
     "KfacStats",
+    "ProjectedGradient",
     "SolveResult",
     "causal_lm_loss",
     "cg_solve",
@@ -91,16 +105,19 @@ __all__ = [
     "dual_loo_influence",
     "ekfac_batch_stats",
     "ekfac_factors",
+    "factorized_projection",
     "fit_logistic",
     "forward_inf",
     "glob_predicate",
     "gnhvp",
     "grad_dot",
+    "gradient_store",
     "hit_rates",
     "hvp",
     "kfac_batch_stats",
     "kfac_factors",
     "kfac_precondition",
+    "kronecker_factors",
     "lava",
     "lava_values",
     "lds",
@@ -114,6 +131,8 @@ __all__ = [
     "pearson",
     "per_example_grads",
     "project",
+    "query_store",
+    "query_vectors",
     "refit_logistic",
     "relative_first_order",
     "relative_influence",

@@ -1,0 +1,217 @@
+"""A store of projected training gradients, scored against any number of queries.
+
+Gradient-similarity influence (grad-dot / TracIn, Pruthi et al. NeurIPS 2020; TRAK, Park et
+al. ICML 2023; LoGra, Choe et al. 2024 "What is Your Data Worth to GPT?") scores training
+example ``i`` against query ``t`` by ``(Rᵀg_i)·(Rᵀg_t)`` with R [P, k] a random projection.
+The training side is computed once and kept:
+
+* :func:`gradient_store` runs the engine's :func:`~memjax.engine.score` with a batched
+  per-example function ``rows -> Rᵀg`` [k] (``vmap(grad)`` per batch, sharded over the data
+  axis) and writes the [N, k] rows to a resumable :class:`~memjax.engine.ScoreStore`
+  (field ``grad``); R is :func:`memjax.influence._gradients.project`'s blockwise Gaussian
+  projection, generated from the seed a block of rows at a time and never held whole.
+* :func:`query_store` streams the stored rows in blocks of ``block_rows`` and keeps a
+  running top-k and bottom-k per query: the largest array is one [T, block_rows + k]
+  block of scores, never the [T, N] matrix.
+* :func:`factorized_projection` is LoGra's projection of a dense layer's per-example
+  gradient that never forms the [in, out] gradient: with R = P_in ⊗ P_out it equals
+  ``vec(Σ_s a_s g_sᵀ) @ kron(P_in, P_out)`` (row-major vec: W[i, j] at ``i·out + j``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
+
+from memjax.engine import ScoreStore, score
+from memjax.errors import InputError
+from memjax.influence._gradients import per_example_grads, project
+
+GRAD_FIELD = "grad"
+LossFn = Callable[[Any, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectedGradient:
+    """Batched score function ``(params, rows) -> {"grad": [B, k]}``: each row's projected
+    loss gradient ``Rᵀ∇_θ loss(θ, row)`` with R from :func:`project` (seed, block_size).
+
+    A frozen dataclass, so the engine fingerprints it by value (loss function, k, seed,
+    block size) and a store made with another projection is refused, not mixed.
+    """
+
+    loss_fn: LossFn
+    projection_dim: int
+    seed: int = 0
+    block_size: int = 4096
+
+    def __call__(self, params: Any, rows: Any) -> dict[str, jax.Array]:
+        grads = per_example_grads(self.loss_fn, params, rows)  # [B, P]
+        return {GRAD_FIELD: project(grads, self.projection_dim, seed=self.seed,
+                                    block_size=self.block_size)}
+
+
+def gradient_store(loss_fn: LossFn, params: Any, source: Any,
+                   store: ScoreStore | str | os.PathLike, *, projection_dim: int, batch_size: int,
+                   seed: int = 0, block_size: int = 4096, progress: bool = False,
+                   **score_options: Any) -> ScoreStore:
+    """Compute every training example's projected gradient once and store it.
+
+    Args:
+        loss_fn: ``loss_fn(params, example) -> scalar`` for ONE example (a dict of the
+            source's fields without the batch axis).
+        params: parameters at which gradients are taken (P trainable scalars).
+        source: a dict of arrays (field -> [N, ...]) or a ``memjax.data`` source.
+        store: a :class:`ScoreStore` or folder; a rerun with the same arguments resumes
+            from its finished chunks.
+        projection_dim: k, the stored width.
+        batch_size: examples per global batch (a multiple of the mesh's data axis).
+        seed, block_size: the projection R of :func:`project`; queries must use the same.
+        progress: print examples/s to stderr.
+        **score_options: passed to :func:`memjax.engine.score` (mesh, validate, ...).
+
+    Returns:
+        The complete store: ``read()["grad"]`` is [N, k] float32, row i = Rᵀg_i.
+    """
+    fn = ProjectedGradient(loss_fn, _positive_int(projection_dim, "projection_dim"), seed,
+                           _positive_int(block_size, "block_size"))
+    return score(fn, params, source, batch_size=batch_size, store=store, progress=progress,
+                 batched=True, **score_options)
+
+
+def query_vectors(loss_fn: LossFn, params: Any, queries: Any, *, projection_dim: int,
+                  seed: int = 0, block_size: int = 4096) -> jax.Array:
+    """[T, k] projected query gradients Rᵀg_t, with the projection of the store.
+
+    ``queries`` is a pytree batch of T examples (leading axis T). Traces; jit at the edge.
+    """
+    grads = per_example_grads(loss_fn, params, queries)
+    return project(grads, projection_dim, seed=seed, block_size=block_size)
+
+
+def query_store(stored: ScoreStore | ArrayLike, queries: ArrayLike, *, top_k: int,
+                block_rows: int = 4096) -> dict[str, np.ndarray]:
+    """Top-k and bottom-k stored rows per query by dot product, streaming the rows.
+
+    Args:
+        stored: a complete :func:`gradient_store` store, or an [N, k] array of rows.
+        queries: [T, k] query vectors (:func:`query_vectors`).
+        top_k: how many rows to keep per query at each end (at most N).
+        block_rows: stored rows scored at a time; peak memory is O(T·(block_rows + top_k)).
+
+    Returns:
+        ``top_scores``/``top_rows`` [T, top_k] highest scores first (row = position in the
+        store, i.e. source order); ``bottom_scores``/``bottom_rows`` [T, top_k] lowest
+        first (the opposing examples). Ties keep the lower row first.
+    """
+    queries = jnp.asarray(queries, jnp.float32)
+    if queries.ndim != 2:
+        raise InputError(f"queries has shape {queries.shape}: expected [T, k]")
+    top_k = _positive_int(top_k, "top_k")
+    block_rows = _positive_int(block_rows, "block_rows")
+    n_rows = 0
+    t = queries.shape[0]
+    best = (jnp.full((t, top_k), -jnp.inf), jnp.full((t, top_k), -1, jnp.int32))
+    worst = (jnp.full((t, top_k), -jnp.inf), jnp.full((t, top_k), -1, jnp.int32))
+    for rows in _row_blocks(stored, queries.shape[1], block_rows):
+        n_valid = rows.shape[0]
+        if n_valid < block_rows:  # the last block: pad, so one program serves every block
+            rows = np.pad(rows, ((0, block_rows - n_valid), (0, 0)))
+        best, worst = merge_block(best, worst, jnp.asarray(rows), queries,
+                                  jnp.int32(n_rows), jnp.int32(n_valid))
+        n_rows += n_valid
+    if top_k > n_rows:
+        raise InputError(f"top_k={top_k}: expected at most the {n_rows} stored rows")
+    return {"top_scores": np.asarray(best[0]), "top_rows": np.asarray(best[1]),
+            "bottom_scores": -np.asarray(worst[0]), "bottom_rows": np.asarray(worst[1])}
+
+
+@jax.jit
+def merge_block(best: tuple[jax.Array, jax.Array], worst: tuple[jax.Array, jax.Array],
+                rows: jax.Array, queries: jax.Array, offset: jax.Array, n_valid: jax.Array
+                ) -> tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]]:
+    """One streaming step: score a [B, k] block against [T, k] queries and merge.
+
+    ``best``/``worst`` are (scores, rows) [T, K] running top-k of ``s`` and of ``-s``;
+    rows past ``n_valid`` are padding and never selected. The largest intermediate is the
+    [T, B + K] concatenation.
+    """
+    scores = queries @ rows.T  # [T, B]
+    index = offset + jnp.arange(rows.shape[0], dtype=jnp.int32)
+    valid = jnp.arange(rows.shape[0]) < n_valid
+    index = jnp.broadcast_to(index[None, :], scores.shape)
+    high = jnp.where(valid[None, :], scores, -jnp.inf)
+    low = jnp.where(valid[None, :], -scores, -jnp.inf)
+    return _keep_top(best, high, index), _keep_top(worst, low, index)
+
+
+def _keep_top(running: tuple[jax.Array, jax.Array], scores: jax.Array, index: jax.Array
+              ) -> tuple[jax.Array, jax.Array]:
+    # Running entries come first, so among equal scores the earlier (lower) row wins:
+    # lax.top_k keeps the lower position on ties.
+    values = jnp.concatenate([running[0], scores], axis=1)
+    rows = jnp.concatenate([running[1], index], axis=1)
+    top, where = jax.lax.top_k(values, running[0].shape[1])
+    return top, jnp.take_along_axis(rows, where, axis=1)
+
+
+def _row_blocks(stored: ScoreStore | ArrayLike, width: int, block_rows: int
+                ) -> Iterator[np.ndarray]:
+    """[<=block_rows, k] float32 blocks of the stored rows in order."""
+    chunks = (c[GRAD_FIELD] for c in stored.iter_chunks()) if isinstance(
+        stored, ScoreStore) else iter([np.asarray(stored)])
+    for chunk in chunks:
+        if chunk.ndim != 2 or chunk.shape[1] != width:
+            raise InputError(f"stored rows have shape {chunk.shape}: expected [N, {width}] "
+                             "to match queries [T, k]")
+        for start in range(0, chunk.shape[0], block_rows):
+            yield np.asarray(chunk[start:start + block_rows], np.float32)
+
+
+def kronecker_factors(seed: int, in_dim: int, out_dim: int, k_in: int, k_out: int
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Gaussian factors P_in [in, k_in] ~ N(0, 1/k_in), P_out [out, k_out] ~ N(0, 1/k_out)
+    from ``seed``, so E[kron(P_in, P_out) kron(P_in, P_out)ᵀ] = I (LoGra's projection)."""
+    key_in, key_out = jax.random.split(jax.random.PRNGKey(seed))
+    return (jax.random.normal(key_in, (in_dim, k_in)) / jnp.sqrt(k_in),
+            jax.random.normal(key_out, (out_dim, k_out)) / jnp.sqrt(k_out))
+
+
+def factorized_projection(activations: jax.Array, output_grads: jax.Array, p_in: jax.Array,
+                          p_out: jax.Array) -> jax.Array:
+    """LoGra's projected gradient of one example for a dense layer ``y_s = a_s @ W``.
+
+    The example's gradient is ``∇W = Σ_s a_s g_sᵀ`` [in, out] (a_s the layer input and
+    g_s = ∂loss/∂y_s at position s). Its projection by R = kron(P_in, P_out) is
+    ``P_inᵀ ∇W P_out = Σ_s (P_inᵀ a_s)(P_outᵀ g_s)ᵀ``, computed from the projected factors
+    in O(S·(in·k_in + out·k_out)) without forming ∇W.
+
+    Args:
+        activations: [S, in] layer inputs a_s of one example.
+        output_grads: [S, out] gradients g_s of its loss with respect to the layer output.
+        p_in, p_out: [in, k_in] and [out, k_out] factors (:func:`kronecker_factors`).
+
+    Returns:
+        [k_in·k_out], equal to ``ravel(∇W) @ kron(P_in, P_out)`` (row-major ravel).
+    """
+    if activations.ndim != 2 or output_grads.ndim != 2 or (
+            activations.shape[0] != output_grads.shape[0]):
+        raise InputError(f"activations {activations.shape} and output_grads "
+                         f"{output_grads.shape}: expected [S, in] and [S, out]")
+    if p_in.shape[0] != activations.shape[1] or p_out.shape[0] != output_grads.shape[1]:
+        raise InputError(f"p_in {p_in.shape} and p_out {p_out.shape}: expected "
+                         f"[{activations.shape[1]}, k_in] and [{output_grads.shape[1]}, k_out]")
+    return ((activations @ p_in).T @ (output_grads @ p_out)).reshape(-1)
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}={value!r}: expected a positive int")
+    return value
