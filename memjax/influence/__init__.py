@@ -16,10 +16,12 @@
 - Curvature: :func:`hvp` / :func:`gnhvp` (Hessian / Gauss-Newton vector products),
   :func:`cg_solve` and :func:`lissa` inverse-curvature solves batched over vectors,
   :func:`dense_curvature` / :func:`dense_solve` as the exact ground truth for small models;
-  K-FAC / EK-FAC factors of MLP dense layers (Martens & Grosse 2015; George et al. 2018;
-  Grosse et al. 2023): :func:`kfac_batch_stats` / :func:`kfac_factors`,
-  :func:`ekfac_batch_stats` / :func:`ekfac_factors`, :func:`merge_kfac_stats`,
-  :func:`kfac_precondition`.
+  K-FAC / EK-FAC factors (Martens & Grosse 2015; George et al. 2018; Grosse et al. 2023)
+  of dense layers (:func:`kfac_batch_stats` / :func:`kfac_factors`,
+  :func:`ekfac_batch_stats` / :func:`ekfac_factors`, :func:`kfac_precondition`),
+  convolutions (KFC, Grosse & Martens 2016: :func:`cnn_kfac_batch_stats`), layers applied
+  per token (:func:`positions_kfac_stats`, :func:`kfac_precondition_matrix`) and
+  embeddings (:func:`embedding_kfac_stats`), streamed with :func:`merge_kfac_stats`.
 - Many queries: :func:`gradient_store` (projected per-example training gradients in a
   resumable store, once), :func:`query_vectors` and :func:`query_store` (blocked scoring
   with running top-k / bottom-k, never an N x T matrix); :func:`factorized_projection`
@@ -64,15 +66,27 @@ from memjax.influence._ihvp import (
 from memjax.influence._kfac import (
     DenseFactors,
     EkfacStats,
+    EmbeddingFactors,
     KfacStats,
+    cnn_kfac_batch_stats,
+    conv_patches,
+    conv_weight_matrix,
     ekfac_batch_stats,
     ekfac_factors,
+    embedding_ekfac_factors,
+    embedding_ekfac_stats,
+    embedding_factors,
+    embedding_kfac_stats,
     kfac_batch_stats,
     kfac_factors,
+    positions_ekfac_stats,
+    positions_kfac_stats,
+    precondition_embedding,
     sample_labels,
 )
 from memjax.influence._kfac import merge_stats as merge_kfac_stats
 from memjax.influence._kfac import precondition as kfac_precondition
+from memjax.influence._kfac import precondition_matrix as kfac_precondition_matrix
 from memjax.influence._lava import lava, lava_values
 from memjax.influence._loo import (
     dual_loo_influence,
@@ -94,17 +108,25 @@ __all__ = [
     "RANKING",
     "DenseFactors",
     "EkfacStats",
+    "EmbeddingFactors",
     "KfacStats",
     "ProjectedGradient",
     "SolveResult",
     "causal_lm_loss",
     "cg_solve",
+    "cnn_kfac_batch_stats",
+    "conv_patches",
+    "conv_weight_matrix",
     "cross_entropy_loss",
     "dense_curvature",
     "dense_solve",
     "dual_loo_influence",
     "ekfac_batch_stats",
     "ekfac_factors",
+    "embedding_ekfac_factors",
+    "embedding_ekfac_stats",
+    "embedding_factors",
+    "embedding_kfac_stats",
     "factorized_projection",
     "fit_logistic",
     "forward_inf",
@@ -117,6 +139,7 @@ __all__ = [
     "kfac_batch_stats",
     "kfac_factors",
     "kfac_precondition",
+    "kfac_precondition_matrix",
     "kronecker_factors",
     "lava",
     "lava_values",
@@ -130,6 +153,9 @@ __all__ = [
     "param_paths",
     "pearson",
     "per_example_grads",
+    "positions_ekfac_stats",
+    "positions_kfac_stats",
+    "precondition_embedding",
     "project",
     "query_store",
     "query_vectors",

@@ -1,4 +1,12 @@
-"""K-FAC and EK-FAC curvature factors for the dense layers of a memjax MLP classifier.
+"""K-FAC and EK-FAC curvature factors: dense layers, convolutions, sequence layers, embeddings.
+
+Covered: every dense layer of a memjax MLP classifier (:func:`kfac_batch_stats`); the conv
+and dense layers of the plain (non-residual) CNN classifier (:func:`cnn_kfac_batch_stats`,
+KFC convention of Grosse & Martens 2016); any layer applied at T positions, from per-example
+activations and pre-activation gradients that any model provides, e.g. through taps
+(:func:`positions_kfac_stats`: attention projections per token, convolution patches); and
+embedding tables, whose A is diagonal (:func:`embedding_kfac_stats`). The conventions of
+the last three are in the comments above their sections.
 
 K-FAC (Martens & Grosse 2015) approximates the Fisher / Gauss–Newton block of one dense
 layer by a Kronecker product. For one example, the layer computes ``s = W ã`` with ``ã`` the
@@ -258,3 +266,296 @@ def _precondition_layers(layers, factors, damping, method):
         result = _precondition_matrix(matrix, factor, method, lam).T
         out.append({"w": result[:-1], "b": result[-1]})
     return out
+
+
+# --- Layers that share weights across positions: tokens, convolution patches ----------------
+#
+# A layer applied at T positions of one example (a dense layer per token, e.g. an attention
+# projection; a convolution per output pixel on its im2col patch) has weight gradient
+# G = Σ_t g_t ã_tᵀ [out, in+1]. Assuming activations and pre-activation gradients at
+# different positions uncorrelated (Grosse & Martens 2016, KFC),
+#     E[vec(G) vec(G)ᵀ] ≈ Σ_t E[ã_t ã_tᵀ ⊗ g_t g_tᵀ] ≈ A ⊗ S,  A = E[Σ_t ã_t ã_tᵀ],
+# and S = E[Σ_t g_t g_tᵀ] / T for a convolution (KFC's Γ: T = spatial positions; the 1/T
+# makes A ⊗ S = T E_t[ã ãᵀ] ⊗ E_t[g gᵀ], the sum over positions of one product each) and
+# S = E[Σ_t g_t g_tᵀ] for tokens (the brief for sequence layers; a constant factor on S is
+# absorbed by the per-layer damping heuristic, which scales with the curvature).
+# EK-FAC's Λ = E[(Q_Sᵀ G Q_A)²] uses the summed G, which is no longer rank one.
+
+
+def _with_bias_column(a):
+    return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def _check_positions(a, g, weights, bias):
+    a, g = jnp.asarray(a), jnp.asarray(g)
+    if a.ndim != 3:
+        raise InputError(f"a: expected activations [B, T, in], got shape {a.shape}")
+    if g.ndim != 3 or g.shape[:2] != a.shape[:2]:
+        raise InputError(f"g: expected gradients [B, T, out] with B, T = {a.shape[:2]}, "
+                         f"got shape {g.shape}")
+    a = _with_bias_column(a) if bias else a
+    return a, g, _weights(a, weights, a.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="normalise_s")
+def _positions_kfac_sums(a, g, weights, normalise_s):
+    s_sum = jnp.einsum("b,bti,btj->ij", weights, g, g)
+    if normalise_s:
+        s_sum = s_sum / a.shape[1]
+    return KfacStats([jnp.einsum("b,bti,btj->ij", weights, a, a)], [s_sum], jnp.sum(weights))
+
+
+def positions_kfac_stats(a: jax.Array, g: jax.Array, weights: jax.Array | None = None, *,
+                         bias: bool = True, average_s_over_positions: bool = False) -> KfacStats:
+    """K-FAC sums of one layer applied at T positions, from per-example activations
+    a [B, T, in] and pre-activation gradients g [B, T, out] (from any model, e.g. through
+    taps): ``a_sums[0]`` = Σ_i w_i Σ_t ã ãᵀ [in+1, in+1] (ã: a with a 1 appended when
+    ``bias``), ``s_sums[0]`` = Σ_i w_i Σ_t g gᵀ [out, out], divided by T when
+    ``average_s_over_positions`` (KFC's convolution convention, Grosse & Martens 2016; see
+    the comment above). Feed :func:`kfac_factors` for one :class:`DenseFactors`; T = 1
+    is a plain dense layer."""
+    a, g, weights = _check_positions(a, g, weights, bias)
+    return _positions_kfac_sums(a, g, weights, average_s_over_positions)
+
+
+@jax.jit
+def _positions_ekfac_sums(factor, a, g, weights):
+    # Q_Sᵀ (Σ_t g_t ã_tᵀ) Q_A per example [B, out, in+1]
+    rotated = jnp.einsum("bto,bti->boi", g @ factor.s_eigvecs, a @ factor.a_eigvecs)
+    return EkfacStats([jnp.einsum("b,boi->oi", weights, rotated**2)], jnp.sum(weights))
+
+
+def positions_ekfac_stats(factor: DenseFactors, a: jax.Array, g: jax.Array,
+                          weights: jax.Array | None = None, *, bias: bool = True) -> EkfacStats:
+    """EK-FAC sums ``sq_sums[0]`` = Σ_i w_i (Q_Sᵀ G_i Q_A)² [out, in+1] with the summed
+    weight gradient G_i = Σ_t g_t ã_tᵀ (arguments as :func:`positions_kfac_stats`;
+    ``factor`` from :func:`kfac_factors`). Feed ``ekfac_factors([factor], stats)``."""
+    a, g, weights = _check_positions(a, g, weights, bias)
+    if factor.a_eigvecs.shape[0] != a.shape[-1] or factor.s_eigvecs.shape[0] != g.shape[-1]:
+        raise InputError(f"factor: sized for in+1={factor.a_eigvecs.shape[0]}, "
+                         f"out={factor.s_eigvecs.shape[0]}; got {a.shape[-1]}, {g.shape[-1]}")
+    return _positions_ekfac_sums(factor._replace(corrected=None), a, g, weights)
+
+
+def precondition_matrix(grad_matrix: jax.Array, factor: DenseFactors,
+                        damping: float | None = None, *, method: str = "ekfac") -> jax.Array:
+    """(F̂ + λI)⁻¹ vec(G) for one layer's gradient G [out, in+1] (bias last column; for a
+    convolution, :func:`conv_weight_matrix`'s layout), F̂ and ``damping`` as in
+    :func:`precondition`. Returns [out, in+1]."""
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    if damping is not None and not damping >= 0:
+        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
+    if method == "ekfac" and factor.corrected is None:
+        raise InputError("factor: EK-FAC needs corrected eigenvalues (ekfac_factors)")
+    lam = _layer_damping(factor, method, damping)
+    return _precondition_matrix(jnp.asarray(grad_matrix), factor, method, lam)
+
+
+# --- 3x3 SAME convolutions of memjax.models.classifier's CNN -----------------------------
+
+
+def conv_patches(image: jax.Array) -> jax.Array:
+    """im2col of a 3x3 SAME (zero-padded) convolution: image [H, W, C] -> patches
+    [H*W, 9*C], ordered (row offset, column offset, channel) like the kernel
+    [3, 3, C, C_out].reshape(9*C, C_out) of ``memjax.models.classifier.conv3x3_same``."""
+    height, width, _ = image.shape
+    padded = jnp.pad(image, ((1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([padded[i:i + height, j:j + width]
+                               for i in range(3) for j in range(3)], axis=-1)
+    return patches.reshape(height * width, -1)
+
+
+def conv_weight_matrix(conv: dict[str, jax.Array]) -> jax.Array:
+    """A conv layer {"w": [3, 3, C_in, C_out], "b": [C_out]} as W [C_out, 9*C_in+1] (bias
+    last column), the matrix K-FAC's factors act on: pre-activation = W ã per patch."""
+    kernel = conv["w"].reshape(-1, conv["w"].shape[-1])
+    return jnp.concatenate([kernel, conv["b"][None, :]], axis=0).T
+
+
+def _cnn_parts(params):
+    if not isinstance(params, dict) or not params.get("convs") or "layers" not in params:
+        raise InputError("params: expected a CNN classifier's params {'convs': [...], "
+                         "'layers': [...]}")
+    if any("res" in conv for conv in params["convs"]):
+        raise InputError("params: residual CNNs (convs with 'res') are not covered by K-FAC "
+                         "here; use positions_kfac_stats with the block's activations")
+    return list(params["convs"]), list(params["layers"])
+
+
+def _cnn_forward(convs, layers, image, conv_offsets, dense_offsets):
+    """Logits [C] of one image [H, W, C_in] through the plain CNN of
+    ``classifier_logits``; every conv layer's patches with a 1 appended [H*W, 9*C+1] and
+    every dense layer's ã [in+1]; offsets are added to the pre-activations."""
+    h = jnp.asarray(image, convs[0]["w"].dtype)
+    patches = []
+    for conv, offset in zip(convs, conv_offsets, strict=True):
+        height, width, _ = h.shape
+        patch = _with_bias_column(conv_patches(h))
+        patches.append(patch)
+        pre = patch @ conv_weight_matrix(conv).T + offset  # [H*W, C_out]
+        h = jax.nn.relu(pre).reshape(height // 2, 2, width // 2, 2, -1).mean(axis=(1, 3))
+    logits, inputs = _forward(layers, h, dense_offsets)
+    return logits, patches, inputs
+
+
+def _cnn_per_example(convs, layers, image, y):
+    """Per conv layer: patches [H*W, 9*C+1] and g [H*W, C_out]; per dense layer: ã, g."""
+    sizes = [image.shape[0] * image.shape[1] // 4**k for k in range(len(convs))]
+    conv_zeros = [jnp.zeros((n, c["b"].shape[0]), c["b"].dtype)
+                  for n, c in zip(sizes, convs, strict=True)]
+    dense_zeros = [jnp.zeros_like(layer["b"]) for layer in layers]
+
+    def loss(conv_offsets, dense_offsets):
+        logits, patches, inputs = _cnn_forward(convs, layers, image, conv_offsets,
+                                               dense_offsets)
+        return -jax.nn.log_softmax(logits)[y], (patches, inputs)
+
+    (conv_g, dense_g), (patches, inputs) = jax.grad(loss, argnums=(0, 1), has_aux=True)(
+        conv_zeros, dense_zeros)
+    return patches, conv_g, inputs, dense_g
+
+
+@jax.jit
+def _cnn_logits(convs, layers, x):
+    def one(image):
+        return _cnn_forward(convs, layers, image, [0.0] * len(convs),
+                            [0.0] * len(layers))[0]
+    return jax.vmap(one)(x)
+
+
+@jax.jit
+def _cnn_kfac_sums(convs, layers, x, y, weights):
+    patches, conv_g, inputs, dense_g = jax.vmap(_cnn_per_example, in_axes=(None, None, 0, 0))(
+        convs, layers, x, y)
+    conv_stats = [_positions_kfac_sums(a, g, weights, True)
+                  for a, g in zip(patches, conv_g, strict=True)]
+    a_sums = [s.a_sums[0] for s in conv_stats]
+    a_sums += [jnp.einsum("b,bi,bj->ij", weights, a, a) for a in inputs]
+    s_sums = [s.s_sums[0] for s in conv_stats]
+    s_sums += [jnp.einsum("b,bi,bj->ij", weights, g, g) for g in dense_g]
+    return KfacStats(a_sums, s_sums, jnp.sum(weights))
+
+
+def cnn_kfac_batch_stats(params: dict[str, Any], x: jax.Array, y: jax.Array | None = None, *,
+                         fisher: str = "true", key: jax.Array | None = None,
+                         weights: jax.Array | None = None) -> KfacStats:
+    """K-FAC sums over one batch x [B, H, W, C] for the plain CNN of
+    ``memjax.models.classifier`` ({"convs", "layers"}, no residual blocks): one entry per
+    conv layer (KFC convention: A over summed patch outer products [9*C_in+1]², S over
+    summed gradient outer products / positions [C_out]²), then one per dense layer as in
+    :func:`kfac_batch_stats` (same arguments). Layer order: convs, then layers."""
+    convs, layers = _cnn_parts(params)
+    labels = _cnn_labels(convs, layers, x, y, fisher, key)
+    return _cnn_kfac_sums(convs, layers, x, labels, _weights(x, weights, layers[0]["w"].dtype))
+
+
+def _cnn_labels(convs, layers, x, y, fisher, key):
+    if fisher == "true":
+        if key is None:
+            raise InputError("key: the true Fisher samples labels and needs a PRNG key")
+        return jax.random.categorical(key, _cnn_logits(convs, layers, x), axis=-1)
+    return _labels(layers, x, y, fisher, key)
+
+
+# --- Embedding layers --------------------------------------------------------------------
+#
+# An embedding table E [V, d] looks up row tok_t at every position: its "input" is the one-hot
+# e_{tok_t} and its gradient G = Σ_t g_t e_{tok_t}ᵀ [d, V] (column v: the summed g of the
+# positions holding token v). A = E[Σ_t e e ᵀ] is exactly diagonal, the expected count of each
+# token per example, so K-FAC needs only the vector of counts and Q_A = I. EK-FAC therefore
+# keeps the standard basis on the token side and rotates only the d side:
+# Λ_ov = E[(Q_Sᵀ G)_ov²] [d, V], one refitted eigenvalue per (S-eigenvector, token) pair.
+
+
+class EmbeddingFactors(NamedTuple):
+    """One embedding table's factors: A's diagonal [V] (expected token counts per example),
+    S's eigenvalues [d] / eigenvectors [d, d], EK-FAC's Λ [d, V] (None until
+    :func:`embedding_ekfac_factors`)."""
+
+    a_diag: jax.Array
+    s_eigvals: jax.Array
+    s_eigvecs: jax.Array
+    corrected: jax.Array | None = None
+
+
+def _check_tokens(tokens, g, vocab_size, weights):
+    tokens, g = jnp.asarray(tokens), jnp.asarray(g)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InputError(f"tokens: expected integer ids [B, T], got {tokens.dtype} "
+                         f"{tokens.shape}")
+    if g.ndim != 3 or g.shape[:2] != tokens.shape:
+        raise InputError(f"g: expected gradients [B, T, d] with B, T = {tokens.shape}, got "
+                         f"shape {g.shape}")
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+        raise InputError(f"vocab_size: expected a positive int, got {vocab_size!r}")
+    return tokens, g, _weights(tokens, weights, g.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="vocab_size")
+def _embedding_kfac_sums(tokens, g, weights, vocab_size):
+    counts = jax.vmap(lambda t: jnp.zeros(vocab_size, g.dtype).at[t].add(1.0))(tokens)
+    return KfacStats([weights @ counts], [jnp.einsum("b,bti,btj->ij", weights, g, g)],
+                     jnp.sum(weights))
+
+
+def embedding_kfac_stats(tokens: jax.Array, g: jax.Array, vocab_size: int,
+                         weights: jax.Array | None = None) -> KfacStats:
+    """K-FAC sums of an embedding table from token ids [B, T] and the gradients g [B, T, d]
+    with respect to the looked-up rows: ``a_sums[0]`` is the *diagonal* [V] Σ_i w_i counts_i
+    (the full A is diag of it), ``s_sums[0]`` = Σ_i w_i Σ_t g gᵀ [d, d]. Merge with
+    :func:`merge_stats`; factor with :func:`embedding_factors`."""
+    tokens, g, weights = _check_tokens(tokens, g, vocab_size, weights)
+    return _embedding_kfac_sums(tokens, g, weights, vocab_size)
+
+
+def embedding_factors(stats: KfacStats) -> EmbeddingFactors:
+    """A's diagonal a_sums / count and S = s_sums / count's eigendecomposition."""
+    s_vals, s_vecs = jnp.linalg.eigh(stats.s_sums[0] / stats.count)
+    return EmbeddingFactors(stats.a_sums[0] / stats.count, s_vals, s_vecs)
+
+
+def _token_gradients(tokens, g, vocab_size):
+    """Per-example G [B, V, d]: row v sums g over the positions holding token v."""
+    return jax.vmap(lambda t, gi: jnp.zeros((vocab_size, gi.shape[-1]), gi.dtype).at[t].add(gi))(
+        tokens, g)
+
+
+@functools.partial(jax.jit, static_argnames="vocab_size")
+def _embedding_ekfac_sums(s_eigvecs, tokens, g, weights, vocab_size):
+    rotated = _token_gradients(tokens, g, vocab_size) @ s_eigvecs  # [B, V, d]
+    return EkfacStats([jnp.einsum("b,bvo->ov", weights, rotated**2)], jnp.sum(weights))
+
+
+def embedding_ekfac_stats(factors: EmbeddingFactors, tokens: jax.Array, g: jax.Array,
+                          weights: jax.Array | None = None) -> EkfacStats:
+    """EK-FAC sums ``sq_sums[0]`` = Σ_i w_i (Q_Sᵀ G_i)² [d, V] (module comment; memory
+    B·V·d). Feed :func:`embedding_ekfac_factors`."""
+    vocab_size = int(factors.a_diag.shape[0])
+    tokens, g, weights = _check_tokens(tokens, g, vocab_size, weights)
+    return _embedding_ekfac_sums(factors.s_eigvecs, tokens, g, weights, vocab_size)
+
+
+def embedding_ekfac_factors(factors: EmbeddingFactors, stats: EkfacStats) -> EmbeddingFactors:
+    """The embedding factors with EK-FAC's Λ = sq_sums / count [d, V]."""
+    return factors._replace(corrected=stats.sq_sums[0] / stats.count)
+
+
+def precondition_embedding(grad_table: jax.Array, factors: EmbeddingFactors,
+                           damping: float | None = None, *, method: str = "ekfac") -> jax.Array:
+    """(F̂ + λI)⁻¹ ∇ for an embedding table's gradient [V, d] (the table's own layout), with
+    F̂ = diag(a) ⊗ S (``"kfac"``) or (I ⊗ Q_S) diag(Λ) (I ⊗ Q_S)ᵀ (``"ekfac"``); ``damping``
+    None: 0.1 × the mean eigenvalue, as :func:`precondition`. Returns [V, d]."""
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    if damping is not None and not damping >= 0:
+        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
+    if method == "ekfac" and factors.corrected is None:
+        raise InputError("factors: EK-FAC needs corrected eigenvalues (embedding_ekfac_factors)")
+    if method == "kfac":
+        curvature = factors.s_eigvals[:, None] * factors.a_diag[None, :]
+    else:
+        curvature = factors.corrected
+    lam = DAMPING_HEURISTIC * jnp.mean(curvature) if damping is None else damping
+    rotated = factors.s_eigvecs.T @ jnp.asarray(grad_table).T  # [d, V]
+    return (factors.s_eigvecs @ (rotated / (curvature + lam))).T
