@@ -21,7 +21,9 @@
   :func:`ekfac_batch_stats` / :func:`ekfac_factors`, :func:`kfac_precondition`),
   convolutions (KFC, Grosse & Martens 2016: :func:`cnn_kfac_batch_stats`), layers applied
   per token (:func:`positions_kfac_stats`, :func:`kfac_precondition_matrix`) and
-  embeddings (:func:`embedding_kfac_stats`), streamed with :func:`merge_kfac_stats`.
+  embeddings (:func:`embedding_kfac_stats`), streamed with :func:`merge_kfac_stats`;
+  :func:`dense_preconditioner` / :func:`cg_preconditioner` / :func:`ekfac_preconditioner`
+  for curvature-aware mirrored influence, ``forward_inf(precondition=...)``.
 - Many queries: :func:`gradient_store` (projected per-example training gradients in a
   resumable store, once), :func:`query_vectors` and :func:`query_store` (blocked scoring
   with running top-k / bottom-k, never an N x T matrix); :func:`factorized_projection`
@@ -102,6 +104,11 @@ from memjax.influence._losses import (
     zero_shot_logits,
     zero_shot_loss,
 )
+from memjax.influence._preconditioners import (
+    cg_preconditioner,
+    dense_preconditioner,
+    ekfac_preconditioner,
+)
 from memjax.influence._stats import lds, pearson, spearman
 
 __all__ = [
@@ -113,16 +120,19 @@ __all__ = [
     "ProjectedGradient",
     "SolveResult",
     "causal_lm_loss",
+    "cg_preconditioner",
     "cg_solve",
     "cnn_kfac_batch_stats",
     "conv_patches",
     "conv_weight_matrix",
     "cross_entropy_loss",
     "dense_curvature",
+    "dense_preconditioner",
     "dense_solve",
     "dual_loo_influence",
     "ekfac_batch_stats",
     "ekfac_factors",
+    "ekfac_preconditioner",
     "embedding_ekfac_factors",
     "embedding_ekfac_stats",
     "embedding_factors",

@@ -168,11 +168,18 @@ def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
 
 
 def update_params(objective: Callable[[list], jax.Array], train: list,
-                  tx: optax.GradientTransformation, steps: int) -> list:
-    """``steps`` optimizer steps minimizing ``objective`` from ``train`` (a list of leaves)."""
+                  tx: optax.GradientTransformation, steps: int,
+                  transform_grad: Callable[[list], list] | None = None) -> list:
+    """``steps`` optimizer steps minimizing ``objective`` from ``train`` (a list of leaves).
+
+    ``transform_grad`` (list of leaves -> list of leaves), when given, maps each gradient
+    before the optimizer sees it (e.g. an inverse-curvature preconditioner)."""
     def step(carry, _):
         w, state = carry
-        updates, state = tx.update(jax.grad(objective)(w), state, w)
+        grad = jax.grad(objective)(w)
+        if transform_grad is not None:
+            grad = transform_grad(grad)
+        updates, state = tx.update(grad, state, w)
         return (optax.apply_updates(w, updates), state), None
 
     (w, _), _ = jax.lax.scan(step, (train, tx.init(train)), None, length=steps)
@@ -186,6 +193,24 @@ def small_step_tangent(grad: list, optimizer: str, lr: float, steps: int) -> lis
     if optimizer == "sgd":
         return [steps * lr * g for g in grad]
     return [steps * lr * jnp.sign(g) for g in grad]
+
+
+def precondition_trainable(precondition: Callable[[Any], Any], treedef: Any, leaves: list,
+                           mask: tuple[bool, ...], grad: list) -> list:
+    """``precondition`` applied to a gradient given as its trainable leaves.
+
+    ``precondition`` sees the gradient in the params layout (``treedef``), with zeros on the
+    frozen leaves, and must return the same layout; its frozen leaves are dropped.
+    """
+    zeros = [jnp.zeros_like(leaf) for leaf in leaves]
+    full = jax.tree.unflatten(treedef, merge_trainable(zeros, mask, grad))
+    out = precondition(full)
+    out_leaves, out_def = jax.tree.flatten(out)
+    if out_def != treedef:
+        raise InputError(f"precondition: expected it to return the params layout {treedef}, "
+                         f"got {out_def}")
+    return [o.astype(g.dtype) for o, g in zip(select_trainable(out_leaves, mask), grad,
+                                              strict=True)]
 
 
 # ---- per training example functions (run by the engine) -----------------------------
@@ -287,12 +312,22 @@ def _check_positive(name: str, value: Any, integer: bool) -> None:
         raise InputError(f"{name}={value!r}: expected a positive finite {kind}")
 
 
-def check_settings(*, mode: str, optimizer: str, lr: Any, steps: Any) -> None:
-    """InputError unless mode, optimizer, lr > 0 and steps >= 1 are valid."""
+def check_settings(*, mode: str, optimizer: str, lr: Any, steps: Any,
+                   precondition: Any = None) -> None:
+    """InputError unless mode, optimizer, lr > 0, steps >= 1 and precondition (None, or a
+    function used with ``optimizer="sgd"``) are valid."""
     check_choice("mode", mode, MODES)
     check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_positive("lr", lr, integer=False)
     _check_positive("steps", steps, integer=True)
+    if precondition is not None:
+        if not callable(precondition):
+            raise InputError(f"precondition: expected a function grads -> preconditioned "
+                             f"grads (params layout), got {type(precondition).__name__}")
+        if optimizer != "sgd":
+            raise InputError(f"precondition: defined for optimizer='sgd' only (θ' = θ ± "
+                             f"lr·P∇L(t)), got optimizer={optimizer!r}; a sign or Adam step "
+                             "would discard the preconditioned magnitudes")
 
 
 # ---- entry point --------------------------------------------------------------------
@@ -311,6 +346,7 @@ def forward_inf(
     group: bool = False,
     score: str = "oriented",
     trainable: Any = None,
+    precondition: Callable[[Any], Any] | None = None,
     batch_size: int | None = None,
     mesh: Any = None,
     store: ScoreStore | str | None = None,
@@ -333,6 +369,14 @@ def forward_inf(
     a sign step up to eps): oriented = g_i·v_t, δ = ±g_i·v_t. No per-example gradient of
     a training example is ever formed.
 
+    ``precondition`` (a pure, traceable ``grads -> P grads`` on the params layout, e.g.
+    :func:`dense_preconditioner`, :func:`cg_preconditioner`, :func:`ekfac_preconditioner`)
+    replaces each test gradient g_t by P g_t before the update (SGD only): θ' = θ ± lr·P g_t,
+    and at first order oriented = lr·steps·g_i·P g_t. With P = (H + λI)⁻¹, H the Hessian of
+    the training objective, this is the influence-function score (Koh & Liang, ICML 2017)
+    up to the factor 1/n, computed with forward passes over the training set. In finite mode
+    the fixed P multiplies every step's gradient (taken at that step's parameters).
+
     Differences from the reference code (reds-lab/Forward-INF): BatchNorm statistics
     (NNX ``BatchStat``) are frozen rather than drifting in train mode; base losses are not
     recomputed per test example; its |δ| is ``score="abs"`` here, not the default.
@@ -350,6 +394,8 @@ def forward_inf(
       group: one update on the mean loss of all T test examples; returns [N].
       score: ``"oriented"`` (positive = supports), ``"delta"`` (raw δ) or ``"abs"`` (|δ|).
       trainable: which leaves are updated (see :func:`trainable_mask`).
+      precondition: None (plain step) or ``grads -> P grads``; it receives the gradient
+        in the params layout with zeros on frozen leaves. ``optimizer="sgd"`` only.
       batch_size: training examples per engine batch (default 64 per data device).
       mesh: the engine mesh (default: every device on ``data``).
       store: a :class:`ScoreStore` or folder: scores stream there (field ``score``,
@@ -360,7 +406,8 @@ def forward_inf(
     Returns:
       float32 [T, N] (or [N] with ``group=True``), or the completed store.
     """
-    check_settings(mode=mode, optimizer=optimizer, lr=lr, steps=steps)
+    check_settings(mode=mode, optimizer=optimizer, lr=lr, steps=steps,
+                   precondition=precondition)
     direction = check_choice("direction", direction, DIRECTIONS)
     score = check_choice("score", score, SCORES)
     _check_positive("memory_budget", memory_budget, integer=True)
@@ -390,7 +437,7 @@ def forward_inf(
     # One function object for every chunk, so the engine compiles it once.
     fn = make_fn(loss_fn, treedef, tuple(mask), score, orient)
     per_test = _per_test_fn(loss_fn, treedef, tuple(mask), mode, orient, optimizer,
-                            float(lr), int(steps), group)
+                            float(lr), int(steps), group, precondition)
 
     results = []
     for lo in range(0, n_copies, chunk):
@@ -409,8 +456,9 @@ def forward_inf(
 
 
 def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: str,
-                 orient: float, optimizer: str, lr: float, steps: int,
-                 group: bool) -> Callable[[list, dict[str, np.ndarray]], list]:
+                 orient: float, optimizer: str, lr: float, steps: int, group: bool,
+                 precondition: Callable[[Any], Any] | None = None,
+                 ) -> Callable[[list, dict[str, np.ndarray]], list]:
     """(base leaves, batch of test examples) -> stacked trainable leaves (finite) or
     tangents (first order).
 
@@ -429,12 +477,19 @@ def _per_test_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], mode: st
 
     def one(leaves, examples):
         train0 = select_trainable(leaves, mask)
+        transform = None
+        if precondition is not None:
+            transform = functools.partial(precondition_trainable, precondition, treedef,
+                                          leaves, mask)
         if mode == "first_order":
             grad = jax.grad(test_loss, argnums=1)(leaves, train0, examples)
+            if transform is not None:
+                grad = transform(grad)
             return small_step_tangent(grad, optimizer, lr, steps)
         # Ascent maximizes the test loss: minimize orient·(−loss) = −loss.
         objective = lambda w: -orient * test_loss(leaves, w, examples)  # noqa: E731
-        return update_params(objective, train0, make_optimizer(optimizer, lr), steps)
+        return update_params(objective, train0, make_optimizer(optimizer, lr), steps,
+                             transform)
 
     if group:
         return cached_jit(lambda leaves, batch: jax.tree.map(lambda x: x[None],
