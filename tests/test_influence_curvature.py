@@ -8,31 +8,27 @@ import numpy as np
 import pytest
 import scipy.special
 
-from memjax.data.arrays import digits
 from memjax.engine import make_mesh
 from memjax.errors import InputError
 from memjax.influence import (
     dense_curvature,
     ekfac_batch_stats,
     ekfac_factors,
-    fit_logistic,
     forward_inf,
     kfac_batch_stats,
     kfac_factors,
     logistic_loss,
-    loo_influence,
 )
 from memjax.influence._preconditioners import (
     cg_preconditioner,
     dense_preconditioner,
     ekfac_preconditioner,
 )
+from tests.test_influence_convex import L2, N_TOP, convex  # noqa: F401 (a fixture)
 
 # A ground truth must never be silently wrong: an unconverged fit's warning fails the test.
 pytestmark = pytest.mark.filterwarnings("error:.*did not converge:RuntimeWarning")
 
-L2 = 0.01  # the setting of tests/test_influence_convex.py (sklearn C = 1/(n·0.01))
-N_TRAIN, N_TOP = 200, 10
 
 
 def _layer_loss(p, ex):
@@ -169,23 +165,6 @@ def test_bad_precondition(rng):
 
 # ---- the convex check (Ko et al. 2024's setup, as in tests/test_influence_convex.py) -----
 
-@pytest.fixture(scope="module")
-def convex():
-    d = digits()
-    x = d.arrays["image"].reshape(len(d.arrays["image"]), -1).astype(np.float64)
-    y = d.arrays["label"]
-    perm = np.random.default_rng(0).permutation(len(x))
-    tr, te = perm[:N_TRAIN], perm[N_TRAIN:]
-    fit = fit_logistic(x[tr], y[tr], l2=L2, n_classes=10)
-    per = jax.vmap(logistic_loss, in_axes=(None, 0, 0))
-    with jax.enable_x64(True):  # as tests/test_influence_convex.py ranks them
-        losses = np.asarray(per(jax.tree.map(jnp.asarray, fit.params), x[te], y[te]))
-    top = te[np.argsort(-losses)[:N_TOP]]  # the 10 highest-loss test examples
-    loo, loo_grad = loo_influence(x[tr], y[tr], x[top], y[top], l2=L2, n_classes=10)
-    assert loo_grad < 1e-11  # every refit converged to _loo's tolerance TOL = 1e-11
-    return x[tr], y[tr], x[top], y[top], fit, loo
-
-
 def _training_hessian(fit, x, y):
     """Float64 Hessian of the LOO objective J = (1/n)Σ CE + (l2/2)||W||² + ½(Σb)² at θ̂ (the
     L2 and gauge terms included: LOO's refits minimise exactly this J), in the layer layout."""
@@ -205,8 +184,9 @@ def _pearson(a, b):
     return np.array([np.corrcoef(a[k], b[k])[0, 1] for k in range(len(a))])
 
 
-def test_mirrored_influence_with_curvature_matches_loo(convex):
-    x, y, tx, ty, fit, loo = convex
+def test_mirrored_influence_with_curvature_matches_loo(convex):  # noqa: F811 (the fixture)
+    x, y, tx, ty, fit, loo, loo_grad = convex
+    assert loo_grad < 1e-11  # every refit converged to _loo's tolerance TOL = 1e-11
     params = _as_params(fit.params["w"], fit.params["b"])
     test, train = _f32(tx, ty), _f32(x, y)
     mesh = make_mesh(devices=jax.devices()[:1])
