@@ -238,6 +238,13 @@ def _precondition_matrix(grad_matrix, factor: DenseFactors, method: str, damping
     return factor.s_eigvecs @ (rotated / (curvature + damping)) @ factor.a_eigvecs.T
 
 
+def _check_method_and_damping(method: str, damping: float | None) -> None:
+    if method not in METHODS:
+        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
+    if damping is not None and not damping >= 0:
+        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
+
+
 def precondition(grads: dict[str, Any], factors: list[DenseFactors], damping: float | None = None,
                  *, method: str = "ekfac") -> dict[str, Any]:
     """(F̂ + λI)⁻¹ ∇ per dense layer, F̂ = A ⊗ S (``method="kfac"``; eigenvalues λ_A λ_S) or
@@ -245,10 +252,7 @@ def precondition(grads: dict[str, Any], factors: list[DenseFactors], damping: fl
     layout ``{"layers": [{"w": [in, out], "b": [out]}]}`` (e.g. ``jax.grad``); returns the
     same layout. ``damping``: λ for every layer, or None for the per-layer rule of the
     module docstring."""
-    if method not in METHODS:
-        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
-    if damping is not None and not damping >= 0:
-        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
+    _check_method_and_damping(method, damping)
     layers = _mlp_layers(grads)
     if len(factors) != len(layers):
         raise InputError(f"factors: {len(factors)} layers for gradients of {len(layers)}")
@@ -342,10 +346,7 @@ def precondition_matrix(grad_matrix: jax.Array, factor: DenseFactors,
     """(F̂ + λI)⁻¹ vec(G) for one layer's gradient G [out, in+1] (bias last column; for a
     convolution, :func:`conv_weight_matrix`'s layout), F̂ and ``damping`` as in
     :func:`precondition`. Returns [out, in+1]."""
-    if method not in METHODS:
-        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
-    if damping is not None and not damping >= 0:
-        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
+    _check_method_and_damping(method, damping)
     if method == "ekfac" and factor.corrected is None:
         raise InputError("factor: EK-FAC needs corrected eigenvalues (ekfac_factors)")
     lam = _layer_damping(factor, method, damping)
@@ -546,10 +547,7 @@ def precondition_embedding(grad_table: jax.Array, factors: EmbeddingFactors,
     """(F̂ + λI)⁻¹ ∇ for an embedding table's gradient [V, d] (the table's own layout), with
     F̂ = diag(a) ⊗ S (``"kfac"``) or (I ⊗ Q_S) diag(Λ) (I ⊗ Q_S)ᵀ (``"ekfac"``); ``damping``
     None: 0.1 × the mean eigenvalue, as :func:`precondition`. Returns [V, d]."""
-    if method not in METHODS:
-        raise InputError(f"method: expected one of {METHODS}, got {method!r}")
-    if damping is not None and not damping >= 0:
-        raise InputError(f"damping: expected a number >= 0 or None, got {damping!r}")
+    _check_method_and_damping(method, damping)
     if method == "ekfac" and factors.corrected is None:
         raise InputError("factors: EK-FAC needs corrected eigenvalues (embedding_ekfac_factors)")
     if method == "kfac":

@@ -37,7 +37,15 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import ACTIVATIONS, AttentionMask, Dense, LayerNorm, attention
+from memjax.models.layers import (
+    ACTIVATIONS,
+    AttentionMask,
+    Dense,
+    LayerNorm,
+    apply_rotary,
+    attention,
+    rotary_tables,
+)
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
@@ -87,24 +95,7 @@ def rotary_inv_freq(config: GPTNeoXConfig) -> np.ndarray:
 
 def rotary_cos_sin(config: GPTNeoXConfig, length: int) -> tuple[jax.Array, jax.Array]:
     """``cos``, ``sin`` [T, rotary_ndims] float32 for positions ``0..T-1``."""
-    inv_freq = jnp.asarray(rotary_inv_freq(config))
-    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate the first ``cos.shape[-1]`` dims of x [B, T, H, Dh]; cos/sin [T, R]."""
-    r = cos.shape[-1]
-    cos = cos[None, :, None, :].astype(x.dtype)
-    sin = sin[None, :, None, :].astype(x.dtype)
-    rot, keep = x[..., :r], x[..., r:]
-    return jnp.concatenate([rot * cos + _rotate_half(rot) * sin, keep], axis=-1)
+    return rotary_tables(rotary_inv_freq(config), length)
 
 
 class GPTNeoXLayer(nnx.Module):

@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.extend.backend import get_backend
 
@@ -20,6 +21,31 @@ ACTIVATIONS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
+
+
+def rotary_tables(inv_freq: np.ndarray | jax.Array, length: int
+                   ) -> tuple[jax.Array, jax.Array]:
+    """``cos``, ``sin`` [T, 2 * len(inv_freq)] float32 of rotary embeddings (Su et al. 2021)
+    for positions ``0..T-1``, each frequency repeated over both halves as HF builds them."""
+    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate the first ``R = cos.shape[-1]`` dims of x [B, T, H, Dh] by cos/sin [T, R]
+    (HF's ``apply_rotary_pos_emb``); the other ``Dh - R`` dims (GPT-NeoX's partial rotary)
+    pass through."""
+    r = cos.shape[-1]
+    cos = cos[None, :, None, :].astype(x.dtype)
+    sin = sin[None, :, None, :].astype(x.dtype)
+    rotated = x[..., :r] * cos + _rotate_half(x[..., :r]) * sin
+    return rotated if r == x.shape[-1] else jnp.concatenate([rotated, x[..., r:]], axis=-1)
 
 
 class Dense(nnx.Module):

@@ -85,7 +85,14 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from memjax.errors import InputError
-from memjax.models.layers import ACTIVATIONS, AttentionMask, Dense, attention
+from memjax.models.layers import (
+    ACTIVATIONS,
+    AttentionMask,
+    Dense,
+    apply_rotary,
+    attention,
+    rotary_tables,
+)
 from memjax.models.registry import Architecture, check_config, register
 from memjax.models.taps import Taps, tap
 
@@ -253,10 +260,7 @@ def rotary_inv_freq(config: LlamaConfig, length: int | None = None) -> np.ndarra
 def rotary_cos_sin(config: LlamaConfig, length: int) -> tuple[jax.Array, jax.Array]:
     """``cos``, ``sin`` [T, head_dim] float32 for positions ``0..T-1`` (yarn: times its
     attention factor, as HF's ``attention_scaling``)."""
-    inv_freq = jnp.asarray(rotary_inv_freq(config, length))
-    freqs = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    cos, sin = rotary_tables(rotary_inv_freq(config, length), length)
     if config.rope_type == "yarn":
         scaling = jnp.float32(yarn_attention_factor(config))
         cos, sin = cos * scaling, sin * scaling
@@ -274,18 +278,6 @@ def layer_windows(config: LlamaConfig) -> tuple[int | None, ...]:
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """Gemma 2's soft-capping ``cap * tanh(x / cap)`` (identity when ``cap`` is None)."""
     return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate x [B, T, H, Dh] by cos/sin [T, Dh] (HF's ``apply_rotary_pos_emb``)."""
-    cos = cos[None, :, None, :].astype(x.dtype)
-    sin = sin[None, :, None, :].astype(x.dtype)
-    return x * cos + _rotate_half(x) * sin
 
 
 class RMSNorm(nnx.Module):
