@@ -156,11 +156,13 @@ def test_gpt2_store_resumes_to_the_same_scores(gpt2, gpt2_scores, tmp_path):
     fn, validate = signal_function(model, "tokens")
     kwargs = dict(batch_size=16, progress=False, validate=validate, prefetch=2)
     # Chunks of 32 examples (two batches, one sort window each); the 3rd window read fails.
+    # Read-ahead off for the interrupted run: with it, the 3rd read could fail before chunk
+    # 0 was written, and a store that fails before its first chunk leaves nothing.
     with pytest.raises(OSError, match="disk gone"):
-        score(fn, model.params, FailingSource(data, fail_at=3), **kwargs,
+        score(fn, model.params, FailingSource(data, fail_at=3), **{**kwargs, "prefetch": 0},
               store=ScoreStore(tmp_path / "s", chunk_size=32))
     interrupted = ScoreStore(tmp_path / "s")
-    # Mid-run: chunk 0 written (chunk 1's last batch was still in flight), not complete.
+    # Mid-run: the chunks before the failing window written, not complete.
     assert 0 in interrupted.done_chunks() and not interrupted.complete
     resumed = score(fn, model.params, FailingSource(data, fail_at=None), **kwargs,
                     store=tmp_path / "s").read()
