@@ -12,6 +12,18 @@ example), ``metrics.json``, ``index.html`` and a histogram PNG.
 - ``leakage``: one row per TEST example: ``test_id``, ``test_name``, ``source_ids`` [k]
   and ``source_names`` [k], best first.
 - ``lava``: ``id``, ``name``, ``lava_value``.
+- ``store``: every training example's projected loss gradient Rᵀg_i [k], computed once into
+  a resumable gradient store folder (``--store``: ``settings.json`` + the score store
+  ``rows/``); the results folder has ``id``, ``name``, ``projected_grad_norm``.
+- ``query``: test examples against a gradient store: one row per TEST example with
+  ``supporting_ids`` / ``supporting_scores`` [k] (highest first) and ``opposing_ids`` /
+  ``opposing_scores`` [k] (lowest first), streamed (never an N x T matrix).
+
+``--curvature`` (``scores`` and ``query``): ``none`` (the plain gradient), ``kfac`` /
+``ekfac`` (factors fitted over the training set), ``cg`` / ``lissa`` (the Gauss-Newton
+matrix over ``--curvature-examples`` training examples, solved matrix-free and checked to
+converge); ``query`` also takes ``projected``, TRAK's inverse of the stored rows' own
+Gram matrix (Park et al. 2023). Damping: ``--damping`` or 0.1 × the mean eigenvalue.
 
 The loss follows the model's kind: a classifier's cross-entropy (fields ``image``,
 ``label``), a CLIP's zero-shot cross-entropy over ``--classes`` prompts, a causal LM's
@@ -43,13 +55,18 @@ from memjax.errors import InputError
 
 #: The default CLIP prompt (Radford et al. 2021 use "a photo of a {}." for ImageNet).
 DEFAULT_PROMPT = "a photo of a {}."
+#: --curvature choices; "projected" is for query only (the stored rows' own Gram matrix).
+CURVATURES = ("none", "kfac", "ekfac", "cg", "lissa", "projected")
+#: The gradient store folder: its settings beside the score store of the projected rows.
+STORE_SETTINGS, STORE_ROWS = "settings.json", "rows"
 
 
 def register(sub: Any) -> None:
     """Add the subcommand and its arguments to the ``memjax`` parser."""
     influence = sub.add_parser("influence", help="Forward-INF influence (scores, self, "
                                "leakage) of a classifier, CLIP or causal LM, or LAVA values")
-    influence.add_argument("what", choices=["scores", "self", "leakage", "lava"])
+    influence.add_argument("what", choices=["scores", "self", "leakage", "lava", "store",
+                                            "query"])
     influence.add_argument("--model", help="model folder (Hugging Face checkpoint, memjax "
                            "convert output or memjax.train model): a classifier, a CLIP "
                            "(zero-shot over --classes) or a causal LM (not for lava)")
@@ -59,7 +76,24 @@ def register(sub: Any) -> None:
     influence.add_argument("--out", required=True, type=results_folder,
                            help="results folder (scores.parquet, metrics.json, index.html)")
     influence.add_argument("--store", help="scores: also stream the [N, T] scores to this "
-                           "resumable score store folder")
+                           "resumable score store folder; store/query: the gradient store "
+                           "folder (written by store, read by query)")
+    influence.add_argument("--curvature", default="none", choices=CURVATURES,
+                           help="scores/query: precondition the test gradient by an inverse "
+                           "curvature (query also: 'projected')")
+    influence.add_argument("--damping", type=float, help="curvature damping λ >= 0 (default: "
+                           "0.1 x the mean eigenvalue of the curvature)")
+    influence.add_argument("--curvature-examples", type=positive_int, default=512,
+                           help="cg/lissa: training examples whose Gauss-Newton matrix is "
+                           "used (a seeded random subset; default 512)")
+    influence.add_argument("--fisher", choices=["true", "empirical"], help="kfac/ekfac: "
+                           "labels sampled from the model (true Fisher; default for "
+                           "classifiers and CLIP) or the data's own labels (empirical; the "
+                           "only choice for causal LMs)")
+    influence.add_argument("--projection-dim", type=positive_int, default=1024,
+                           help="store: k, the width of the stored projected gradients")
+    influence.add_argument("--seed", type=int, default=0, help="store: the projection's seed; "
+                           "cg/lissa: the curvature subset's and probes' seed")
     influence.add_argument("--mode", default="finite", choices=["finite", "first_order"])
     influence.add_argument("--direction", default="ascent", choices=["ascent", "descent"])
     influence.add_argument("--optimizer", default="sgd", choices=["sgd", "adam", "sign"])
@@ -78,7 +112,8 @@ def register(sub: Any) -> None:
                            "line, in label order")
     influence.add_argument("--prompt", default=DEFAULT_PROMPT, help="CLIP: the prompt "
                            f"template, '{{}}' is the class name (default {DEFAULT_PROMPT!r})")
-    influence.add_argument("--k", type=int, default=5, help="leakage: sources per test")
+    influence.add_argument("--k", type=positive_int, default=5, help="leakage: sources per "
+                           "test; query: supporting and opposing training examples per test")
     influence.add_argument("--flagged", help="self/lava: .npy bool [N] of known-bad examples: "
                            "reports the AUROC")
     influence.add_argument("--batch-size", type=positive_int, default=256)
@@ -91,6 +126,9 @@ def cmd_influence(args: argparse.Namespace) -> int:
     """Forward-INF (scores, self, leakage) on any supported model folder, or LAVA values."""
     if args.what == "lava":
         return _influence_lava(args)
+    if args.what == "query":
+        return _query(args)
+    _check_curvature_use(args)
     from memjax.convert import load
 
     if args.model is None:
@@ -116,13 +154,15 @@ def cmd_influence(args: argparse.Namespace) -> int:
         settings += [(k, str(v)) for k, v in step.items() if k != "trainable"]
         return _write_values(args, train, np.asarray(values), "self_influence",
                              "Forward-INF self-influence", settings)
+    if args.what == "store":
+        return _store(args, model, loss_fn, train, trainable, settings)
     if args.test is None:
         raise InputError(f"memjax influence {args.what} needs --test (the test examples)")
     test_source = open_data(args.test, model, args, what="--test")
     _check_loss_fields(model, test_source, "--test")
     test = test_source.read(np.arange(len(test_source)))
     if args.what == "scores":
-        return _scores(args, loss_fn, params, test, test_source, train, step, settings)
+        return _scores(args, model, loss_fn, test, test_source, train, step, settings)
     from memjax.influence import relative_first_order, top_sources
 
     # Ranked by first-order influence relative to self-influence (a gradient cosine): an
@@ -241,12 +281,17 @@ def tokenize_prompts(model: Any, prompts: list[str], args: argparse.Namespace
             np.asarray(encoded["attention_mask"], np.int32))
 
 
-def _scores(args, loss_fn, params, test, test_source, train, step, settings) -> int:
+def _scores(args, model, loss_fn, test, test_source, train, step, settings) -> int:
     from memjax.engine import ScoreStore
     from memjax.influence import forward_inf
 
+    params = model.params
+    precondition, curvature = curvature_preconditioner(args, model, loss_fn, train, test,
+                                                       step["trainable"])
+    settings = [*settings, *curvature]
     out = forward_inf(loss_fn, params, test, train, **step, direction=args.direction,
                       score=args.score, group=args.group, batch_size=args.batch_size,
+                      precondition=precondition,
                       store=ScoreStore(args.store) if args.store else None,
                       progress=not args.no_progress)
     # [N] (group) or [N, T]: one row per training example.
@@ -317,6 +362,244 @@ def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str
     folder = write_results(args.out, title, text, table, metrics,
                            figures=lambda f: [histogram(f, f"{name}.png", values, name)])
     print(f"wrote {name} of {len(values)} training examples")
+    print_metrics(metrics, folder)
+    return 0
+
+
+# ---- curvature ----------------------------------------------------------------------
+
+def _check_curvature_use(args: argparse.Namespace) -> None:
+    """--curvature applies to scores and query; 'projected' to query only."""
+    if args.curvature != "none" and args.what not in ("scores", "query"):
+        raise InputError(f"--curvature {args.curvature}: applies to 'scores' and 'query' "
+                         f"(the test gradient is preconditioned), not to {args.what!r}")
+    if args.curvature == "projected" and args.what != "query":
+        raise InputError("--curvature projected: the Gram matrix of stored projected "
+                         "gradients exists only for 'query'; use kfac, ekfac, cg or lissa")
+    if args.damping is not None and not (np.isfinite(args.damping) and args.damping >= 0):
+        raise InputError(f"--damping {args.damping}: expected a finite number >= 0")
+
+
+def influence_outputs(model: Any, args: argparse.Namespace, train: Any):
+    """``(outputs_fn, output_loss)``: :func:`influence_loss` split at the model's logits,
+    for the Gauss-Newton curvature (cg, lissa) and for sampling labels (true Fisher)."""
+    from memjax.influence import (
+        causal_lm_outputs,
+        classifier_outputs,
+        label_cross_entropy,
+        next_token_cross_entropy,
+        param_leaf,
+        zero_shot_outputs,
+    )
+
+    if model.kind == "classifier":
+        return functools.partial(classifier_outputs, model.apply), label_cross_entropy
+    if model.kind == "causal_lm":
+        return functools.partial(causal_lm_outputs, model.apply), next_token_cross_entropy
+    ids, mask = tokenize_prompts(model, class_prompts(args, train), args)
+    return functools.partial(zero_shot_outputs, model.tower("image").apply,
+                             model.tower("text").apply,
+                             functools.partial(param_leaf, path="logit_scale"), ids,
+                             mask), label_cross_entropy
+
+
+def curvature_preconditioner(args: argparse.Namespace, model: Any, loss_fn, train: Any,
+                             test: dict, trainable) -> tuple[Any, list]:
+    """``(precondition or None, report rows)`` for ``--curvature`` on this model and data."""
+    if args.curvature in ("none", "projected"):
+        return None, []
+    from memjax.influence import gauss_newton_preconditioner
+
+    rows = [("curvature", args.curvature)]
+    if args.curvature in ("cg", "lissa"):
+        outputs_fn, output_loss = influence_outputs(model, args, train)
+        subset = _curvature_subset(train, args.curvature_examples, args.seed)
+        precondition, info = gauss_newton_preconditioner(
+            args.curvature, outputs_fn, output_loss, loss_fn, model.params, subset, test,
+            trainable=trainable, damping=args.damping, seed=args.seed)
+        rows += [("curvature matrix", "Gauss-Newton of the loss"),
+                 *[(f"curvature {k}", v) for k, v in info.items() if k != "method"]]
+        return precondition, rows
+    precondition, info = _kfac_preconditioner(args, model, loss_fn, train, trainable)
+    return precondition, rows + info
+
+
+def _curvature_subset(train: Any, count: int, seed: int) -> dict:
+    """``count`` training examples (all when fewer), a seeded random subset in source
+    order: the examples whose mean Gauss-Newton matrix the solvers use."""
+    n = len(train)
+    rows = np.sort(np.random.default_rng(seed).permutation(n)[:min(count, n)])
+    fields = train.read(rows)
+    return {k: v for k, v in fields.items() if k != "id"}
+
+
+def _kfac_preconditioner(args, model, loss_fn, train, trainable) -> tuple[Any, list]:
+    """K-FAC / EK-FAC factors over the whole training set (one streamed pass, two for
+    EK-FAC) for every dense layer memjax finds in the model; the rest diagonal."""
+    import jax
+
+    from memjax.influence import curvature_preconditioner as kfac_curvature
+    from memjax.influence import fit_kfac, sampled_label
+
+    fisher = args.fisher or ("empirical" if model.kind == "causal_lm" else "true")
+    if fisher == "true" and model.kind == "causal_lm":
+        raise InputError("--fisher true: sampling a causal LM's tokens is not implemented; "
+                         "use --fisher empirical (the data's own next tokens)")
+    sample_fn = None
+    if fisher == "true":
+        sample_fn = functools.partial(sampled_label, influence_outputs(model, args, train)[0])
+    factors = fit_kfac(loss_fn, model.params, train, method=args.curvature,
+                       batch_size=args.batch_size, fisher=fisher, sample_fn=sample_fn,
+                       key=jax.random.key(args.seed), trainable=trainable,
+                       progress=not args.no_progress)
+    precondition = kfac_curvature(factors, damping=args.damping)
+    return precondition, [("fisher", fisher), ("damping", "0.1 x mean eigenvalue per layer"
+                                               if args.damping is None else args.damping),
+                          *factors.summary()]
+
+
+# ---- gradient store ---------------------------------------------------------------
+
+def _store_settings(args: argparse.Namespace, model_path: str, trainable) -> dict:
+    return {"format": "memjax gradient store", "version": 1, "model": model_path,
+            "train": args.train, "projection_dim": args.projection_dim, "seed": args.seed,
+            "block_size": 4096, "trainable": list(trainable) if trainable else None,
+            "classes": args.classes, "classes_file": args.classes_file, "prompt": args.prompt,
+            "max_length": args.max_length, "text_field": args.text_field}
+
+
+def _store(args, model, loss_fn, train, trainable, settings) -> int:
+    """``store``: projected training gradients, once, into ``--store`` (resumable)."""
+    import json
+
+    from memjax._io import atomic_write_json
+    from memjax.engine import ScoreStore
+    from memjax.influence import gradient_store
+
+    if args.store is None:
+        raise InputError("memjax influence store needs --store FOLDER (the gradient store "
+                         "to write, or to resume)")
+    folder = Path(args.store)
+    wanted = _store_settings(args, str(Path(args.model).resolve()), trainable)
+    settings_file = folder / STORE_SETTINGS
+    if settings_file.exists():
+        try:
+            found = json.loads(settings_file.read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--store {args.store}: {STORE_SETTINGS} is unreadable "
+                             f"({error}); expected a memjax gradient store") from None
+        if found != wanted:
+            changed = sorted(k for k in wanted if found.get(k) != wanted[k])
+            raise InputError(f"--store {args.store}: a gradient store made with other "
+                             f"settings ({', '.join(changed)}); use a new folder")
+    elif folder.exists() and any(folder.iterdir()):
+        raise InputError(f"--store {args.store}: the folder is not empty and is not a "
+                         "gradient store; expected a new or empty folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, wanted)
+    rows = gradient_store(loss_fn, model.params, train, ScoreStore(folder / STORE_ROWS),
+                          projection_dim=args.projection_dim, batch_size=args.batch_size,
+                          seed=args.seed, trainable=trainable, progress=not args.no_progress)
+    grads = rows.read()["grad"]
+    norms = np.linalg.norm(grads, axis=1)
+    table = {**id_columns(train), "projected_grad_norm": norms}
+    metrics = [*settings, ("projection dim", args.projection_dim),
+               ("projection seed", args.seed), ("training examples", len(norms)),
+               ("mean projected gradient norm", float(norms.mean())),
+               ("gradient store", str(folder))]
+    text = ("The projected loss gradient Rᵀg_i [k] of every training example (R a seeded "
+            "Gaussian projection, E[RRᵀ] = I) is in the gradient store; query it with "
+            "'memjax influence query --store'. One row per training example: the norm of "
+            "its stored row.")
+    out = write_results(args.out, "Gradient store", text, table, metrics)
+    print(f"stored the projected gradients of {len(norms)} training examples in {folder}")
+    print_metrics(metrics, out)
+    return 0
+
+
+def _open_store(args: argparse.Namespace) -> tuple[dict, Any]:
+    import json
+
+    from memjax.engine import ScoreStore
+
+    if args.store is None:
+        raise InputError("memjax influence query needs --store FOLDER (a gradient store "
+                         "written by 'memjax influence store')")
+    folder = Path(args.store)
+    try:
+        settings = json.loads((folder / STORE_SETTINGS).read_text())
+    except (OSError, ValueError):
+        raise InputError(f"--store {args.store}: no readable {STORE_SETTINGS}; expected a "
+                         "folder written by 'memjax influence store'") from None
+    rows = ScoreStore(folder / STORE_ROWS)
+    if not (rows.exists() and rows.complete):
+        raise InputError(f"--store {args.store}: the store is incomplete; rerun 'memjax "
+                         "influence store' with the same arguments to finish it")
+    return settings, rows
+
+
+def _query(args: argparse.Namespace) -> int:
+    """``query``: the test examples' top supporting and opposing training examples."""
+    from memjax.convert import load
+    from memjax.engine.cache import cached_jit
+    from memjax.influence import projected_gram, query_store, query_vectors
+
+    _check_curvature_use(args)
+    settings, rows = _open_store(args)
+    if args.model is not None and str(Path(args.model).resolve()) != settings["model"]:
+        raise InputError(f"--model {args.model}: the store was made with {settings['model']}; "
+                         "omit --model (the store's own is used) or query another store")
+    if args.test is None:
+        raise InputError("memjax influence query needs --test (the test examples)")
+    for key in ("classes", "classes_file", "prompt", "max_length", "text_field"):
+        setattr(args, key, settings[key])
+    args.train, args.model = settings["train"], settings["model"]
+    model = load(settings["model"])
+    train = open_data(settings["train"], model, args, what="the store's training data")
+    loss_fn = influence_loss(model, args, train)
+    test_source = open_data(args.test, model, args, what="--test")
+    _check_loss_fields(model, test_source, "--test")
+    test = test_source.read(np.arange(len(test_source)))
+    test = {k: v for k, v in test.items() if k != "id"}
+    trainable = tuple(settings["trainable"]) if settings["trainable"] else None
+    metrics = [("model", settings["model"]), ("training data", settings["train"]),
+               ("projection dim", settings["projection_dim"]), ("k", args.k)]
+    precondition, rows_info = curvature_preconditioner(args, model, loss_fn, train, test,
+                                                       trainable)
+    project = functools.partial(query_vectors, loss_fn, projection_dim=settings[
+        "projection_dim"], seed=settings["seed"], block_size=settings["block_size"],
+        trainable=trainable, precondition=precondition)
+    queries = np.asarray(cached_jit(project)(model.params, test), np.float64)
+    if args.curvature == "projected":
+        gram = projected_gram(rows)
+        damping = args.damping if args.damping is not None else 0.1 * np.trace(gram) / len(gram)
+        queries = np.linalg.solve(gram + damping * np.eye(len(gram)), queries.T).T
+        rows_info = [("curvature", "projected (TRAK: stored rows' Gram matrix)"),
+                     ("damping", float(damping))]
+    found = query_store(rows, queries, top_k=min(args.k, len(train)))
+    train_ids = example_ids(train)
+    table = {"test_id": example_ids(test_source),
+             "supporting_ids": train_ids[found["top_rows"]],
+             "supporting_scores": found["top_scores"],
+             "opposing_ids": train_ids[found["bottom_rows"]],
+             "opposing_scores": found["bottom_scores"]}
+    test_names, train_names = example_names(test_source), example_names(train)
+    if test_names is not None:
+        table["test_name"] = test_names
+    if train_names is not None:
+        table["supporting_names"] = train_names[found["top_rows"]]
+        table["opposing_names"] = train_names[found["bottom_rows"]]
+    metrics += [*rows_info, ("test examples", len(test_names if test_names is not None
+                                                  else table["test_id"])),
+                ("training examples", len(train_ids))]
+    text = (f"The {args.k} training examples whose stored projected gradients have the "
+            "highest (supporting) and lowest (opposing) dot product with each test "
+            "example's projected gradient" + (" preconditioned by the inverse curvature"
+                                              if args.curvature != "none" else "") +
+            ". One row per test example; scores best first.")
+    folder = write_results(args.out, "Gradient store query", text, table, metrics)
+    print(f"wrote the top-{args.k} supporting and opposing training examples of "
+          f"{len(table['test_id'])} test examples")
     print_metrics(metrics, folder)
     return 0
 

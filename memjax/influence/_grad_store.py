@@ -28,10 +28,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from memjax.engine import ScoreStore, score
 from memjax.errors import InputError
+from memjax.influence._forward_inf import (
+    loss_at,
+    precondition_trainable,
+    select_trainable,
+    trainable_mask,
+)
 from memjax.influence._gradients import per_example_grads, project
 
 GRAD_FIELD = "grad"
@@ -51,17 +58,19 @@ class ProjectedGradient:
     projection_dim: int
     seed: int = 0
     block_size: int = 4096
+    trainable: tuple[str, ...] | None = None
 
     def __call__(self, params: Any, rows: Any) -> dict[str, jax.Array]:
-        grads = per_example_grads(self.loss_fn, params, rows)  # [B, P]
+        grads = per_example_grads(self.loss_fn, params, rows,
+                                  trainable=self.trainable)  # [B, P]
         return {GRAD_FIELD: project(grads, self.projection_dim, seed=self.seed,
                                     block_size=self.block_size)}
 
 
 def gradient_store(loss_fn: LossFn, params: Any, source: Any,
                    store: ScoreStore | str | os.PathLike, *, projection_dim: int, batch_size: int,
-                   seed: int = 0, block_size: int = 4096, progress: bool = False,
-                   **score_options: Any) -> ScoreStore:
+                   seed: int = 0, block_size: int = 4096, trainable: Any = None,
+                   progress: bool = False, **score_options: Any) -> ScoreStore:
     """Compute every training example's projected gradient once and store it.
 
     Args:
@@ -74,26 +83,77 @@ def gradient_store(loss_fn: LossFn, params: Any, source: Any,
         projection_dim: k, the stored width.
         batch_size: examples per global batch (a multiple of the mesh's data axis).
         seed, block_size: the projection R of :func:`project`; queries must use the same.
+        trainable: glob patterns (str or tuple of str) over parameter paths: only these
+            leaves' gradients are stored (as ``forward_inf``'s ``trainable``); None = all.
         progress: print examples/s to stderr.
         **score_options: passed to :func:`memjax.engine.score` (mesh, validate, ...).
 
     Returns:
         The complete store: ``read()["grad"]`` is [N, k] float32, row i = Rᵀg_i.
     """
+    if isinstance(trainable, str):
+        trainable = (trainable,)
+    if trainable is not None and not (isinstance(trainable, (tuple, list)) and all(
+            isinstance(t, str) for t in trainable)):
+        raise InputError("trainable: expected glob patterns (a str or a list of str) over "
+                         "parameter paths, or None")
     fn = ProjectedGradient(loss_fn, _positive_int(projection_dim, "projection_dim"), seed,
-                           _positive_int(block_size, "block_size"))
+                           _positive_int(block_size, "block_size"),
+                           None if trainable is None else tuple(trainable))
     return score(fn, params, source, batch_size=batch_size, store=store, progress=progress,
                  batched=True, **score_options)
 
 
 def query_vectors(loss_fn: LossFn, params: Any, queries: Any, *, projection_dim: int,
-                  seed: int = 0, block_size: int = 4096) -> jax.Array:
-    """[T, k] projected query gradients Rᵀg_t, with the projection of the store.
+                  seed: int = 0, block_size: int = 4096, trainable: Any = None,
+                  precondition: Callable[[Any], Any] | None = None) -> jax.Array:
+    """[T, k] projected query gradients Rᵀg_t (or Rᵀ P g_t), with the store's projection.
 
-    ``queries`` is a pytree batch of T examples (leading axis T). Traces; jit at the edge.
+    ``queries`` is a pytree batch of T examples (leading axis T); ``trainable`` as the
+    store's. ``precondition`` (e.g. ``forward_inf``'s EK-FAC or CG preconditioners: params
+    layout in and out, frozen leaves zero) replaces g_t by P g_t before the projection, so
+    a stored row scores (Rᵀg_i)·(RᵀPg_t) ≈ g_i·P g_t (Johnson-Lindenstrauss): the
+    influence-function score with the training side computed once, uncurved. Traces; jit
+    at the edge.
     """
-    grads = per_example_grads(loss_fn, params, queries)
+    if precondition is None:
+        grads = per_example_grads(loss_fn, params, queries, trainable=trainable)
+    else:
+        grads = _preconditioned_grads(loss_fn, params, queries, trainable, precondition)
     return project(grads, projection_dim, seed=seed, block_size=block_size)
+
+
+def _preconditioned_grads(loss_fn, params, queries, trainable, precondition) -> jax.Array:
+    """[T, P] flattened P g_t over the trainable leaves (per_example_grads' order)."""
+    mask = tuple(trainable_mask(params, trainable))
+    leaves, treedef = jax.tree.flatten(params)
+
+    def one(example):
+        def loss_of(train):
+            return loss_at(loss_fn, treedef, leaves, mask, train, example)
+
+        grad = jax.grad(loss_of)(select_trainable(leaves, mask))
+        solved = precondition_trainable(precondition, treedef, leaves, mask, grad)
+        return ravel_pytree(solved)[0]
+
+    return jax.vmap(one)(queries)
+
+
+def projected_gram(stored: ScoreStore | ArrayLike, block_rows: int = 4096) -> np.ndarray:
+    """[k, k] float64 ``(1/N) Σ_i φ_i φ_iᵀ`` of the stored rows φ_i = Rᵀg_i, streamed.
+
+    TRAK's curvature (Park et al., ICML 2023, "TRAK: Attributing Model Behavior at Scale",
+    Eq. 3 with the empirical Fisher in the projected space): a query scored as
+    ``φ_i·(Φᵀ Φ/N + λI)⁻¹ φ_t`` is the influence function with the projected Fisher.
+    """
+    gram, count = None, 0
+    for rows in _row_blocks(stored, None, block_rows):
+        rows = rows.astype(np.float64)
+        gram = rows.T @ rows if gram is None else gram + rows.T @ rows
+        count += rows.shape[0]
+    if not count:
+        raise InputError("stored: no rows")
+    return gram / count
 
 
 def query_store(stored: ScoreStore | ArrayLike, queries: ArrayLike, *, top_k: int,
@@ -162,13 +222,13 @@ def _keep_top(running: tuple[jax.Array, jax.Array], scores: jax.Array, index: ja
     return top, jnp.take_along_axis(rows, where, axis=1)
 
 
-def _row_blocks(stored: ScoreStore | ArrayLike, width: int, block_rows: int
+def _row_blocks(stored: ScoreStore | ArrayLike, width: int | None, block_rows: int
                 ) -> Iterator[np.ndarray]:
     """[<=block_rows, k] float32 blocks of the stored rows in order."""
     chunks = (c[GRAD_FIELD] for c in stored.iter_chunks()) if isinstance(
         stored, ScoreStore) else iter([np.asarray(stored)])
     for chunk in chunks:
-        if chunk.ndim != 2 or chunk.shape[1] != width:
+        if chunk.ndim != 2 or (width is not None and chunk.shape[1] != width):
             raise InputError(f"stored rows have shape {chunk.shape}: expected [N, {width}] "
                              "to match queries [T, k]")
         for start in range(0, chunk.shape[0], block_rows):

@@ -10,6 +10,12 @@ compiled programs by value, so equal partials share one compilation):
   mask (Hugging Face's ``labels=input_ids`` loss of one sequence);
 - :func:`zero_shot_loss`: a CLIP used as a zero-shot classifier, logits from the cosine of
   the image with one prompt per class (Radford et al. 2021, Sec. 3.1.4).
+
+Each is an output loss applied to the model's outputs, and both halves are public for the
+Gauss-Newton curvature (:func:`memjax.influence.gnhvp` needs the outputs and a loss convex
+in them): :func:`classifier_outputs` / :func:`label_cross_entropy`,
+:func:`causal_lm_outputs` / :func:`next_token_cross_entropy`, :func:`zero_shot_outputs` /
+:func:`label_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -23,6 +29,20 @@ import optax
 
 from memjax.engine.mesh import path_name
 from memjax.errors import InputError
+
+
+def label_cross_entropy(logits: jax.Array, example: dict[str, jax.Array]) -> jax.Array:
+    """Softmax cross-entropy of logits [C] against the example's integer ``label``: the
+    output loss of :func:`cross_entropy_loss` and :func:`zero_shot_loss` (convex in the
+    logits, so its Gauss-Newton matrix is PSD; :func:`memjax.influence.gnhvp`)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                           example["label"])
+
+
+def classifier_outputs(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
+                       example: dict[str, jax.Array]) -> jax.Array:
+    """Logits [C] of ONE example's ``image``: the outputs of :func:`cross_entropy_loss`."""
+    return logits_fn(params, example["image"])
 
 
 def cross_entropy_loss(logits_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
@@ -39,6 +59,30 @@ def cross_entropy_loss(logits_fn: Callable[[Any, jax.Array], jax.Array], params:
     """
     logits = logits_fn(params, example["image"])
     return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
+
+
+def causal_lm_outputs(logits_fn: Callable[[Any, dict[str, jax.Array]], jax.Array],
+                      params: Any, example: dict[str, jax.Array]) -> jax.Array:
+    """Logits [T, V] float32 of ONE sequence (``input_ids``, ``attention_mask`` [T]): the
+    outputs of :func:`causal_lm_loss`, checked for shape."""
+    ids, mask = example["input_ids"], example["attention_mask"]
+    if ids.ndim != 1 or mask.shape != ids.shape:
+        raise InputError(f"causal_lm_loss: expected input_ids [T] and attention_mask [T] for "
+                         f"one sequence, got {ids.shape} and {mask.shape}")
+    logits = logits_fn(params, {"input_ids": ids, "attention_mask": mask})
+    if logits.shape[:1] != ids.shape:
+        raise InputError(f"causal_lm_loss: the model returned {logits.shape}; expected "
+                         f"logits [T, V] with T = {ids.shape[0]}")
+    return logits.astype(jnp.float32)
+
+
+def next_token_cross_entropy(logits: jax.Array, example: dict[str, jax.Array]) -> jax.Array:
+    """Mean next-token cross-entropy of logits [T, V] over the counted positions (token
+    t+1 real): the output loss of :func:`causal_lm_loss`, convex in the logits."""
+    ids, mask = example["input_ids"], example["attention_mask"]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:-1], ids[1:])
+    counted = mask[1:].astype(jnp.float32)
+    return jnp.sum(nll * counted) / jnp.maximum(jnp.sum(counted), 1.0)
 
 
 def causal_lm_loss(logits_fn: Callable[[Any, dict[str, jax.Array]], jax.Array], params: Any,
@@ -59,18 +103,7 @@ def causal_lm_loss(logits_fn: Callable[[Any, dict[str, jax.Array]], jax.Array], 
       float32 scalar: sum over counted positions of -log p(token t+1) / their count (0
       for a sequence with fewer than two real tokens).
     """
-    ids, mask = example["input_ids"], example["attention_mask"]
-    if ids.ndim != 1 or mask.shape != ids.shape:
-        raise InputError(f"causal_lm_loss: expected input_ids [T] and attention_mask [T] for "
-                         f"one sequence, got {ids.shape} and {mask.shape}")
-    logits = logits_fn(params, {"input_ids": ids, "attention_mask": mask})
-    if logits.shape[:1] != ids.shape:
-        raise InputError(f"causal_lm_loss: the model returned {logits.shape}; expected "
-                         f"logits [T, V] with T = {ids.shape[0]}")
-    nll = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:-1].astype(jnp.float32), ids[1:])
-    counted = mask[1:].astype(jnp.float32)
-    return jnp.sum(nll * counted) / jnp.maximum(jnp.sum(counted), 1.0)
+    return next_token_cross_entropy(causal_lm_outputs(logits_fn, params, example), example)
 
 
 def zero_shot_logits(image_fn: Callable[[Any, jax.Array], jax.Array],
@@ -102,6 +135,17 @@ def zero_shot_logits(image_fn: Callable[[Any, jax.Array], jax.Array],
     return jnp.exp(scale_fn(params).astype(jnp.float32)) * (txt @ img)
 
 
+def zero_shot_outputs(image_fn: Callable[[Any, jax.Array], jax.Array],
+                      text_fn: Callable[[Any, dict[str, jax.Array]], jax.Array],
+                      scale_fn: Callable[[Any], jax.Array], prompt_ids: jax.Array,
+                      prompt_mask: jax.Array, params: Any,
+                      example: dict[str, jax.Array]) -> jax.Array:
+    """Zero-shot logits [C] of ONE example's ``image``: the outputs of
+    :func:`zero_shot_loss`."""
+    return zero_shot_logits(image_fn, text_fn, scale_fn, prompt_ids, prompt_mask, params,
+                            example["image"])
+
+
 def zero_shot_loss(image_fn: Callable[[Any, jax.Array], jax.Array],
                    text_fn: Callable[[Any, dict[str, jax.Array]], jax.Array],
                    scale_fn: Callable[[Any], jax.Array], prompt_ids: jax.Array,
@@ -109,9 +153,8 @@ def zero_shot_loss(image_fn: Callable[[Any, jax.Array], jax.Array],
                    example: dict[str, jax.Array]) -> jax.Array:
     """Cross-entropy of ONE example (``image``, ``label``) under CLIP zero-shot logits
     (:func:`zero_shot_logits`; ``label`` indexes the prompts)."""
-    logits = zero_shot_logits(image_fn, text_fn, scale_fn, prompt_ids, prompt_mask, params,
-                              example["image"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, example["label"])
+    return label_cross_entropy(zero_shot_outputs(image_fn, text_fn, scale_fn, prompt_ids,
+                                                 prompt_mask, params, example), example)
 
 
 def param_leaf(params: Any, path: str) -> jax.Array:
@@ -122,3 +165,14 @@ def param_leaf(params: Any, path: str) -> jax.Array:
         if path_name(key) == path:
             return leaf
     raise InputError(f"params: no parameter {path!r}")
+
+
+def sampled_label(outputs_fn: Callable[[Any, dict[str, jax.Array]], jax.Array], params: Any,
+                  example: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
+    """``example`` with its ``label`` drawn from softmax(outputs) [C]: the label of the TRUE
+    Fisher (Martens & Grosse 2015, Sec. 5: the expectation over the model's own predictive
+    distribution, whose Fisher is the Gauss-Newton matrix of softmax cross-entropy).
+    ``outputs_fn`` is e.g. :func:`classifier_outputs` bound to the model."""
+    logits = jax.lax.stop_gradient(outputs_fn(params, example)).astype(jnp.float32)
+    label = jax.random.categorical(key, logits)
+    return {**example, "label": label.astype(jnp.asarray(example["label"]).dtype)}
