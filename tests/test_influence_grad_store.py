@@ -175,3 +175,21 @@ def test_bad_inputs_are_named(rng):
     with pytest.raises(InputError, match="activations"):
         factorized_projection(jnp.ones((3, 2)), jnp.ones((4, 2)), jnp.ones((2, 1)),
                               jnp.ones((2, 1)))
+
+
+@pytest.mark.parametrize("s_train, s_test", [(1, 1), (7, 3)])
+def test_factorized_dot_equals_the_formed_gradients(s_train, s_test, rng):
+    """Σ_{s,s'} (a_is·a_ts')(g_is·g_ts') = vec(Σ a gᵀ)·vec(Σ a gᵀ), float64 NumPy."""
+    from memjax.influence import factorized_dot, factorized_dot_is_cheaper
+
+    a_i, g_i = rng.normal(size=(s_train, 5)), rng.normal(size=(s_train, 4))
+    a_t, g_t = rng.normal(size=(s_test, 5)), rng.normal(size=(s_test, 4))
+    want = np.sum((a_i.T @ g_i) * (a_t.T @ g_t))
+    got = factorized_dot(*(jnp.asarray(v, jnp.float32) for v in (a_i, g_i, a_t, g_t)))
+    np.testing.assert_allclose(got, want, rtol=1e-5)  # float32 sums of ~100 products
+    # One position each (an MLP layer): 1·1·(in + out) < 3·in·out, always cheaper.
+    assert factorized_dot_is_cheaper(1, 1, 768, 768)
+    # Width 768: 512 tokens each, 512²·1536 = 4.0e8 < 1025·768² = 6.0e8 (factorized);
+    # 1,024 tokens each, 1.6e9 > 2049·768² = 1.2e9 (form the gradients).
+    assert factorized_dot_is_cheaper(512, 512, 768, 768)
+    assert not factorized_dot_is_cheaper(1024, 1024, 768, 768)

@@ -140,3 +140,52 @@ def test_gauss_newton_preconditioner_on_trainable_leaves(trainable, rng):
         np.testing.assert_allclose(got, want[t], rtol=0, atol=1e-4 * np.abs(want).max())
         if trainable:
             assert not out["b"].any()  # the frozen leaf: zero in, zero out
+
+
+def test_eight_devices_equal_one(rng, tmp_path):
+    """Curvature-aware Forward-INF (CG on the Gauss-Newton matrix, EK-FAC) and the gradient
+    store give the same numbers on the 8 forced host devices as on one (1e-5 relative)."""
+    from memjax.engine import make_mesh
+    from memjax.influence import (
+        ekfac_batch_stats,
+        ekfac_factors,
+        ekfac_preconditioner,
+        forward_inf,
+        gradient_store,
+        kfac_batch_stats,
+        kfac_factors,
+    )
+
+    d, k = 6, 3
+    w, b = rng.normal(size=(d, k)), rng.normal(size=k)
+    x, y = rng.normal(size=(48, d)), rng.integers(0, k, 48)
+    tx, ty = rng.normal(size=(3, d)), rng.integers(0, k, 3)
+    params = {"layers": [{"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(b, jnp.float32)}]}
+    train = {"image": x.astype(np.float32), "label": y.astype(np.int32)}
+    test = {"image": tx.astype(np.float32), "label": ty.astype(np.int32)}
+
+    def logits(p, image):
+        layer = p["layers"][0]
+        return image @ layer["w"] + layer["b"]
+
+    loss = functools.partial(cross_entropy_loss, logits)
+    outputs = functools.partial(classifier_outputs, logits)
+    cg, _ = gauss_newton_preconditioner("cg", outputs, label_cross_entropy, loss, params,
+                                        train, test, damping=0.05, tol=1e-6)
+    stats_x = x.astype(np.float32)
+    factors = kfac_factors(kfac_batch_stats(params, stats_x, y, fisher="empirical"))
+    factors = ekfac_factors(factors, ekfac_batch_stats(params, factors, stats_x, y,
+                                                       fisher="empirical"))
+    eight, one = make_mesh(), make_mesh(devices=jax.devices()[:1])
+    assert eight.devices.size == 8
+    for precondition in (cg, ekfac_preconditioner(factors, 0.05)):
+        kw = dict(lr=0.1, batch_size=16, precondition=precondition)
+        many = forward_inf(loss, params, test, train, mesh=eight, **kw)
+        single = forward_inf(loss, params, test, train, mesh=one, **kw)
+        assert np.abs(single).max() > 1e-3
+        np.testing.assert_allclose(many, single, rtol=1e-5, atol=1e-5 * np.abs(single).max())
+    stores = [gradient_store(loss, params, train, tmp_path / name, projection_dim=16,
+                             batch_size=16, mesh=mesh).read()["grad"]
+              for name, mesh in (("eight", eight), ("one", one))]
+    np.testing.assert_allclose(stores[0], stores[1], rtol=1e-5,
+                               atol=1e-5 * np.abs(stores[1]).max())

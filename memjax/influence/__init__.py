@@ -49,6 +49,8 @@ from memjax.influence._forward_inf import (
 )
 from memjax.influence._grad_store import (
     ProjectedGradient,
+    factorized_dot,
+    factorized_dot_is_cheaper,
     factorized_projection,
     gradient_store,
     kronecker_factors,
@@ -151,6 +153,8 @@ __all__ = [
     "embedding_ekfac_stats",
     "embedding_factors",
     "embedding_kfac_stats",
+    "factorized_dot",
+    "factorized_dot_is_cheaper",
     "factorized_projection",
     "fit_logistic",
     "forward_inf",

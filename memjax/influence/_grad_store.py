@@ -275,3 +275,34 @@ def _positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"{name}={value!r}: expected a positive int")
     return value
+
+
+def factorized_dot(a_train: jax.Array, g_train: jax.Array, a_test: jax.Array,
+                   g_test: jax.Array) -> jax.Array:
+    """Exact ``∇W_i · ∇W_t`` of a dense layer from its factors, without forming either.
+
+    With ``∇W = Σ_s a_s g_sᵀ`` (a_s [in] the layer input and g_s [out] the gradient of the
+    loss with respect to the layer output at position s),
+    ``∇W_i · ∇W_t = Σ_{s, s'} (a_is · a_ts')(g_is · g_ts')``: two Gram matrices of the
+    positions, multiplied elementwise and summed. O(S_i·S_t·(in + out)) instead of
+    O((S_i + S_t)·in·out) for forming both gradients; :func:`factorized_dot_is_cheaper`
+    says which is less work (LoGra, Choe et al. 2024, and TRAK's per-layer tricks use the
+    same identity).
+
+    Args:
+      a_train, g_train: [S_i, in], [S_i, out] of the training example.
+      a_test, g_test: [S_t, in], [S_t, out] of the test example.
+
+    Returns:
+      scalar, the Frobenius inner product of the two weight gradients.
+    """
+    return jnp.sum((a_train @ a_test.T) * (g_train @ g_test.T))
+
+
+def factorized_dot_is_cheaper(positions_train: int, positions_test: int, in_dim: int,
+                              out_dim: int) -> bool:
+    """True when :func:`factorized_dot`'s multiply-adds, S_i·S_t·(in + out), are fewer
+    than forming both gradients and their dot product, (S_i + S_t)·in·out + in·out."""
+    factorized = positions_train * positions_test * (in_dim + out_dim)
+    formed = (positions_train + positions_test + 1) * in_dim * out_dim
+    return factorized < formed
