@@ -3,7 +3,8 @@
 - Digits, T = 64 test examples, N = 1,797 training examples, an MLP 64-128-10 trained with
   ``fit_classifier`` (weights copied into PyTorch), Adam lr 5e-3, gradient ascent, |δ|:
   * ``memjax``: ``forward_inf(..., mode="finite", optimizer="adam", score="abs")`` (warm:
-    compile time reported separately), at the engine's default batch (64) and at 256.
+    compile time reported separately), at forward_inf's default batch (two equal batches of
+    904 rows here, each scored in blocks of 64 rows) and at 256.
   * ``torch_reference``: written the way reds-lab/Forward-INF's notebook does it: for each
     test example ``copy.deepcopy(model)``, one ``torch.optim.Adam`` step minimising −CE on
     the copy, then a pass over the training set in minibatches of 256 computing the copy's
@@ -216,15 +217,16 @@ def bench_digits(peak_flops_start: float, repeats: int = 5) -> dict:
     per_test = _per_test_fn(loss_fn, treedef, mask, "finite", 1.0, "adam", LR, 1, False)
     stacked = per_test(leaves, test)
     score_fn = _finite_score_fn(loss_fn, treedef, mask, "abs", 1.0)
-    raw = jax.jit(jax.vmap(lambda lv, st, ex: score_fn((lv, st), ex), in_axes=(None, None, 0)))
+    # The score function takes a device's rows (engine batched=True) and blocks them itself.
+    raw = jax.jit(lambda lv, st, rows: score_fn((lv, st), rows))
 
     runs = {"memjax": mj(), "memjax_batch256": mj(batch_size=256),
             "memjax_first_order": mj("first_order"),
             "torch_reference": lambda: torch_reference(model, tt, tr),
             "torch_batched": lambda: torch_batched(weights, tt, tr),
             # Diagnostics: where memjax's time goes. The T updates alone (forward_inf's
-            # jitted per-test function), and the score function jitted and vmapped over
-            # the whole training set in one call (no engine), given the updated copies.
+            # jitted per-test function), and the score function jitted over the whole
+            # training set in one call (no engine), given the updated copies.
             "jax_updates_only": lambda: jax.block_until_ready(per_test(leaves, test)),
             "jax_raw_one_call": lambda: np.asarray(raw(leaves, stacked, train)).T,
             # Diagnostics: PyTorch's OpenMP threads spin and starve each other when another

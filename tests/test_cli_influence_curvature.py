@@ -157,3 +157,137 @@ def test_store_refuses_a_foreign_folder_and_other_settings(mlp, tmp_path, capsys
     assert main([*common[:-1], "16", "--store", str(tmp_path / "g"), "--out",
                  str(tmp_path / "o3")]) == 2
     assert "other settings (projection_dim)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["kfac", "ekfac"])
+def test_scores_with_kfac_found_in_the_jaxpr(method, mlp, tmp_path, capsys):
+    """--curvature kfac/ekfac on the saved MLP: the dense layers the jaxpr walk finds, with
+    the empirical Fisher, give the scores of the hand-written MLP factors
+    (memjax.influence.kfac_batch_stats, tested against float64 NumPy)."""
+    from memjax.influence import (
+        ekfac_batch_stats,
+        ekfac_factors,
+        ekfac_preconditioner,
+        forward_inf,
+        kfac_batch_stats,
+        kfac_factors,
+    )
+
+    folder, train, test = mlp
+    out = tmp_path / method
+    assert main(["influence", "scores", "--model", str(folder / "model"), "--train",
+                 str(folder / "train.npz"), "--test", str(folder / "test.npz"), "--mode",
+                 "first_order", "--lr", "1", "--curvature", method, "--fisher", "empirical",
+                 "--batch-size", "40", "--out", str(out), "--no-progress"]) == 0
+    table = pq.read_table(out / "scores.parquet").to_pandas()
+    got = np.stack([table[f"score[{t}]"] for t in range(N_TEST)])
+
+    loaded = memjax.load(folder / "model")
+    x = train["image"].reshape(N_TRAIN, -1)
+    factors = kfac_factors(kfac_batch_stats(loaded.params, x, train["label"],
+                                            fisher="empirical"))
+    if method == "ekfac":
+        factors = ekfac_factors(factors, ekfac_batch_stats(loaded.params, factors, x,
+                                                           train["label"], fisher="empirical"))
+    want = forward_inf(functools.partial(cross_entropy_loss, loaded.apply), loaded.params,
+                       test, train, mode="first_order", lr=1.0, batch_size=40,
+                       precondition=ekfac_preconditioner(factors, method=method))
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())["Forward-INF influence"]
+    # Both dense layers found, with their biases paired (no leaf left to the diagonal).
+    assert metrics["K-FAC layers"] == "layers/0/w, layers/1/w"
+    assert metrics["diagonal Fisher leaves"] == 0
+    # float32 factors from two summation orders (per batch of 40 vs all at once) and
+    # eigendecompositions: 1e-3 of the largest score (the scores span ~4 orders).
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-3 * np.abs(want).max())
+
+
+def test_gpt2_checkpoint_with_ekfac_and_cg(tmp_path_factory, tmp_path):
+    """A Hugging Face GPT-2 folder from the CLI: EK-FAC (empirical Fisher, every attention
+    and MLP projection found in the jaxpr) and CG on the Gauss-Newton matrix give the
+    Python API's scores on the same data (the factors themselves are checked against
+    float64 NumPy in test_influence_capture, the gradients against PyTorch in
+    test_cli_methods)."""
+    import json
+
+    from memjax.data import open_source
+    from memjax.influence import (
+        causal_lm_loss,
+        causal_lm_outputs,
+        curvature_preconditioner,
+        fit_kfac,
+        forward_inf,
+        gauss_newton_preconditioner,
+        next_token_cross_entropy,
+    )
+    from tests import hf_tiny
+
+    pytest.importorskip("transformers")
+    folder, _ = hf_tiny.cached(tmp_path_factory, "gpt2")
+    path = tmp_path / "texts.jsonl"
+    corpus = [" ".join(t.split()[:3 + i]) for i, t in enumerate(hf_tiny.corpus(24)[::3][:8])]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus))
+    common = ["influence", "scores", "--model", str(folder), "--train", f"jsonl:{path}",
+              "--test", f"jsonl:{path}", "--max-length", "16", "--mode", "first_order",
+              "--lr", "1", "--batch-size", "8", "--no-progress"]
+    model = memjax.load(folder)
+    source = open_source(f"jsonl:{path}", model=model, max_length=16)
+    rows = source.read(np.arange(8))
+    fields = {k: rows[k] for k in ("input_ids", "attention_mask")}
+    loss = functools.partial(causal_lm_loss, model.apply)
+    for method in ("ekfac", "cg"):
+        out = tmp_path / method
+        assert main([*common, "--curvature", method, "--damping", "0.01", "--out",
+                     str(out)]) == 0
+        table = pq.read_table(out / "scores.parquet").to_pandas()
+        got = np.stack([table[f"score[{t}]"] for t in range(8)])
+        metrics = json.loads((out / "metrics.json").read_text())["Forward-INF influence"]
+        if method == "ekfac":
+            assert metrics["fisher"] == "empirical"  # the only one for a causal LM
+            found = metrics["K-FAC layers"].split(", ")
+            assert sum(p.endswith("c_attn/kernel") for p in found) == 2  # both blocks
+            assert all(p.endswith("/kernel") for p in found)
+            factors = fit_kfac(loss, model.params, source, method="ekfac", batch_size=8)
+            precondition = curvature_preconditioner(factors, damping=0.01)
+        else:
+            outputs = functools.partial(causal_lm_outputs, model.apply)
+            precondition, _ = gauss_newton_preconditioner(
+                "cg", outputs, next_token_cross_entropy, loss, model.params, fields, fields,
+                damping=0.01)
+        want = forward_inf(loss, model.params, fields, source, mode="first_order", lr=1.0,
+                           batch_size=8, precondition=precondition)
+        assert np.all(np.isfinite(got)) and np.ptp(want) > 0
+        # The same float32 program, but the CLI's and this call's factor sums and CG
+        # iterations may run in another order: 1e-4 of the largest score.
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.abs(want).max())
+
+
+def test_factorized_gradient_store_from_the_cli(mlp, tmp_path):
+    """--factor-dim: LoGra's store (k² columns per dense layer of the saved MLP, from its
+    activations and output gradients) equals the Python API's, and query ranks by it."""
+    from memjax.engine import ScoreStore
+    from memjax.influence import gradient_store, query_vectors
+
+    folder, train, test = mlp
+    store = tmp_path / "grads"
+    assert main(["influence", "store", "--model", str(folder / "model"), "--train",
+                 str(folder / "train.npz"), "--store", str(store), "--projection-dim", "8",
+                 "--factor-dim", "4", "--batch-size", "40", "--out", str(tmp_path / "s"),
+                 "--no-progress"]) == 0
+    rows = ScoreStore(store / "rows").read()["grad"]
+    assert rows.shape == (N_TRAIN, 2 * 16)  # two dense layers (biases paired), no rest
+    loaded = memjax.load(folder / "model")
+    loss = functools.partial(cross_entropy_loss, loaded.apply)
+    api = gradient_store(loss, loaded.params, train, tmp_path / "api", projection_dim=8,
+                         factor_dim=4, batch_size=40).read()["grad"]
+    np.testing.assert_allclose(rows, api, rtol=0, atol=1e-6 * np.abs(api).max())
+    assert main(["influence", "query", "--store", str(store), "--test",
+                 str(folder / "test.npz"), "--k", "3", "--out", str(tmp_path / "q"),
+                 "--no-progress"]) == 0
+    table = pq.read_table(tmp_path / "q" / "scores.parquet").to_pydict()
+    queries = np.asarray(query_vectors(loss, loaded.params, test, projection_dim=8,
+                                       factor_dim=4), np.float64)
+    scores = queries @ rows.astype(np.float64).T
+    for t in range(N_TEST):
+        assert table["supporting_ids"][t] == list(np.argsort(-scores[t], kind="stable")[:3])

@@ -193,3 +193,51 @@ def test_factorized_dot_equals_the_formed_gradients(s_train, s_test, rng):
     # 1,024 tokens each, 1.6e9 > 2049·768² = 1.2e9 (form the gradients).
     assert factorized_dot_is_cheaper(512, 512, 768, 768)
     assert not factorized_dot_is_cheaper(1024, 1024, 768, 768)
+
+
+def _token_model(rng, vocab=7, dim=4):
+    params = {"emb": jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32),
+              "w": jnp.asarray(rng.normal(size=(dim, vocab)), jnp.float32),
+              "b": jnp.asarray(rng.normal(size=vocab), jnp.float32)}
+
+    def loss(p, example):  # mean next-token CE: the dense layer w (+ b) at every position
+        hidden = p["emb"][example["ids"][:-1]] @ p["w"]
+        logits = hidden + jnp.broadcast_to(p["b"], hidden.shape)
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(logits.shape[0]),
+                                                    example["ids"][1:]])
+
+    data = {"ids": rng.integers(0, vocab, size=(10, 6)).astype(np.int32)}
+    return params, loss, data
+
+
+def test_factorized_store_equals_the_kronecker_projection_of_the_gradients(rng, tmp_path):
+    """LoGra's store (k² columns per dense layer from activations and output gradients,
+    the embedding projected densely) equals P_inᵀ[∇W; ∇b]P_out and R_restᵀ vec(∇emb) of
+    the formed per-example gradients (float64 NumPy), and queries use the same R."""
+    from memjax.influence import (
+        gradient_store,
+        kronecker_factors,
+        query_vectors,
+    )
+
+    params, loss, data = _token_model(rng)
+    rows = gradient_store(loss, params, data, tmp_path / "store", projection_dim=8,
+                          factor_dim=3, batch_size=8, seed=5).read()["grad"]
+    assert rows.shape == (10, 9 + 8)
+    p_in, p_out = (np.asarray(m, np.float64) for m in kronecker_factors(6, 5, 7, 3, 3))
+    r_rest = np.asarray(projection_matrix(7 * 4, 8, seed=5), np.float64)
+    want = []
+    for ids in data["ids"]:
+        grads = jax.grad(loss)(params, {"ids": ids})
+        w_aug = np.concatenate([np.asarray(grads["w"]), np.asarray(grads["b"])[None]], axis=0)
+        want.append(np.r_[(p_in.T @ w_aug @ p_out).ravel(),
+                          np.asarray(grads["emb"]).ravel() @ r_rest])
+    want = np.stack(want)
+    # float32 products of O(1) values over 5 positions: 1e-5 of the largest entry.
+    np.testing.assert_allclose(rows, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    queries = query_vectors(loss, params, {"ids": data["ids"][:3]}, projection_dim=8,
+                            factor_dim=3, seed=5)
+    np.testing.assert_allclose(queries, rows[:3], rtol=0, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(InputError, match="factor_dim: the factorized store"):
+        gradient_store(loss, params, data, tmp_path / "other", projection_dim=8,
+                       factor_dim=3, batch_size=8, trainable="w")

@@ -92,6 +92,10 @@ def register(sub: Any) -> None:
                            "only choice for causal LMs)")
     influence.add_argument("--projection-dim", type=positive_int, default=1024,
                            help="store: k, the width of the stored projected gradients")
+    influence.add_argument("--factor-dim", type=positive_int, help="store: LoGra's factorized "
+                           "projection: k x k columns per dense layer found in the model, "
+                           "from its activations and output gradients (never forming the "
+                           "layer's gradient); --projection-dim columns for the other leaves")
     influence.add_argument("--seed", type=int, default=0, help="store: the projection's seed; "
                            "cg/lissa: the curvature subset's and probes' seed")
     influence.add_argument("--mode", default="finite", choices=["finite", "first_order"])
@@ -420,7 +424,7 @@ def curvature_preconditioner(args: argparse.Namespace, model: Any, loss_fn, trai
         rows += [("curvature matrix", "Gauss-Newton of the loss"),
                  *[(f"curvature {k}", v) for k, v in info.items() if k != "method"]]
         return precondition, rows
-    precondition, info = _kfac_preconditioner(args, model, loss_fn, train, trainable)
+    precondition, info = _kfac_preconditioner(args, model, loss_fn, train)
     return precondition, rows + info
 
 
@@ -433,7 +437,7 @@ def _curvature_subset(train: Any, count: int, seed: int) -> dict:
     return {k: v for k, v in fields.items() if k != "id"}
 
 
-def _kfac_preconditioner(args, model, loss_fn, train, trainable) -> tuple[Any, list]:
+def _kfac_preconditioner(args, model, loss_fn, train) -> tuple[Any, list]:
     """K-FAC / EK-FAC factors over the whole training set (one streamed pass, two for
     EK-FAC) for every dense layer memjax finds in the model; the rest diagonal."""
     import jax
@@ -448,14 +452,18 @@ def _kfac_preconditioner(args, model, loss_fn, train, trainable) -> tuple[Any, l
     sample_fn = None
     if fisher == "true":
         sample_fn = functools.partial(sampled_label, influence_outputs(model, args, train)[0])
+    # The factors are block-diagonal over layers and leaves, so fitting them on every leaf
+    # and letting forward_inf drop the frozen ones is the trainable block exactly.
     factors = fit_kfac(loss_fn, model.params, train, method=args.curvature,
                        batch_size=args.batch_size, fisher=fisher, sample_fn=sample_fn,
-                       key=jax.random.key(args.seed), trainable=trainable,
-                       progress=not args.no_progress)
+                       key=jax.random.key(args.seed), progress=not args.no_progress)
     precondition = kfac_curvature(factors, damping=args.damping)
-    return precondition, [("fisher", fisher), ("damping", "0.1 x mean eigenvalue per layer"
-                                               if args.damping is None else args.damping),
-                          *factors.summary()]
+    return precondition, [
+        ("fisher", fisher), ("damping", "0.1 x mean eigenvalue per block"
+                             if args.damping is None else args.damping),
+        ("K-FAC layers", ", ".join(layer.path for layer in factors.layers) or "none found"),
+        ("diagonal Fisher leaves", len(factors.diagonal)),
+        ("curvature examples", int(factors.count))]
 
 
 # ---- gradient store ---------------------------------------------------------------
@@ -463,6 +471,7 @@ def _kfac_preconditioner(args, model, loss_fn, train, trainable) -> tuple[Any, l
 def _store_settings(args: argparse.Namespace, model_path: str, trainable) -> dict:
     return {"format": "memjax gradient store", "version": 1, "model": model_path,
             "train": args.train, "projection_dim": args.projection_dim, "seed": args.seed,
+            "factor_dim": args.factor_dim,
             "block_size": 4096, "trainable": list(trainable) if trainable else None,
             "classes": args.classes, "classes_file": args.classes_file, "prompt": args.prompt,
             "max_length": args.max_length, "text_field": args.text_field}
@@ -497,13 +506,19 @@ def _store(args, model, loss_fn, train, trainable, settings) -> int:
                          "gradient store; expected a new or empty folder")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(settings_file, wanted)
+    if args.factor_dim is not None and trainable is not None:
+        raise InputError("--factor-dim: the factorized store projects every parameter; "
+                         "leave out --trainable (or --factor-dim)")
     rows = gradient_store(loss_fn, model.params, train, ScoreStore(folder / STORE_ROWS),
                           projection_dim=args.projection_dim, batch_size=args.batch_size,
-                          seed=args.seed, trainable=trainable, progress=not args.no_progress)
+                          seed=args.seed, trainable=trainable, factor_dim=args.factor_dim,
+                          progress=not args.no_progress)
     grads = rows.read()["grad"]
     norms = np.linalg.norm(grads, axis=1)
     table = {**id_columns(train), "projected_grad_norm": norms}
     metrics = [*settings, ("projection dim", args.projection_dim),
+               ("factorized (LoGra) factor dim", args.factor_dim or "no (dense projection)"),
+               ("stored width", int(grads.shape[1])),
                ("projection seed", args.seed), ("training examples", len(norms)),
                ("mean projected gradient norm", float(norms.mean())),
                ("gradient store", str(folder))]
@@ -542,7 +557,7 @@ def _query(args: argparse.Namespace) -> int:
     """``query``: the test examples' top supporting and opposing training examples."""
     from memjax.convert import load
     from memjax.engine.cache import cached_jit
-    from memjax.influence import projected_gram, query_store, query_vectors
+    from memjax.influence import projected_fisher_solve, query_store, query_vectors
 
     _check_curvature_use(args)
     settings, rows = _open_store(args)
@@ -559,8 +574,9 @@ def _query(args: argparse.Namespace) -> int:
     loss_fn = influence_loss(model, args, train)
     test_source = open_data(args.test, model, args, what="--test")
     _check_loss_fields(model, test_source, "--test")
-    test = test_source.read(np.arange(len(test_source)))
-    test = {k: v for k, v in test.items() if k != "id"}
+    from memjax.data import numeric_fields
+
+    test = numeric_fields(test_source.read(np.arange(len(test_source))))
     trainable = tuple(settings["trainable"]) if settings["trainable"] else None
     metrics = [("model", settings["model"]), ("training data", settings["train"]),
                ("projection dim", settings["projection_dim"]), ("k", args.k)]
@@ -568,14 +584,13 @@ def _query(args: argparse.Namespace) -> int:
                                                        trainable)
     project = functools.partial(query_vectors, loss_fn, projection_dim=settings[
         "projection_dim"], seed=settings["seed"], block_size=settings["block_size"],
-        trainable=trainable, precondition=precondition)
+        trainable=trainable, precondition=precondition,
+        factor_dim=settings.get("factor_dim"))
     queries = np.asarray(cached_jit(project)(model.params, test), np.float64)
     if args.curvature == "projected":
-        gram = projected_gram(rows)
-        damping = args.damping if args.damping is not None else 0.1 * np.trace(gram) / len(gram)
-        queries = np.linalg.solve(gram + damping * np.eye(len(gram)), queries.T).T
+        queries, damping = projected_fisher_solve(rows, queries, args.damping)
         rows_info = [("curvature", "projected (TRAK: stored rows' Gram matrix)"),
-                     ("damping", float(damping))]
+                     ("damping", damping)]
     found = query_store(rows, queries, top_k=min(args.k, len(train)))
     train_ids = example_ids(train)
     table = {"test_id": example_ids(test_source),

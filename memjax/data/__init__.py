@@ -20,6 +20,7 @@ from memjax.data.base import (
     as_source,
     example_ids,
     hash_array,
+    numeric_fields,
     source_ids,
     stack_records,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "hash_array",
     "load_tokenizer",
     "memmap_source",
+    "numeric_fields",
     "open_source",
     "source_ids",
     "stack_records",

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import numpy as np
 
+from memjax._checks import to_device_dtype
 from memjax.errors import InputError
 
 ID_FIELD = "id"
@@ -204,6 +205,17 @@ class ArraySource(RandomAccessSource):
                                  "mtime_ns": stat.st_mtime_ns}
             fields[key] = entry
         return {"kind": "arrays", "name": self.name, "n": self._n, "fields": fields}
+
+
+def numeric_fields(rows: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The fields a traced function can take: booleans and numbers, in the dtypes the device
+    keeps (:func:`memjax._checks.to_device_dtype`, unless x64 is enabled: then float64
+    stays float64); texts, names and the ``id`` field are dropped."""
+    arrays = {k: np.asarray(v) for k, v in rows.items() if k != ID_FIELD}
+    arrays = {k: v for k, v in arrays.items() if v.dtype.kind in "biuf"}
+    if jax.config.jax_enable_x64:
+        return arrays
+    return {k: to_device_dtype(k, v) for k, v in arrays.items()}
 
 
 def as_source(data: Any, *, name: str = "arrays") -> Source:

@@ -23,7 +23,12 @@
   per token (:func:`positions_kfac_stats`, :func:`kfac_precondition_matrix`) and
   embeddings (:func:`embedding_kfac_stats`), streamed with :func:`merge_kfac_stats`;
   :func:`dense_preconditioner` / :func:`cg_preconditioner` / :func:`ekfac_preconditioner`
-  for curvature-aware mirrored influence, ``forward_inf(precondition=...)``.
+  for curvature-aware mirrored influence, ``forward_inf(precondition=...)``; any model of
+  the model protocol: :func:`fit_kfac` (dense layers found in the loss's jaxpr by
+  :func:`find_dense_layers`, K-FAC/EK-FAC; the diagonal Fisher for the other leaves) and
+  :func:`curvature_preconditioner`; matrix-free and checked: :func:`solver_curvature` and
+  :func:`gauss_newton_preconditioner` (CG / LiSSA on the Gauss-Newton matrix of the
+  trainable leaves, damping 0.1 x the mean eigenvalue by :func:`mean_eigenvalue`).
 - Many queries: :func:`gradient_store` (projected per-example training gradients in a
   resumable store, once), :func:`query_vectors` and :func:`query_store` (blocked scoring
   with running top-k / bottom-k, never an N x T matrix); :func:`factorized_projection`
@@ -39,6 +44,11 @@ from memjax.influence._applications import (
     self_influence,
     top_sources,
 )
+from memjax.influence._capture import (
+    DenseLayer,
+    find_dense_layers,
+    layer_inputs_and_output_grads,
+)
 from memjax.influence._curvature import gauss_newton_preconditioner, test_gradients
 from memjax.influence._forward_inf import (
     forward_inf,
@@ -47,13 +57,22 @@ from memjax.influence._forward_inf import (
     param_paths,
     trainable_mask,
 )
+from memjax.influence._generic_kfac import (
+    CurvatureFactors,
+    curvature_preconditioner,
+    fit_kfac,
+)
 from memjax.influence._grad_store import (
+    FactorizedGradient,
+    KroneckerProjection,
     ProjectedGradient,
     factorized_dot,
     factorized_dot_is_cheaper,
     factorized_projection,
     gradient_store,
     kronecker_factors,
+    kronecker_projection,
+    projected_fisher_solve,
     projected_gram,
     query_store,
     query_vectors,
@@ -127,10 +146,14 @@ from memjax.influence._stats import lds, pearson, spearman
 
 __all__ = [
     "RANKING",
+    "CurvatureFactors",
     "DenseFactors",
+    "DenseLayer",
     "EkfacStats",
     "EmbeddingFactors",
+    "FactorizedGradient",
     "KfacStats",
+    "KroneckerProjection",
     "ProjectedGradient",
     "SolveResult",
     "causal_lm_loss",
@@ -142,6 +165,7 @@ __all__ = [
     "conv_patches",
     "conv_weight_matrix",
     "cross_entropy_loss",
+    "curvature_preconditioner",
     "dense_curvature",
     "dense_preconditioner",
     "dense_solve",
@@ -156,6 +180,8 @@ __all__ = [
     "factorized_dot",
     "factorized_dot_is_cheaper",
     "factorized_projection",
+    "find_dense_layers",
+    "fit_kfac",
     "fit_logistic",
     "forward_inf",
     "gauss_newton_preconditioner",
@@ -170,10 +196,12 @@ __all__ = [
     "kfac_precondition",
     "kfac_precondition_matrix",
     "kronecker_factors",
+    "kronecker_projection",
     "label_cross_entropy",
     "largest_eigenvalue",
     "lava",
     "lava_values",
+    "layer_inputs_and_output_grads",
     "lds",
     "lissa",
     "lissa_preconditioner",
@@ -185,13 +213,14 @@ __all__ = [
     "next_token_cross_entropy",
     "param_leaf",
     "param_paths",
-    "projected_gram",
     "pearson",
     "per_example_grads",
     "positions_ekfac_stats",
     "positions_kfac_stats",
     "precondition_embedding",
     "project",
+    "projected_fisher_solve",
+    "projected_gram",
     "query_store",
     "query_vectors",
     "refit_logistic",

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from memjax.data.base import numeric_fields
 from memjax.engine.cache import cached_jit
 from memjax.influence._forward_inf import (
     loss_at,
@@ -78,6 +79,7 @@ def gauss_newton_preconditioner(method: str, outputs_fn: Callable, output_loss: 
       ``(precondition, info)``; ``precondition`` takes and returns the full params layout
       (frozen leaves: zero in, zero out).
     """
+    train_batch, test = numeric_fields(train_batch), numeric_fields(test)
     leaves, treedef, mask = trainable_view(params, trainable)
 
     def outputs_of(train, example):

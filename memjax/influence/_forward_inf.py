@@ -14,10 +14,16 @@ gradient ascent (unlearn t) δ ≈ +lr·g_i·g_t, for descent (learn t) δ ≈ �
 reference code's choice; ``delta`` is the raw δ.
 
 Layout of the work: the T updated parameter sets (only their trainable leaves) are
-computed at the edge, stacked, and evaluated with ``vmap`` inside the engine's per-example
-function, so base losses are computed once per training example and the training set is
-batched and sharded over the mesh by :func:`memjax.engine.score`. T is split into chunks
-whose stacked copies fit ``memory_budget`` bytes.
+computed at the edge and stacked; the training set is batched and sharded over the mesh by
+:func:`memjax.engine.score` (``batched=True``: the score function gets a device's rows).
+Each device walks its rows in blocks of :data:`BLOCK_ROWS` (``lax.map``, one compiled loop)
+and scores a block as ``vmap`` over the T copies (outer) of ``vmap`` over the block's rows
+(inner): the base losses once per row, and for a dense first layer the T copies' product
+is one [rows, in] × [in, T·out] matrix product. Blocks bound the live activations
+([T, BLOCK_ROWS, ...]) to what a 64-row batch used before, while engine batches can be large
+(cheap examples: up to :data:`MAX_BATCH_ROWS` rows per device), so the per-batch host work
+(transfers, output collection) is paid a few times instead of N/64 times. T is split into
+chunks whose stacked copies fit ``memory_budget`` bytes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,16 @@ DIRECTIONS = ("ascent", "descent")
 OPTIMIZERS = ("sgd", "adam", "sign")
 SCORES = ("oriented", "delta", "abs")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of stacked updated parameters per chunk of T
+# Rows of a device's batch scored together (the activations of BLOCK_ROWS × T copies live at
+# once); 64 rows per device was the previous default engine batch, so peak activation memory
+# is unchanged.
+BLOCK_ROWS = 64
+# Default engine batch, per data device: as many rows as fit BATCH_BYTES of inputs and
+# scores, between BLOCK_ROWS and MAX_BATCH_ROWS. On the digits MLP (bench/influence.py) the
+# previous default, 29 batches of 64 rows, spent about a third of each call on per-batch
+# host work (transfers, output collection; cProfile).
+MAX_BATCH_ROWS = 1024
+BATCH_BYTES = 16 << 20
 
 LossFn = Callable[[Any, dict[str, jax.Array]], jax.Array]
 
@@ -224,37 +240,108 @@ def _finish(oriented_or_delta: jax.Array, score: str, orient: float, is_delta: b
     return orient * delta  # orient = ±1, so this is δ for ascent and −δ for descent
 
 
+def in_blocks(block_fn: Callable[[dict[str, jax.Array]], jax.Array],
+              rows: dict[str, jax.Array], block_rows: int) -> jax.Array:
+    """``block_fn`` over ``rows`` in blocks of ``block_rows`` rows, concatenated.
+
+    Args:
+      block_fn: ``{field: [b, ...]} -> [b, ...]``, rows independent of each other.
+      rows: fields with a common leading axis n.
+      block_rows: rows per block (> 0).
+
+    Returns:
+      ``block_fn(rows)`` computed block by block: the ``n // block_rows`` full blocks in one
+      ``lax.map`` (one compiled loop body), the remainder as one smaller block (no padding).
+      Fewer than two full blocks (n < 2·block_rows) run as one block.
+    """
+    n = next(iter(rows.values())).shape[0]
+    full, rest = divmod(n, block_rows)
+    if full <= 1:
+        return block_fn(rows)
+    head = jax.tree.map(lambda x: x[:full * block_rows].reshape(full, block_rows, *x.shape[1:]),
+                        rows)
+    mapped = jax.lax.map(block_fn, head)
+    out = mapped.reshape(full * block_rows, *mapped.shape[2:])
+    if rest:
+        tail = block_fn(jax.tree.map(lambda x: x[full * block_rows:], rows))
+        out = jnp.concatenate([out, tail], axis=0)
+    return out
+
+
+def _finite_block(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], score: str,
+                  orient: float, leaves: list, stacked: list,
+                  rows: dict[str, jax.Array]) -> jax.Array:
+    """Scores [b, Tc] of b training rows against the Tc updated copies ``stacked``."""
+    base = jax.vmap(lambda ex: loss_fn(jax.tree.unflatten(treedef, leaves), ex))(rows)
+
+    def losses_of_copy(train):  # [b]: one updated copy on every row
+        return jax.vmap(lambda ex: loss_at(loss_fn, treedef, leaves, mask, train, ex))(rows)
+
+    updated = jax.vmap(losses_of_copy)(stacked)  # [Tc, b]: copies outer, rows inner
+    return _finish(updated.T - base[:, None], score, orient, is_delta=True)
+
+
+def _first_order_block(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], score: str,
+                       orient: float, leaves: list, tangents: list,
+                       rows: dict[str, jax.Array]) -> jax.Array:
+    """Oriented scores g_i·v_t [b, Tc] of b training rows against the Tc ``tangents``."""
+    train0 = select_trainable(leaves, mask)
+
+    def dot(example, tangent):  # g_i·v_t by one jvp; g_i is never formed
+        def loss_of(train):
+            return loss_at(loss_fn, treedef, leaves, mask, train, example)
+
+        return jax.jvp(loss_of, (train0,), (tangent,))[1]
+
+    def dots_of_tangent(tangent):  # [b]; the primal does not depend on the tangent, so
+        return jax.vmap(lambda ex: dot(ex, tangent))(rows)  # vmap computes it once
+
+    dots = jax.vmap(dots_of_tangent)(tangents)  # [Tc, b]
+    return _finish(dots.T, score, orient, is_delta=False)
+
+
 # The makers below build fresh closures; the engine keys compiled programs by value, so
 # equal losses and settings reuse their compilations across calls.
 def _finite_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], score: str,
                      orient: float) -> Callable:
-    def fn(p, example):
+    """``fn((leaves, stacked), rows) -> [b, Tc]`` for the engine's ``batched=True``."""
+    def fn(p, rows):
         leaves, stacked = p  # all base leaves; trainable leaves of Tc updated copies [Tc, ...]
-        base = loss_fn(jax.tree.unflatten(treedef, leaves), example)
-
-        def updated_loss(train):
-            return loss_at(loss_fn, treedef, leaves, mask, train, example)
-
-        delta = jax.vmap(updated_loss)(stacked) - base
-        return _finish(delta, score, orient, is_delta=True)
+        block = functools.partial(_finite_block, loss_fn, treedef, mask, score, orient,
+                                  leaves, stacked)
+        return in_blocks(block, rows, BLOCK_ROWS)
 
     return fn
 
 
 def _first_order_score_fn(loss_fn: LossFn, treedef: Any, mask: tuple[bool, ...], score: str,
                           orient: float) -> Callable:
-    def fn(p, example):
+    """``fn((leaves, tangents), rows) -> [b, Tc]`` for the engine's ``batched=True``."""
+    def fn(p, rows):
         leaves, tangents = p  # tangents: [Tc, ...] per trainable leaf
-
-        def loss_of(train):
-            return loss_at(loss_fn, treedef, leaves, mask, train, example)
-
-        # One linearization per training example, applied to all Tc tangents: g_i·v_t
-        # without ever forming g_i.
-        _, jvp = jax.linearize(loss_of, select_trainable(leaves, mask))
-        return _finish(jax.vmap(jvp)(tangents), score, orient, is_delta=False)
+        block = functools.partial(_first_order_block, loss_fn, treedef, mask, score, orient,
+                                  leaves, tangents)
+        return in_blocks(block, rows, BLOCK_ROWS)
 
     return fn
+
+
+def default_batch_size(n_examples: int, row_bytes: int, n_data: int, fixed: bool) -> int:
+    """The engine batch when the caller gives none (rows over all ``n_data`` devices).
+
+    Per device: as many rows as fit ``BATCH_BYTES`` at ``row_bytes`` each (inputs and
+    scores), a multiple of ``BLOCK_ROWS`` between ``BLOCK_ROWS`` and ``MAX_BATCH_ROWS``.
+    ``fixed`` (a store: its chunks are multiples of the batch and a resume must see the same
+    batch) returns that; otherwise the fewest batches of at most that size, made equal
+    (rounded up to a multiple of 8 rows per device) so the padded last batch is nearly full.
+    """
+    per_device = min(MAX_BATCH_ROWS, max(BLOCK_ROWS, BATCH_BYTES // max(row_bytes, 1)))
+    per_device -= per_device % BLOCK_ROWS
+    if fixed:
+        return per_device * n_data
+    n_batches = -(-n_examples // (per_device * n_data))
+    rows = -(-n_examples // (n_batches * n_data))
+    return n_data * min(per_device, 8 * -(-rows // 8))
 
 
 # ---- validation ---------------------------------------------------------------------
@@ -363,8 +450,9 @@ def forward_inf(
     gets δ = L(θ'_t; z_i) − L(θ; z_i). Base losses L(θ; z_i) are computed once per training
     example per chunk of T (once when all T fit ``memory_budget``), never per test example.
 
-    ``first_order`` computes the same oriented quantity in the small-step limit with one
-    ``jax.linearize`` per training example applied to all test tangents v_t
+    ``first_order`` computes the same oriented quantity in the small-step limit with a
+    ``jax.jvp`` per training example vmapped over all test tangents v_t (its primal,
+    independent of the tangent, is computed once per training example)
     (``steps·lr·g_t`` for sgd, ``steps·lr·sign(g_t)`` for sign and Adam, whose first step is
     a sign step up to eps): oriented = g_i·v_t, δ = ±g_i·v_t. No per-example gradient of
     a training example is ever formed.
@@ -396,7 +484,11 @@ def forward_inf(
       trainable: which leaves are updated (see :func:`trainable_mask`).
       precondition: None (plain step) or ``grads -> P grads``; it receives the gradient
         in the params layout with zeros on frozen leaves. ``optimizer="sgd"`` only.
-      batch_size: training examples per engine batch (default 64 per data device).
+      batch_size: training examples per engine batch (default: per data device, as many
+        rows as fit 16 MiB of inputs and scores, 64 to 1,024; without a store, the fewest
+        such batches made equal, see :func:`default_batch_size`). Each device scores its
+        rows in blocks of :data:`BLOCK_ROWS`, so the batch size sets the host round trips,
+        not the activation memory.
       mesh: the engine mesh (default: every device on ``data``).
       store: a :class:`ScoreStore` or folder: scores stream there (field ``score``,
         [N, T] or [N]) and the store is returned. All T copies must fit ``memory_budget``.
@@ -419,13 +511,15 @@ def forward_inf(
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
     mesh = make_mesh() if mesh is None else mesh
-    if batch_size is None:
-        batch_size = 64 * mesh.shape[DATA_AXIS]
 
     n_test = next(iter(test.values())).shape[0]
     n_copies = 1 if group else n_test
     copy_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in select_trainable(leaves, mask))
     chunk = max(1, min(n_copies, memory_budget // max(copy_bytes, 1)))
+    if batch_size is None:
+        row_bytes = sum(v[0].nbytes for v in test.values()) + 4 * chunk
+        batch_size = default_batch_size(len(source), row_bytes, mesh.shape[DATA_AXIS],
+                                        fixed=store is not None)
     if store is not None and chunk < n_copies:
         raise InputError(f"store: the {n_copies} updated parameter copies ({copy_bytes} bytes "
                          f"each) exceed memory_budget={memory_budget}; with store=, pass at "
@@ -447,7 +541,7 @@ def forward_inf(
         batch = test if group else {k: v[rows] for k, v in test.items()}
         stacked = per_test(leaves, batch)
         out = engine_score(fn, (leaves, stacked), source, batch_size=batch_size, mesh=mesh,
-                           store=store, progress=progress)
+                           store=store, progress=progress, batched=True)
         if store is not None:
             return out
         results.append(np.asarray(out["score"])[:, :hi - lo].T)

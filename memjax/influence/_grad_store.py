@@ -31,10 +31,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
+from memjax.data.base import as_source, numeric_fields
 from memjax.engine import ScoreStore, score
 from memjax.errors import InputError
+from memjax.influence._capture import find_dense_layers, grad_matrix, layer_and_leaf_grads
 from memjax.influence._forward_inf import (
     loss_at,
+    merge_trainable,
     precondition_trainable,
     select_trainable,
     trainable_mask,
@@ -67,10 +70,110 @@ class ProjectedGradient:
                                     block_size=self.block_size)}
 
 
+@dataclasses.dataclass(frozen=True)
+class KroneckerProjection:
+    """LoGra's projection (Choe et al. 2024) of a whole model's gradient, one block per part:
+
+    - every dense layer l found in the loss's jaxpr (:func:`memjax.influence.find_dense_layers`)
+      gets R_l = P_in ⊗ P_out with P_in [in(+1), k] and P_out [out, k] from
+      :func:`kronecker_factors` (seed ``seed + 1 + l``, k = ``factor_dim``): its projected
+      gradient P_inᵀ ∇W P_out [k·k] comes from the layer's activations and output gradients
+      (:func:`factorized_projection`) without forming ∇W (the bias is W's extra input row,
+      activations with a 1 appended);
+    - every other floating leaf (``rest``: embeddings, norms, convolutions, tied weights) is
+      flattened in ``jax.tree.leaves`` order and projected by :func:`project` (``seed``,
+      ``projection_dim`` columns).
+
+    A row is the blocks concatenated, layers first: width = len(layers)·k² + projection_dim
+    (no rest block when ``rest`` is empty). Every block has E[R Rᵀ] = I, so dot products of
+    rows estimate gradient dot products without bias, as the dense projection does.
+    """
+
+    layers: tuple
+    rest: tuple[int, ...]
+    factor_dim: int
+    projection_dim: int
+    seed: int = 0
+    block_size: int = 4096
+
+    @property
+    def width(self) -> int:
+        return len(self.layers) * self.factor_dim ** 2 + (self.projection_dim if self.rest
+                                                          else 0)
+
+    def _factors(self, index: int) -> tuple[jax.Array, jax.Array]:
+        layer = self.layers[index]
+        return kronecker_factors(self.seed + 1 + index, layer.in_dim + int(layer.has_bias),
+                                 layer.out_dim, self.factor_dim, self.factor_dim)
+
+    def _rest_block(self, rest_grads: list) -> list[jax.Array]:
+        if not self.rest:
+            return []
+        flat = jnp.concatenate([g.reshape(-1).astype(jnp.float32) for g in rest_grads])
+        return [project(flat[None], self.projection_dim, seed=self.seed,
+                        block_size=self.block_size)[0]]
+
+    def from_factors(self, record: dict, rest_grads: list) -> jax.Array:
+        """[width] row of ONE example from :func:`layer_and_leaf_grads`' output: per layer
+        (a [S, in], g [S, out]) and the rest leaves' gradients."""
+        blocks = []
+        for index, layer in enumerate(self.layers):
+            a, g = record[layer.path]
+            a, g = a.astype(jnp.float32), g.astype(jnp.float32)
+            if layer.has_bias:
+                a = jnp.concatenate([a, jnp.ones((a.shape[0], 1), a.dtype)], axis=1)
+            blocks.append(factorized_projection(a, g, *self._factors(index)))
+        return jnp.concatenate(blocks + self._rest_block(rest_grads))
+
+    def from_gradient(self, leaves: list) -> jax.Array:
+        """[width] row of ONE formed gradient (its ``jax.tree.leaves``): the same R applied
+        densely, P_inᵀ ∇W P_out per layer (queries, preconditioned queries, tests)."""
+        blocks = []
+        for index, layer in enumerate(self.layers):
+            p_in, p_out = self._factors(index)
+            matrix = grad_matrix(layer, leaves).astype(jnp.float32)  # [out, in(+1)]
+            blocks.append((p_in.T @ matrix.T @ p_out).reshape(-1))
+        return jnp.concatenate(blocks + self._rest_block([leaves[k] for k in self.rest]))
+
+
+def kronecker_projection(loss_fn: LossFn, params: Any, example: Any, *, factor_dim: int,
+                         projection_dim: int, seed: int = 0) -> KroneckerProjection:
+    """The :class:`KroneckerProjection` of ``loss_fn``'s dense layers (found on ONE example
+    ``example``, a dict of arrays without the batch axis) and its other floating leaves."""
+    layers = tuple(find_dense_layers(loss_fn, params, example))
+    covered = {i for layer in layers for i in (layer.index, layer.bias_index) if i is not None}
+    # The leaves forward_inf would update (float, not BatchNorm statistics).
+    rest = tuple(i for i, trained in enumerate(trainable_mask(params, None))
+                 if trained and i not in covered)
+    return KroneckerProjection(layers, rest, _positive_int(factor_dim, "factor_dim"),
+                               _positive_int(projection_dim, "projection_dim"), seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorizedGradient:
+    """Batched score function ``(params, rows) -> {"grad": [B, width]}``: each row's
+    gradient under ``projection`` from activations and output gradients (LoGra), with one
+    forward and one backward pass per example and no per-example ∇W of a dense layer."""
+
+    loss_fn: LossFn
+    projection: KroneckerProjection
+
+    def __call__(self, params: Any, rows: Any) -> dict[str, jax.Array]:
+        projection = self.projection
+
+        def one(example):
+            record, rest = layer_and_leaf_grads(self.loss_fn, params, example,
+                                                list(projection.layers), projection.rest)
+            return projection.from_factors(record, rest)
+
+        return {GRAD_FIELD: jax.vmap(one)(rows)}
+
+
 def gradient_store(loss_fn: LossFn, params: Any, source: Any,
                    store: ScoreStore | str | os.PathLike, *, projection_dim: int, batch_size: int,
                    seed: int = 0, block_size: int = 4096, trainable: Any = None,
-                   progress: bool = False, **score_options: Any) -> ScoreStore:
+                   factor_dim: int | None = None, progress: bool = False,
+                   **score_options: Any) -> ScoreStore:
     """Compute every training example's projected gradient once and store it.
 
     Args:
@@ -85,6 +188,10 @@ def gradient_store(loss_fn: LossFn, params: Any, source: Any,
         seed, block_size: the projection R of :func:`project`; queries must use the same.
         trainable: glob patterns (str or tuple of str) over parameter paths: only these
             leaves' gradients are stored (as ``forward_inf``'s ``trainable``); None = all.
+        factor_dim: None (the dense projection R of every gradient) or k: LoGra's
+            :class:`KroneckerProjection`, k² columns per dense layer found in the jaxpr
+            from its factors (never forming its gradient) and ``projection_dim`` for the
+            other leaves (every float leaf: ``trainable`` must be None).
         progress: print examples/s to stderr.
         **score_options: passed to :func:`memjax.engine.score` (mesh, validate, ...).
 
@@ -97,6 +204,16 @@ def gradient_store(loss_fn: LossFn, params: Any, source: Any,
             isinstance(t, str) for t in trainable)):
         raise InputError("trainable: expected glob patterns (a str or a list of str) over "
                          "parameter paths, or None")
+    if factor_dim is not None:
+        if trainable is not None:
+            raise InputError("factor_dim: the factorized store projects every float leaf; "
+                             "pass trainable=None (or use the dense projection)")
+        first = numeric_fields(as_source(source).read(np.zeros(1, np.int64)))
+        fn = FactorizedGradient(loss_fn, kronecker_projection(
+            loss_fn, params, {k: v[0] for k, v in first.items()}, factor_dim=factor_dim,
+            projection_dim=projection_dim, seed=seed))
+        return score(fn, params, source, batch_size=batch_size, store=store,
+                     progress=progress, batched=True, **score_options)
     fn = ProjectedGradient(loss_fn, _positive_int(projection_dim, "projection_dim"), seed,
                            _positive_int(block_size, "block_size"),
                            None if trainable is None else tuple(trainable))
@@ -106,16 +223,35 @@ def gradient_store(loss_fn: LossFn, params: Any, source: Any,
 
 def query_vectors(loss_fn: LossFn, params: Any, queries: Any, *, projection_dim: int,
                   seed: int = 0, block_size: int = 4096, trainable: Any = None,
-                  precondition: Callable[[Any], Any] | None = None) -> jax.Array:
+                  precondition: Callable[[Any], Any] | None = None,
+                  factor_dim: int | None = None) -> jax.Array:
     """[T, k] projected query gradients Rᵀg_t (or Rᵀ P g_t), with the store's projection.
 
     ``queries`` is a pytree batch of T examples (leading axis T); ``trainable`` as the
     store's. ``precondition`` (e.g. ``forward_inf``'s EK-FAC or CG preconditioners: params
     layout in and out, frozen leaves zero) replaces g_t by P g_t before the projection, so
     a stored row scores (Rᵀg_i)·(RᵀPg_t) ≈ g_i·P g_t (Johnson-Lindenstrauss): the
-    influence-function score with the training side computed once, uncurved. Traces; jit
-    at the edge.
+    influence-function score with the training side computed once, uncurved.
+    ``factor_dim``: the store's :class:`KroneckerProjection` (applied to the formed query
+    gradients). Traces; jit at the edge.
     """
+    if factor_dim is not None:
+        projection = kronecker_projection(loss_fn, params, jax.tree.map(lambda x: x[0],
+                                                                        queries),
+                                          factor_dim=factor_dim,
+                                          projection_dim=projection_dim, seed=seed)
+        mask = tuple(trainable_mask(params, None))
+        leaves, treedef = jax.tree.flatten(params)
+
+        def row(example):
+            grad = jax.grad(lambda train: loss_at(loss_fn, treedef, leaves, mask, train,
+                                                  example))(select_trainable(leaves, mask))
+            if precondition is not None:
+                grad = precondition_trainable(precondition, treedef, leaves, mask, grad)
+            return projection.from_gradient(merge_trainable(
+                [jnp.zeros_like(leaf) for leaf in leaves], mask, grad))
+
+        return jax.vmap(row)(queries)
     if precondition is None:
         grads = per_example_grads(loss_fn, params, queries, trainable=trainable)
     else:
@@ -220,6 +356,24 @@ def _keep_top(running: tuple[jax.Array, jax.Array], scores: jax.Array, index: ja
     rows = jnp.concatenate([running[1], index], axis=1)
     top, where = jax.lax.top_k(values, running[0].shape[1])
     return top, jnp.take_along_axis(rows, where, axis=1)
+
+
+def projected_fisher_solve(stored: ScoreStore | ArrayLike, queries: ArrayLike,
+                           damping: float | None = None) -> tuple[np.ndarray, float]:
+    """``((F + λI)⁻¹ q_t for every query [T, k] float64, λ)`` with F = :func:`projected_gram`:
+    TRAK's preconditioned queries (Park et al. 2023), so ``query_store(stored, solved)``
+    ranks by φ_i·(F + λI)⁻¹φ_t. ``damping`` None: λ = 0.1 × trace(F)/k, the mean
+    eigenvalue rule of memjax's other curvatures."""
+    gram = projected_gram(stored)
+    queries = np.asarray(queries, np.float64)
+    if queries.ndim != 2 or queries.shape[1] != len(gram):
+        raise InputError(f"queries has shape {queries.shape}: expected [T, {len(gram)}]")
+    if damping is None:
+        damping = 0.1 * float(np.trace(gram)) / len(gram)
+    if not (np.isfinite(damping) and damping >= 0):
+        raise InputError(f"damping={damping!r}: expected a finite number >= 0")
+    solved = np.linalg.solve(gram + damping * np.eye(len(gram)), queries.T).T
+    return solved, float(damping)
 
 
 def _row_blocks(stored: ScoreStore | ArrayLike, width: int | None, block_rows: int

@@ -1,5 +1,6 @@
 """Training small models for demonstrations and reference models (vmappable, optax)."""
 
+from memjax.train.attribution import loo_retraining, retraining_effects, subset_outputs
 from memjax.train.classifier import (
     CNNConfig,
     MLPConfig,
@@ -29,7 +30,10 @@ __all__ = [
     "fit_classifier",
     "load_model",
     "load_models",
+    "loo_retraining",
+    "retraining_effects",
     "save_model",
     "save_models",
+    "subset_outputs",
     "train_classifiers",
 ]
