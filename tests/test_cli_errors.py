@@ -122,6 +122,13 @@ CASES = [
          message="is not a memjax report"),
     case("influence", "self", "--model", "{mlp}", "--out", NEW, "--batch-size", "0",
          message="argument --batch-size"),
+    case("influence", "query", "--store", "{missing}", "--test", "{missing}.npz", "--out", NEW,
+         message="no readable settings.json"),
+    case("influence", "store", "--model", "{mlp}", "--out", NEW, message="needs --store"),
+    case("influence", "scores", "--model", "{mlp}", "--curvature", "newton", "--out", NEW,
+         message="argument --curvature"),
+    case("influence", "self", "--model", "{mlp}", "--curvature", "ekfac", "--out", NEW,
+         message="applies to 'scores' and 'query'"),
     # -- memorization
     case("memorization", "dejavu", "--embeddings", "{missing}.npz", "--out", NEW,
          message="--embeddings"),
