@@ -128,7 +128,7 @@ CASES = [
     case("influence", "scores", "--model", "{mlp}", "--curvature", "newton", "--out", NEW,
          message="argument --curvature"),
     case("influence", "self", "--model", "{mlp}", "--curvature", "ekfac", "--out", NEW,
-         message="applies to 'scores' and 'query'"),
+         message="applies to 'scores', 'store' and 'query'"),
     # -- memorization
     case("memorization", "dejavu", "--embeddings", "{missing}.npz", "--out", NEW,
          message="--embeddings"),

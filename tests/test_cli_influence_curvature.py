@@ -130,7 +130,10 @@ def test_gradient_store_and_query(mlp, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["self", "--curvature", "cg"], "--curvature cg: applies to 'scores' and 'query'"),
+    (["self", "--curvature", "cg"], "--curvature cg: applies to 'scores', 'store' and"),
+    (["query", "--curvature", "ekfac", "--test", "TEST", "--store", "S"],
+     "preconditioning only the query is unbiased"),
+    (["store", "--curvature", "cg", "--store", "S"], "which K-FAC/EK-FAC give"),
     (["scores", "--curvature", "projected", "--test", "TEST"], "exists only for 'query'"),
     (["query", "--test", "TEST"], "needs --store FOLDER"),
     (["scores", "--curvature", "cg", "--damping", "-1", "--test", "TEST"], "--damping -1.0"),
@@ -291,3 +294,47 @@ def test_factorized_gradient_store_from_the_cli(mlp, tmp_path):
     scores = queries @ rows.astype(np.float64).T
     for t in range(N_TEST):
         assert table["supporting_ids"][t] == list(np.argsort(-scores[t], kind="stable")[:3])
+
+
+def test_whitened_gradient_store(mlp, tmp_path):
+    """store --curvature ekfac whitens every row by W = (F + λI)^(-1/2) (EK-FAC's basis, the
+    square root of its damped eigenvalues) and query whitens the queries alike, so a score
+    is (RᵀWg_i)·(RᵀWg_t), an estimate of g_iᵀ(F + λI)⁻¹g_t; W·W is the inverse exactly."""
+    from memjax.engine import ScoreStore
+    from memjax.influence import curvature_preconditioner, fit_kfac, query_vectors
+
+    folder, train, test = mlp
+    store = tmp_path / "grads"
+    assert main(["influence", "store", "--model", str(folder / "model"), "--train",
+                 str(folder / "train.npz"), "--store", str(store), "--projection-dim", "256",
+                 "--curvature", "ekfac", "--fisher", "empirical", "--damping", "0.05",
+                 "--batch-size", "40", "--out", str(tmp_path / "s"), "--no-progress"]) == 0
+    assert main(["influence", "query", "--store", str(store), "--test",
+                 str(folder / "test.npz"), "--k", "3", "--out", str(tmp_path / "q"),
+                 "--no-progress"]) == 0
+    rows = ScoreStore(store / "rows").read()["grad"].astype(np.float64)
+    loaded = memjax.load(folder / "model")
+    loss = functools.partial(cross_entropy_loss, loaded.apply)
+    factors = fit_kfac(loss, loaded.params, train, method="ekfac", batch_size=40)
+    half = curvature_preconditioner(factors, 0.05, power=-0.5)
+    inverse = curvature_preconditioner(factors, 0.05)
+    grads = jax.grad(loss)(loaded.params, {k: v[0] for k, v in train.items()})
+    twice = jax.tree.leaves(half(half(grads)))
+    for a, b in zip(twice, jax.tree.leaves(inverse(grads)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())  # float32
+    queries = np.asarray(query_vectors(loss, loaded.params, test, projection_dim=256,
+                                       precondition=half), np.float64)
+    scores = queries @ rows.T
+    table = pq.read_table(tmp_path / "q" / "scores.parquet").to_pydict()
+    for t in range(N_TEST):
+        assert table["supporting_ids"][t] == list(np.argsort(-scores[t], kind="stable")[:3])
+    # The whitened rows estimate the EK-FAC influence g_iᵀ(F + λI)⁻¹g_t: with k = 256 for
+    # P = 460 parameters the estimate correlates with the exact product (measured 0.97).
+    exact = np.stack([[float(sum(np.vdot(a, b) for a, b in zip(
+        jax.tree.leaves(inverse(jax.grad(loss)(loaded.params, {k: v[t] for k, v in
+                                                               test.items()}))),
+        jax.tree.leaves(jax.grad(loss)(loaded.params, {k: v[i] for k, v in train.items()})),
+        strict=True))) for i in range(N_TRAIN)] for t in range(N_TEST)])
+    correlation = np.mean([np.corrcoef(exact[t], scores[t])[0, 1] for t in range(N_TEST)])
+    print(f"whitened store vs exact EK-FAC influence: Pearson {correlation:.3f}")
+    assert correlation > 0.8

@@ -373,13 +373,23 @@ def _write_values(args: argparse.Namespace, train, values: np.ndarray, name: str
 # ---- curvature ----------------------------------------------------------------------
 
 def _check_curvature_use(args: argparse.Namespace) -> None:
-    """--curvature applies to scores and query; 'projected' to query only."""
-    if args.curvature != "none" and args.what not in ("scores", "query"):
-        raise InputError(f"--curvature {args.curvature}: applies to 'scores' and 'query' "
-                         f"(the test gradient is preconditioned), not to {args.what!r}")
-    if args.curvature == "projected" and args.what != "query":
-        raise InputError("--curvature projected: the Gram matrix of stored projected "
-                         "gradients exists only for 'query'; use kfac, ekfac, cg or lissa")
+    """--curvature: scores (any but 'projected'), store (kfac/ekfac: whitened rows), query
+    ('projected', or none: a whitened store's queries are whitened alike)."""
+    allowed = {"scores": ("none", "kfac", "ekfac", "cg", "lissa"),
+               "store": ("none", "kfac", "ekfac"), "query": ("none", "projected")}
+    if args.curvature != "none" and args.what not in allowed:
+        raise InputError(f"--curvature {args.curvature}: applies to 'scores', 'store' and "
+                         f"'query', not to {args.what!r}")
+    if args.curvature not in allowed.get(args.what, ("none",)):
+        why = {"scores": "the Gram matrix of stored projected gradients exists only for "
+                         "'query'",
+               "store": "a store is whitened by (F + λI)^(-1/2), which K-FAC/EK-FAC give "
+                        "and matrix-free solvers do not",
+               "query": "preconditioning only the query is unbiased, but its projection "
+                        "noise drowns the scores; make the store with --curvature ekfac "
+                        "(both sides whitened) or query with --curvature projected"}
+        raise InputError(f"--curvature {args.curvature} with {args.what}: expected one of "
+                         f"{list(allowed[args.what])} ({why[args.what]})")
     if args.damping is not None and not (np.isfinite(args.damping) and args.damping >= 0):
         raise InputError(f"--damping {args.damping}: expected a finite number >= 0")
 
@@ -437,9 +447,11 @@ def _curvature_subset(train: Any, count: int, seed: int) -> dict:
     return {k: v for k, v in fields.items() if k != "id"}
 
 
-def _kfac_preconditioner(args, model, loss_fn, train) -> tuple[Any, list]:
+def _kfac_preconditioner(args, model, loss_fn, train, power: float = -1.0
+                         ) -> tuple[Any, list]:
     """K-FAC / EK-FAC factors over the whole training set (one streamed pass, two for
-    EK-FAC) for every dense layer memjax finds in the model; the rest diagonal."""
+    EK-FAC) for every dense layer memjax finds in the model, the diagonal Fisher for the
+    rest; ``(F + λI)^power`` as a preconditioner (power -0.5 whitens a gradient store)."""
     import jax
 
     from memjax.influence import curvature_preconditioner as kfac_curvature
@@ -457,7 +469,7 @@ def _kfac_preconditioner(args, model, loss_fn, train) -> tuple[Any, list]:
     factors = fit_kfac(loss_fn, model.params, train, method=args.curvature,
                        batch_size=args.batch_size, fisher=fisher, sample_fn=sample_fn,
                        key=jax.random.key(args.seed), progress=not args.no_progress)
-    precondition = kfac_curvature(factors, damping=args.damping)
+    precondition = kfac_curvature(factors, damping=args.damping, power=power)
     return precondition, [
         ("fisher", fisher), ("damping", "0.1 x mean eigenvalue per block"
                              if args.damping is None else args.damping),
@@ -471,7 +483,8 @@ def _kfac_preconditioner(args, model, loss_fn, train) -> tuple[Any, list]:
 def _store_settings(args: argparse.Namespace, model_path: str, trainable) -> dict:
     return {"format": "memjax gradient store", "version": 1, "model": model_path,
             "train": args.train, "projection_dim": args.projection_dim, "seed": args.seed,
-            "factor_dim": args.factor_dim,
+            "factor_dim": args.factor_dim, "curvature": args.curvature,
+            "damping": args.damping, "fisher": args.fisher, "batch_size": args.batch_size,
             "block_size": 4096, "trainable": list(trainable) if trainable else None,
             "classes": args.classes, "classes_file": args.classes_file, "prompt": args.prompt,
             "max_length": args.max_length, "text_field": args.text_field}
@@ -509,10 +522,18 @@ def _store(args, model, loss_fn, train, trainable, settings) -> int:
     if args.factor_dim is not None and trainable is not None:
         raise InputError("--factor-dim: the factorized store projects every parameter; "
                          "leave out --trainable (or --factor-dim)")
+    if args.factor_dim is not None and args.curvature != "none":
+        raise InputError(f"--factor-dim with --curvature {args.curvature}: whitening forms "
+                         "each example's gradient; use the dense projection")
+    whiten, curvature_rows = None, []
+    if args.curvature != "none":
+        whiten, curvature_rows = _kfac_preconditioner(args, model, loss_fn, train, power=-0.5)
     rows = gradient_store(loss_fn, model.params, train, ScoreStore(folder / STORE_ROWS),
                           projection_dim=args.projection_dim, batch_size=args.batch_size,
                           seed=args.seed, trainable=trainable, factor_dim=args.factor_dim,
-                          progress=not args.no_progress)
+                          precondition=whiten, progress=not args.no_progress)
+    settings = [*settings, ("whitening", f"(F + λI)^(-1/2), F by {args.curvature}"
+                            if whiten else "none"), *curvature_rows]
     grads = rows.read()["grad"]
     norms = np.linalg.norm(grads, axis=1)
     table = {**id_columns(train), "projected_grad_norm": norms}
@@ -580,14 +601,24 @@ def _query(args: argparse.Namespace) -> int:
     trainable = tuple(settings["trainable"]) if settings["trainable"] else None
     metrics = [("model", settings["model"]), ("training data", settings["train"]),
                ("projection dim", settings["projection_dim"]), ("k", args.k)]
-    precondition, rows_info = curvature_preconditioner(args, model, loss_fn, train, test,
-                                                       trainable)
+    precondition, rows_info, requested = None, [], args.curvature
+    if settings.get("curvature", "none") != "none":  # a whitened store: whiten alike
+        if requested != "none":
+            raise InputError(f"--curvature {requested}: the store is whitened by "
+                             f"{settings['curvature']}, so its queries are whitened the same "
+                             "way; query it with --curvature none")
+        for key in ("curvature", "damping", "fisher", "seed", "batch_size"):
+            setattr(args, key, settings[key])
+        precondition, rows_info = _kfac_preconditioner(args, model, loss_fn, train,
+                                                       power=-0.5)
+        rows_info = [("whitening", f"(F + λI)^(-1/2), F by {settings['curvature']} (the "
+                                   "store's)"), *rows_info]
     project = functools.partial(query_vectors, loss_fn, projection_dim=settings[
         "projection_dim"], seed=settings["seed"], block_size=settings["block_size"],
         trainable=trainable, precondition=precondition,
         factor_dim=settings.get("factor_dim"))
     queries = np.asarray(cached_jit(project)(model.params, test), np.float64)
-    if args.curvature == "projected":
+    if requested == "projected":
         queries, damping = projected_fisher_solve(rows, queries, args.damping)
         rows_info = [("curvature", "projected (TRAK: stored rows' Gram matrix)"),
                      ("damping", damping)]

@@ -228,14 +228,18 @@ def _layer_damping(factor: DenseFactors, method: str, damping: float | None):
     return DAMPING_HEURISTIC * jnp.mean(factor.corrected)
 
 
-def _precondition_matrix(grad_matrix, factor: DenseFactors, method: str, damping):
-    """(curvature + λI)⁻¹ applied to G [out, in+1], in the eigenbasis Q_A ⊗ Q_S."""
+def _precondition_matrix(grad_matrix, factor: DenseFactors, method: str, damping,
+                         power: float = -1.0):
+    """(curvature + λI)^power applied to G [out, in+1], in the eigenbasis Q_A ⊗ Q_S
+    (power -1: the inverse; -0.5: its symmetric square root, for whitening)."""
     rotated = factor.s_eigvecs.T @ grad_matrix @ factor.a_eigvecs
     if method == "kfac":
         curvature = factor.s_eigvals[:, None] * factor.a_eigvals[None, :]
     else:
         curvature = factor.corrected
-    return factor.s_eigvecs @ (rotated / (curvature + damping)) @ factor.a_eigvecs.T
+    scaled = rotated / (curvature + damping) if power == -1.0 else \
+        rotated * (curvature + damping) ** power
+    return factor.s_eigvecs @ scaled @ factor.a_eigvecs.T
 
 
 def _check_method_and_damping(method: str, damping: float | None) -> None:
