@@ -113,18 +113,27 @@ def test_true_fisher_uses_labels_drawn_by_sample_fn(rng, seed):
 
     with jax.enable_x64(True):
         jp = jax.tree.map(jnp.asarray, params)
-        true = fit_kfac(mlp_loss(), jp, {"image": x, "label": np.zeros(N, int)}, method="kfac",
+        true = fit_kfac(mlp_loss(), jp, {"image": x, "label": np.zeros(N, int)}, method="ekfac",
                         batch_size=8, fisher="true", sample_fn=sample_fn, key=key,
                         mesh=one_device())
-        # the documented per-example key: fold_in(key, index of the example)
-        labels = [int(jax.random.categorical(jax.random.fold_in(key, i),
-                                             classifier_logits(jp, x[i]))) for i in range(N)]
-    inputs, grads = numpy_per_example(params, x, np.asarray(labels))
-    for f, a, g in zip(true.dense, inputs, grads, strict=True):
+
+        def draw(pass_key):  # the documented per-example key: fold_in(key, example index)
+            return np.asarray([int(jax.random.categorical(jax.random.fold_in(pass_key, i),
+                                                          classifier_logits(jp, x[i])))
+                               for i in range(N)])
+
+        labels, fresh = draw(key), draw(jax.random.fold_in(key, 1))
+    assert (labels != fresh).any()  # the eigenvalue correction draws its own labels
+    inputs, grads = numpy_per_example(params, x, labels)
+    _, fresh_grads = numpy_per_example(params, x, fresh)
+    for f, a, g, g2 in zip(true.dense, inputs, grads, fresh_grads, strict=True):
         np.testing.assert_allclose(reconstruct(f.a_eigvecs, f.a_eigvals), a.T @ a / N, RTOL,
                                    ATOL)
         np.testing.assert_allclose(reconstruct(f.s_eigvecs, f.s_eigvals), g.T @ g / N, RTOL,
                                    ATOL)
+        # Λ = E[(Q_Sᵀ g ãᵀ Q_A)²] over the FRESH labels' gradients, in the fitted basis.
+        lam = ((g2 @ np.asarray(f.s_eigvecs)) ** 2).T @ (a @ np.asarray(f.a_eigvecs)) ** 2 / N
+        np.testing.assert_allclose(f.corrected, lam, RTOL, ATOL)
 
 
 # ---- (b) a tiny random Hugging Face GPT-2 --------------------------------------------
