@@ -182,7 +182,10 @@ def _hard_problem(rng):
     x = rng.normal(size=(n, d))
     y = np.argmax(x @ rng.normal(size=(d, k)) + rng.gumbel(size=(n, k)), axis=1)
     fit = fit_logistic(x, y, l2=l2, n_classes=k)
-    far = 8.0 * rng.normal(size=(1, d))
+    # A fixed distance (8·√d, the typical norm of 8·N(0, I_d)): a random 8·N(0, I) point can
+    # land close to the data, and then its refit needs no Newton phase (seed 3503089270).
+    direction = rng.normal(size=(1, d))
+    far = 8.0 * np.sqrt(d) * direction / np.linalg.norm(direction)
     far_label = np.argmin(far @ fit.params["w"] + fit.params["b"], axis=1)
     ex = np.r_[rng.normal(size=(3, d)), far]
     ey = np.r_[rng.integers(0, k, 3), far_label]
