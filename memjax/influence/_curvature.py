@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from memjax.data.base import numeric_fields
 from memjax.engine.cache import cached_jit
 from memjax.influence._forward_inf import (
-    loss_at,
     merge_trainable,
     select_trainable,
+    trainable_grad,
     trainable_mask,
 )
 from memjax.influence._ihvp import gnhvp
@@ -48,8 +48,7 @@ def test_gradients(loss_fn: Callable, params: Any, test: Any, trainable: Any = N
 
 def _test_gradients(loss_fn, treedef, mask):
     def one(leaves, example):
-        return jax.grad(lambda train: loss_at(loss_fn, treedef, leaves, mask, train,
-                                              example))(select_trainable(leaves, mask))
+        return trainable_grad(loss_fn, treedef, leaves, mask, example)
 
     return cached_jit(jax.vmap(one, in_axes=(None, 0)))
 

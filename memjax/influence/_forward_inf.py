@@ -174,6 +174,14 @@ def loss_at(loss_fn: LossFn, treedef: Any, leaves: list, mask: tuple[bool, ...],
     return loss_fn(jax.tree.unflatten(treedef, merge_trainable(leaves, mask, train)), example)
 
 
+def trainable_grad(loss_fn: LossFn, treedef: Any, leaves: list, mask: tuple[bool, ...],
+                   example: dict[str, jax.Array]) -> list:
+    """∇ of ``loss_fn`` on one example with respect to the trainable leaves (a list in
+    ``select_trainable`` order), the frozen ones held at ``leaves``."""
+    return jax.grad(lambda train: loss_at(loss_fn, treedef, leaves, mask, train, example))(
+        select_trainable(leaves, mask))
+
+
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     """SGD, Adam (fresh state per test example) or the sign step θ ← θ − lr·sign(g)."""
     if name == "sgd":

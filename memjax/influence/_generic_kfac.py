@@ -83,6 +83,7 @@ from memjax.influence._kfac import (
 )
 from memjax.influence._kfac import _layer_damping as layer_damping
 from memjax.influence._kfac import _precondition_matrix as precondition_in_eigenbasis
+from memjax.influence._preconditioners import check_damping
 
 METHODS = ("ekfac", "kfac")
 FISHERS = ("empirical", "true")
@@ -366,9 +367,7 @@ def curvature_preconditioner(factors: CurvatureFactors, damping: float | None = 
     if factors.method == "ekfac" and any(f.corrected is None for f in factors.dense):
         raise InputError("factors: method='ekfac' needs EK-FAC's corrected eigenvalues "
                          "(fit_kfac(..., method='ekfac'))")
-    if damping is not None and (isinstance(damping, bool) or not np.isfinite(damping)
-                                or damping < 0):
-        raise InputError(f"damping={damping!r}: expected a finite number >= 0 or None")
+    check_damping(damping, allow_none=True)
     if power not in (-1.0, -0.5):
         raise InputError(f"power={power!r}: expected -1 (the inverse) or -0.5 (its square "
                          "root)")

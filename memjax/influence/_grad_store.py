@@ -36,10 +36,9 @@ from memjax.engine import ScoreStore, score
 from memjax.errors import InputError
 from memjax.influence._capture import find_dense_layers, grad_matrix, layer_and_leaf_grads
 from memjax.influence._forward_inf import (
-    loss_at,
     merge_trainable,
     precondition_trainable,
-    select_trainable,
+    trainable_grad,
     trainable_mask,
 )
 from memjax.influence._gradients import per_example_grads, project
@@ -261,8 +260,7 @@ def query_vectors(loss_fn: LossFn, params: Any, queries: Any, *, projection_dim:
         leaves, treedef = jax.tree.flatten(params)
 
         def row(example):
-            grad = jax.grad(lambda train: loss_at(loss_fn, treedef, leaves, mask, train,
-                                                  example))(select_trainable(leaves, mask))
+            grad = trainable_grad(loss_fn, treedef, leaves, mask, example)
             if precondition is not None:
                 grad = precondition_trainable(precondition, treedef, leaves, mask, grad)
             return projection.from_gradient(merge_trainable(
@@ -282,10 +280,7 @@ def _preconditioned_grads(loss_fn, params, queries, trainable, precondition) -> 
     leaves, treedef = jax.tree.flatten(params)
 
     def one(example):
-        def loss_of(train):
-            return loss_at(loss_fn, treedef, leaves, mask, train, example)
-
-        grad = jax.grad(loss_of)(select_trainable(leaves, mask))
+        grad = trainable_grad(loss_fn, treedef, leaves, mask, example)
         solved = precondition_trainable(precondition, treedef, leaves, mask, grad)
         return ravel_pytree(solved)[0]
 

@@ -30,7 +30,7 @@ from jax.flatten_util import ravel_pytree
 from jax.typing import ArrayLike
 
 from memjax.errors import InputError
-from memjax.influence._forward_inf import loss_at, select_trainable, trainable_mask
+from memjax.influence._forward_inf import trainable_grad, trainable_mask
 
 LossFn = Callable[[Any, Any], jax.Array]
 
@@ -56,9 +56,7 @@ def per_example_grads(loss_fn: LossFn, params: Any, batch: Any, *,
     leaves, treedef = jax.tree.flatten(params)
 
     def flat_grad(example):
-        def loss_of(train):
-            return loss_at(loss_fn, treedef, leaves, mask, train, example)
-        return ravel_pytree(jax.grad(loss_of)(select_trainable(leaves, mask)))[0]
+        return ravel_pytree(trainable_grad(loss_fn, treedef, leaves, mask, example))[0]
 
     return jax.vmap(flat_grad)(batch)
 

@@ -28,12 +28,14 @@ from memjax.influence._kfac import precondition as kfac_precondition
 Preconditioner = Callable[[Any], Any]
 
 
-def _check_damping(damping: Any, allow_none: bool = False) -> None:
+def check_damping(damping: Any, allow_none: bool = False) -> None:
+    """λ is a finite number >= 0 (or None, the damping rule, where ``allow_none``)."""
     if damping is None and allow_none:
         return
     if isinstance(damping, bool) or not isinstance(damping, (int, float, np.number)) \
             or not np.isfinite(damping) or damping < 0:
-        raise InputError(f"damping={damping!r}: expected a finite number >= 0")
+        raise InputError(f"damping={damping!r}: expected a finite number >= 0"
+                         + (" or None" if allow_none else ""))
 
 
 def dense_preconditioner(matrix: Any, params: Any, damping: float) -> Preconditioner:
@@ -45,7 +47,7 @@ def dense_preconditioner(matrix: Any, params: Any, damping: float) -> Preconditi
       params: a pytree like the gradients the preconditioner will receive.
       damping: λ >= 0.
     """
-    _check_damping(damping)
+    check_damping(damping)
     matrix = jax.numpy.asarray(matrix)
     size = ravel_pytree(params)[0].shape[0]
     if matrix.shape != (size, size):
@@ -69,7 +71,7 @@ def cg_preconditioner(matvec: Callable[[Any], Any], damping: float, *, tol: floa
     convergence cannot be checked there: check one representative gradient first with
     ``cg_solve`` and :func:`memjax.influence.require_converged`.
     """
-    _check_damping(damping)
+    check_damping(damping)
     if not callable(matvec):
         raise InputError(f"matvec: expected a function v -> A v, got {type(matvec).__name__}")
     return functools.partial(_cg_apply, matvec=matvec, damping=float(damping), tol=tol,
@@ -91,7 +93,7 @@ def ekfac_preconditioner(factors: list[DenseFactors], damping: float | None = No
     (a logistic regression is one layer). ``damping`` None: the per-layer heuristic of
     :mod:`memjax.influence._kfac`; ``method``: ``"ekfac"`` or ``"kfac"``.
     """
-    _check_damping(damping, allow_none=True)
+    check_damping(damping, allow_none=True)
     if not isinstance(factors, (list, tuple)) or not factors \
             or not all(isinstance(f, DenseFactors) for f in factors):
         raise InputError("factors: expected a non-empty list of DenseFactors (kfac_factors / "
@@ -110,7 +112,7 @@ def lissa_preconditioner(matvec: Callable[[Any], Any], damping: float, *, scale:
     As for :func:`cg_preconditioner`, convergence cannot be checked inside ``forward_inf``:
     :func:`solver_curvature` checks the same solve on the test gradients first.
     """
-    _check_damping(damping)
+    check_damping(damping)
     if not callable(matvec):
         raise InputError(f"matvec: expected a function v -> A v, got {type(matvec).__name__}")
     return functools.partial(_lissa_apply, matvec=matvec, damping=float(damping),
@@ -207,7 +209,7 @@ def solver_curvature(method: str, matvec: Callable[[Any], Any], params: Any, tes
             raise InputError(f"curvature: the mean eigenvalue estimate is {mean:.3g}; expected a "
                              "positive semi-definite curvature (pass a damping > 0)")
         damping = DAMPING_FRACTION * mean
-    _check_damping(damping)
+    check_damping(damping)
     info: dict[str, Any] = {"method": method, "damping": float(damping)}
     if method == "cg":
         info["tol"] = tol = 1e-4 if tol is None else tol
