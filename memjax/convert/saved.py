@@ -151,6 +151,8 @@ _INTERFACES = {
 def interface(module: nnx.Module) -> tuple[str, str, tuple[str, ...]]:
     """(kind, method, input fields) of a ported module."""
     name = type(module).__name__
+    if hasattr(module, "memjax_interface"):  # ports whose inputs follow their config
+        return module.memjax_interface()
     if name == "ResNet":
         return ("encoder" if module.classifier is None else "classifier", "__call__",
                 ("image",))

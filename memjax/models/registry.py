@@ -44,6 +44,7 @@ NEUTRAL_CONFIG_KEYS = frozenset({
     "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
     "cross_attention_hidden_size", "tf_legacy_loss", "pruned_heads", "tie_word_embeddings",
     "output_router_logits", "classifier_dropout", "transformers.js_config",
+    "_class_name", "_diffusers_version",
 })
 
 
@@ -124,7 +125,9 @@ def check_config(hf_config: dict[str, Any], implemented: set[str] | frozenset[st
 
 
 def detect_architecture(hf_config: dict[str, Any]) -> Architecture:
-    model_type = hf_config.get("model_type")
+    # Hugging Face configs name their architecture by ``model_type``; diffusers configs by
+    # the class that wrote them (``_class_name``, e.g. "UNet2DModel").
+    model_type = hf_config.get("model_type", hf_config.get("_class_name"))
     for arch in ARCHITECTURES.values():
         if model_type in arch.refused:
             raise InputError(f"config.json model_type {arch.refused[model_type]}")
