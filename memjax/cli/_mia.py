@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from memjax.cli import _mia_bench
+from memjax.cli import _mia_bench, _mia_di, _mia_diffusion, _mia_iar
 from memjax.cli._common import (
     example_names,
     positive_int,
@@ -39,8 +39,9 @@ def register(sub: Any) -> None:
     from memjax.cli._common import add_data_options
 
     mia = sub.add_parser("mia", help="membership inference: tokens | clip | lira | rmia | "
-                         "stored", description="Membership inference against any model "
-                         "memjax opens (memjax mia ATTACK --help for each).")
+                         "stored | bench | diffusion | iar | di",
+                         description="Membership inference against any model memjax opens "
+                         "(memjax mia ATTACK --help for each).")
     attacks = mia.add_subparsers(dest="attack", required=True, metavar="ATTACK")
     output = _output_options()
     # 256 for the small classifiers of reference-model attacks: the audit's batch size, so
@@ -65,6 +66,9 @@ def register(sub: Any) -> None:
     add_data_options(tokens)
     tokens.set_defaults(run=cmd_tokens)
     _mia_bench.register(attacks)
+    _mia_diffusion.register(attacks)
+    _mia_iar.register(attacks)
+    _mia_di.register(attacks)
 
     clip = attacks.add_parser(
         "clip", parents=[output, members], help="a CLIP on image-text pairs: CSA, AEA, WSA, "

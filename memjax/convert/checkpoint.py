@@ -366,15 +366,47 @@ def torch_to_numpy(tensor) -> np.ndarray:
     return tensor.numpy()
 
 
+#: Where training checkpoints nest their weights, in the order a state dict is looked for
+#: (LlamaGen's sample script reads "model", then "module", then "state_dict").
+STATE_DICT_KEYS = ("model", "module", "state_dict")
+
+
+def _state_dict(state: Any, file: Path) -> dict[str, Any]:
+    """The tensors of a loaded pickle: a state dict, or one nested under
+    :data:`STATE_DICT_KEYS` (a training checkpoint that also holds optimizer state)."""
+    import torch
+
+    def is_state_dict(value: Any) -> bool:
+        return isinstance(value, dict) and bool(value) and all(
+            isinstance(v, torch.Tensor) for v in value.values())
+
+    if is_state_dict(state):
+        return state
+    if isinstance(state, dict):
+        for key in STATE_DICT_KEYS:
+            if is_state_dict(state.get(key)):
+                return state[key]
+    raise InputError(f"{str(file)!r}: expected a state dict of tensors, or a checkpoint "
+                     f"holding one under one of {list(STATE_DICT_KEYS)}")
+
+
 def _read_pickled(files: list[Path]) -> dict[str, np.ndarray]:
+    import pickle
+
     import torch
 
     tensors: dict[str, np.ndarray] = {}
     for file in files:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise InputError(f"{str(file)!r}: expected a state dict of tensors")
-        tensors.update({k: torch_to_numpy(v) for k, v in state.items()})
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            # weights_only refuses arbitrary objects (e.g. LlamaGen's training checkpoints
+            # keep an argparse.Namespace beside the weights): never unpickle code.
+            raise InputError(f"{str(file)!r}: holds objects other than tensors, which memjax "
+                             "does not unpickle (weights_only). Re-save just the weights, "
+                             "e.g. torch.save(checkpoint['model'], 'model.pt'), or convert "
+                             f"them to safetensors ({str(error).splitlines()[0]})") from None
+        tensors.update({k: torch_to_numpy(v) for k, v in _state_dict(state, file).items()})
     return tensors
 
 

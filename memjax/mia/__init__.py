@@ -15,7 +15,14 @@
 - :func:`attacks_from_signals`: every attack a stored signal bundle supports (what
   ``memjax mia stored`` runs), with :func:`read_members` (membership by example id from
   the user's files) and :func:`jsonl_texts` to read texts by example id.
-- :func:`dataset_inference` (Maini et al. 2024): a t-test over aggregated attack features.
+- :func:`dataset_inference` (Maini et al. 2024; CDI, Dubiński et al. 2025; Kowalczuk et al.
+  2025: ``method="maini"|"cdi"|"iar"``): a t-test over aggregated attack features;
+  :func:`p_value_curve` and :func:`smallest_n` read off how many suspect examples reach a
+  p-value.
+- :func:`diffusion_features` (CDI and the attacks it aggregates: denoising loss, SecMI,
+  PIA/PIAN, gradient-masked loss, noise optimisation) and :func:`iar_features` (Kowalczuk
+  et al. 2025: token attacks on conditional, unconditional and CFG-difference logits of
+  image autoregressive models): per-example features of image generators.
 - :func:`run_bench` (``memjax mia bench``): a grid of causal LMs x text datasets x
   attacks scored into resumable stores, one table (:func:`read_bench_config`,
   :func:`bench_config`); :func:`register_attack` adds a plug-in attack.
@@ -43,7 +50,36 @@ from memjax.mia._bench import (
     source_texts,
 )
 from memjax.mia._clip import AEAView, PairEmbeddings, aea, csa, embed_pairs, text_only_baseline, wsa
-from memjax.mia._inference import DatasetInferenceResult, dataset_inference
+from memjax.mia._diffusion import (
+    DIFFUSION_FEATURES,
+    PIXEL_RANGES,
+    DiffusionFeatureFn,
+    diffusion_features,
+    feature_columns,
+)
+from memjax.mia._iar import (
+    IAR_FEATURES,
+    IAR_KS,
+    IAR_LOGITS,
+    IAR_MAX_ENTROPIES,
+    cfg_logits,
+    iar_camia,
+    iar_features,
+    iar_features_from_statistics,
+    iar_hinge,
+    iar_loss,
+    iar_min_k,
+    iar_min_k_pp,
+    iar_surp,
+    iar_token_statistics,
+    iar_zlib,
+)
+from memjax.mia._inference import (
+    DatasetInferenceResult,
+    dataset_inference,
+    p_value_curve,
+    smallest_n,
+)
 from memjax.mia._lira import lira, missing_references
 from memjax.mia._rmia import choose_a, rmia
 from memjax.mia._stored import (
@@ -64,15 +100,22 @@ from memjax.mia._tokens import (
 )
 
 __all__ = [
-    "ATTACKS",
-    "DATASET_INFERENCE",
-    "REFERENCE",
     "AEAView",
+    "ATTACKS",
     "AttackResult",
     "BenchConfig",
     "BenchResult",
+    "DATASET_INFERENCE",
+    "DIFFUSION_FEATURES",
     "DatasetInferenceResult",
+    "DiffusionFeatureFn",
+    "IAR_FEATURES",
+    "IAR_KS",
+    "IAR_LOGITS",
+    "IAR_MAX_ENTROPIES",
+    "PIXEL_RANGES",
     "PairEmbeddings",
+    "REFERENCE",
     "ReferenceSignals",
     "aea",
     "all_model_signals",
@@ -80,10 +123,23 @@ __all__ = [
     "attack_suite",
     "attacks_from_signals",
     "bench_config",
+    "cfg_logits",
     "choose_a",
     "csa",
     "dataset_inference",
+    "diffusion_features",
     "embed_pairs",
+    "feature_columns",
+    "iar_camia",
+    "iar_features",
+    "iar_features_from_statistics",
+    "iar_hinge",
+    "iar_loss",
+    "iar_min_k",
+    "iar_min_k_pp",
+    "iar_surp",
+    "iar_token_statistics",
+    "iar_zlib",
     "jsonl_texts",
     "lira",
     "lira_attacks",
@@ -94,6 +150,7 @@ __all__ = [
     "min_k_plus_plus",
     "missing_references",
     "model_signals",
+    "p_value_curve",
     "phi_from_logits",
     "read_bench_config",
     "read_members",
@@ -103,6 +160,7 @@ __all__ = [
     "rmia",
     "rmia_attacks",
     "run_bench",
+    "smallest_n",
     "source_texts",
     "text_only_baseline",
     "token_features",

@@ -1,16 +1,29 @@
 """Models: the :class:`Model` protocol, Flax NNX ports, memjax's native small models.
 
 Architectures: BERT, CLIP, ViT, ResNet (Hugging Face), GPT-2, GPT-NeoX (Pythia), the Llama
-family (Llama / Mistral / Qwen2 / Qwen3 / OLMo 2 / Gemma / Gemma 2), the native CIFAR
+family (Llama / Mistral / Qwen2 / Qwen3 / OLMo 2 / Gemma / Gemma 2), LlamaGen's
+class-conditional image-token GPT, diffusers' DiT (DiTTransformer2DModel), the native CIFAR
 ResNet-9/ResNet-18, and the small MLP/CNN/ResNet that memjax.train trains
 (:mod:`memjax.models.classifier`). Importing this registers the ports' checkpoint
 converters (:mod:`memjax.models.registry`). Every model reports named activations through
 :class:`Taps` (see :mod:`memjax.models.taps`).
 """
 
-from memjax.models import bert, cifar_resnet, classifier, clip, gpt2, gpt_neox, llama, resnet, vit
+from memjax.models import (
+    bert,
+    cifar_resnet,
+    classifier,
+    clip,
+    dit,
+    gpt2,
+    gpt_neox,
+    llama,
+    llamagen,
+    resnet,
+    vit,
+)
 from memjax.models.protocol import Model
 from memjax.models.taps import Taps, tap, with_taps
 
-__all__ = ["Model", "Taps", "bert", "cifar_resnet", "classifier", "clip", "gpt2", "gpt_neox",
-           "llama", "resnet", "tap", "vit", "with_taps"]
+__all__ = ["Model", "Taps", "bert", "cifar_resnet", "classifier", "clip", "dit", "gpt2", "gpt_neox",
+           "llama", "llamagen", "resnet", "tap", "vit", "with_taps"]

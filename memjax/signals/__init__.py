@@ -11,6 +11,24 @@ signal function of any :class:`memjax.Model` (what ``memjax score`` runs).
 from memjax.kernels import EPS
 from memjax.signals._classification import check_labels, classification
 from memjax.signals._contrastive import contrastive
+from memjax.signals._diffusion import (
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    NoiseSchedule,
+    ddim_invert,
+    ddim_step,
+    denoising_losses,
+    epsilon_from_prediction,
+    gaussian_normalized,
+    gradient_masked_loss,
+    make_schedule,
+    noise_optimization,
+    noisy_sample,
+    pia_scores,
+    schedule_from_config,
+    secmi_error,
+    top_gradient_mask,
+)
 from memjax.signals._model import (
     SIGNAL_KINDS,
     CausalLMTokenSignals,
@@ -20,6 +38,10 @@ from memjax.signals._model import (
 )
 from memjax.signals._tokens import causal_lm_tokens, tokens
 
-__all__ = ["EPS", "SIGNAL_KINDS", "CausalLMTokenSignals", "ClassificationSignals",
-           "ContrastiveSignals", "causal_lm_tokens", "check_labels", "classification",
-           "contrastive", "signal_function", "tokens"]
+__all__ = ["BETA_SCHEDULES", "EPS", "PREDICTION_TYPES", "SIGNAL_KINDS", "CausalLMTokenSignals",
+           "ClassificationSignals", "ContrastiveSignals", "NoiseSchedule", "causal_lm_tokens",
+           "check_labels", "classification", "contrastive", "ddim_invert", "ddim_step",
+           "denoising_losses", "epsilon_from_prediction", "gaussian_normalized",
+           "gradient_masked_loss", "make_schedule", "noise_optimization", "noisy_sample",
+           "pia_scores", "schedule_from_config", "secmi_error", "signal_function",
+           "tokens", "top_gradient_mask"]
