@@ -10,14 +10,21 @@ gives p ~ Uniform(0, 1). Two null tables, 200 rows per set, 6 features:
   cancer table: 569 real examples) with the rows randomly permuted and split into suspect
   and validation.
 
-Per method and table, SEEDS seeds: the KS test of the p-values against Uniform(0, 1) and
-the fractions below 0.05 and 0.01. Methods: ``memjax.mia.dataset_inference`` with
-"maini" (one-sided Welch, memjax's default), "cdi" and "iar" (two-sided Welch); for "cdi"
-and "iar" also the reference code's summary, the mean p-value over 20 random subsets of
-100 rows per set (not a p-value: a mean of uniform p-values concentrates at 0.5); and the
-Maini et al. reference code's own procedure ("maini_reference": each set clipped at its own
-2.5% order statistics over all its rows, both z-scored with the suspect set's statistics,
-half of each set to train, Student's one-sided test), re-implemented here in NumPy.
+Per method and table, SEEDS seeds: the KS test of the p-values against Uniform(0, 1), the
+fractions below 0.05 and 0.01, and the mean and sd of the t statistic (a calibrated Welch
+test on 100-200 rows per set: about 0 and 1). Methods: ``memjax.mia.dataset_inference``
+with "maini" (one-sided Welch, memjax's default), "cdi" (two-sided Welch; the default
+held-out "split" scoring, and "cdi_cross_fit": ``cdi_scoring="cross-fit"``, the reference's
+cdi_perf.py) and "iar" (two-sided Welch); for "cdi", "cdi_cross_fit" and "iar" also the
+reference code's summary, the mean p-value over 20 random subsets of 100 rows per set (not
+a p-value: a mean of uniform p-values concentrates at 0.5); and the Maini et al. reference
+code's own procedure ("maini_reference": each set clipped at its own 2.5% order statistics
+over all its rows, both z-scored with the suspect set's statistics, half of each set to
+train, Student's one-sided test), re-implemented here in NumPy.
+
+The methods' seeds are the data seeds plus METHOD_SEED_OFFSET: a method seeded with the
+very seed that drew the data would split the rows with the same random stream that drew
+them, and its splits would depend on the data.
 
 Power: the Gaussian table with the suspect features shifted by SHIFT standard deviations
 (every feature, toward "member" = higher), fraction of seeds with p < 0.05 and < 0.01.
@@ -41,6 +48,11 @@ from memjax.mia import dataset_inference
 N_PER_SET = 200
 FEATURES = 6
 SHIFT = 0.05
+#: Added to the data seed to seed the methods (module docstring).
+METHOD_SEED_OFFSET = 1_000_000
+#: Reported variants: (name, method, cdi_scoring).
+VARIANTS = (("maini", "maini", "split"), ("cdi", "cdi", "split"),
+            ("cdi_cross_fit", "cdi", "cross-fit"), ("iar", "iar", "split"))
 #: Skewed, correlated columns of scikit-learn's breast cancer table (mean area, mean
 #: concavity, area error, concavity error, fractal dimension error, worst area).
 REAL_COLUMNS = (3, 6, 13, 16, 19, 23)
@@ -78,7 +90,7 @@ def _order_clip(x, remove_frac=0.05):
 
 
 def maini_reference(suspect, validation, seed, epochs=1000, lr=0.01):
-    """p-value of Maini et al.'s linear_di.py procedure (module docstring)."""
+    """(p-value, t) of Maini et al.'s linear_di.py procedure (module docstring)."""
     s, v = _order_clip(suspect), _order_clip(validation)
     mean, std = s.mean(0), s.std(0)
     s, v = (s - mean) / std, (v - mean) / std
@@ -95,35 +107,43 @@ def maini_reference(suspect, validation, seed, epochs=1000, lr=0.01):
         theta -= lr * (m1 / (1 - 0.9**t)) / (np.sqrt(m2 / (1 - 0.999**t)) + 1e-8)
     score_s = np.c_[s[hs:], np.ones(len(s) - hs)] @ theta
     score_v = np.c_[v[hv:], np.ones(len(v) - hv)] @ theta
-    return stats.ttest_ind(score_s, score_v, alternative="greater").pvalue
+    res = stats.ttest_ind(score_s, score_v, alternative="greater")
+    return float(res.pvalue), float(res.statistic)
 
 
-def run_methods(suspect, validation, seed, averaged: bool) -> dict[str, float]:
-    """p-value of every method on one draw."""
+def run_methods(suspect, validation, seed, averaged: bool) -> dict[str, tuple]:
+    """(p-value, t statistic or None) of every method on one draw."""
     n = min(len(suspect), len(validation))
+    seed = seed + METHOD_SEED_OFFSET
     out = {}
-    for method in ("maini", "cdi", "iar"):
-        # maini's curve is over the held-out half; cdi/iar's: random subsets of half the rows
-        res = dataset_inference(suspect, validation, method=method, seed=seed,
-                                curve_sizes=[n // 2], resamples=20 if averaged else 1)
-        out[method] = res.p_value
+    for name, method, scoring in VARIANTS:
+        # maini's curve is over the held-out half; the others': random subsets of 100 rows
+        res = dataset_inference(suspect, validation, method=method, cdi_scoring=scoring,
+                                seed=seed, curve_sizes=[n // 2],
+                                resamples=20 if averaged else 1)
+        out[name] = (res.p_value, res.statistic)
         if averaged and method != "maini":
-            out[f"{method}_mean_of_20_resamples"] = float(res.curve_p[-1])
+            out[f"{name}_mean_of_20_resamples"] = (float(res.curve_p[-1]), None)
     out["maini_reference"] = maini_reference(suspect, validation, seed)
     return out
 
 
-def calibration(ps: np.ndarray) -> dict[str, float]:
+def calibration(rows: list[tuple]) -> dict[str, float]:
+    ps = np.array([p for p, _ in rows])
     ks = stats.kstest(ps, "uniform")
-    return {"ks_statistic": float(ks.statistic), "ks_p_value": float(ks.pvalue),
-            "fraction_below_0.05": float((ps < 0.05).mean()),
-            "fraction_below_0.01": float((ps < 0.01).mean()), "median_p": float(np.median(ps))}
+    out = {"ks_statistic": float(ks.statistic), "ks_p_value": float(ks.pvalue),
+           "fraction_below_0.05": float((ps < 0.05).mean()),
+           "fraction_below_0.01": float((ps < 0.01).mean()), "median_p": float(np.median(ps))}
+    if rows[0][1] is not None:
+        ts = np.array([t for _, t in rows])
+        out.update(t_mean=float(ts.mean()), t_sd=float(ts.std()))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20 seeds")
-    parser.add_argument("--seeds", type=int, default=200)
+    parser.add_argument("--seeds", type=int, default=400)
     args = parser.parse_args()
     seeds = 20 if args.quick else args.seeds
     from sklearn.datasets import load_breast_cancer
@@ -135,19 +155,19 @@ def main() -> None:
     results: dict = {"null": {}, "power": {}}
     for name, draw in nulls.items():
         rows = [run_methods(*draw(seed), seed, averaged=True) for seed in range(seeds)]
-        results["null"][name] = {m: calibration(np.array([r[m] for r in rows]))
-                                 for m in rows[0]}
+        results["null"][name] = {m: calibration([r[m] for r in rows]) for m in rows[0]}
         print(name, {m: round(v["ks_p_value"], 3) for m, v in results["null"][name].items()},
               flush=True)
     rows = [run_methods(*gaussian_sets(seed, SHIFT), seed, averaged=False)
             for seed in range(seeds, 2 * seeds)]
     results["power"]["gaussian_shift"] = {
-        m: {"fraction_below_0.05": float(np.mean([r[m] < 0.05 for r in rows])),
-            "fraction_below_0.01": float(np.mean([r[m] < 0.01 for r in rows]))}
+        m: {"fraction_below_0.05": float(np.mean([r[m][0] < 0.05 for r in rows])),
+            "fraction_below_0.01": float(np.mean([r[m][0] < 0.01 for r in rows]))}
         for m in rows[0]}
     print("power", results["power"], flush=True)
     payload = {"benchmark": "di_calibration", "seeds": seeds, "rows_per_set": N_PER_SET,
                "features": FEATURES, "shift_in_sd": SHIFT,
+               "method_seed_offset": METHOD_SEED_OFFSET,
                "real_table": "sklearn load_breast_cancer columns " + str(REAL_COLUMNS),
                "seconds": time.perf_counter() - start, "machine": machine_info(), **results}
     print(write_json(result_name("di_calibration", args.quick), payload))

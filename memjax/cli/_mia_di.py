@@ -5,15 +5,18 @@ The table is Parquet with numeric feature columns (e.g. what ``memjax mia diffus
 with a membership column (``--member-column COL``: rows where it is true/1 are the suspect
 set, false/0 the validation set) or two tables (``--suspect``, ``--validation``). The
 aggregator is :func:`memjax.mia.dataset_inference`'s ``--method`` (maini, cdi, iar; its
-docstring says how each differs from its reference code). Writes ``metrics.json`` (p-value,
-t statistic, smallest number of suspect examples reaching p = 0.01 and 0.05, and the same
-for the false-positive check on the validation set), ``p_value_curve.parquet`` (n, p-value)
-and ``p_value_curve.png`` beside ``index.html``.
+docstring says how each differs from its reference code); cdi scores held-out rows with a
+model fitted on ``--fit-fraction`` of each set unless ``--cdi-scoring cross-fit`` (the
+reference's cdi_perf.py, whose p-values are anti-conservative: a warning is printed). Writes
+``metrics.json`` (p-value, t statistic, smallest number of suspect examples reaching p =
+0.01 and 0.05, and the same for the false-positive check on the validation set),
+``p_value_curve.parquet`` (n, p-value) and ``p_value_curve.png`` beside ``index.html``.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +25,10 @@ from memjax.cli._common import positive_int, results_folder
 from memjax.errors import InputError
 
 TITLE = "Dataset inference"
+#: Printed (stderr) and written in the report when ``--cdi-scoring cross-fit`` is chosen.
+CROSS_FIT_WARNING = ("warning: --cdi-scoring cross-fit gives anti-conservative p-values "
+                     "(about 16% of null p-values below 0.05 in bench/di_calibration.py); use "
+                     "it to reproduce CDI's cdi_perf.py, not as evidence")
 #: Columns never taken as features unless named in --columns.
 ID_COLUMNS = ("id", "name")
 
@@ -45,6 +52,13 @@ def register(attacks) -> None:
     di.add_argument("--alternative", choices=("greater", "two-sided"), default=None,
                     help="default: the method's reference (maini greater, cdi/iar "
                     "two-sided)")
+    di.add_argument("--cdi-scoring", choices=("split", "cross-fit"), default="split",
+                    help="cdi: score held-out rows with a model fitted on --fit-fraction of "
+                    "each set (default, calibrated), or cross-fit every row (the reference's "
+                    "cdi_perf.py; anti-conservative p-values)")
+    di.add_argument("--fit-fraction", type=_fraction, default=0.2,
+                    help="cdi split: fraction of each set that fits the model (default 0.2, "
+                    "the reference's 5000 of 25000)")
     di.add_argument("--resamples", type=positive_int, default=100,
                     help="cdi/iar: random subsets per curve size (default 100; the "
                     "reference code 1000)")
@@ -52,6 +66,16 @@ def register(attacks) -> None:
     di.add_argument("--out", type=results_folder, default="memjax-mia-di",
                     help="results folder (new, empty, or an earlier report to replace)")
     di.set_defaults(run=cmd_di)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
 
 
 def _read_table(path: str, flag: str) -> dict[str, object]:
@@ -162,10 +186,15 @@ def cmd_di(args: argparse.Namespace) -> int:
 
     suspect, validation, names = read_sets(args)
     options = dict(method=args.method, test=args.test, alternative=args.alternative,
+                   cdi_scoring=args.cdi_scoring, fit_fraction=args.fit_fraction,
                    resamples=args.resamples, seed=args.seed)
+    cross_fit = args.method == "cdi" and args.cdi_scoring == "cross-fit"
+    if cross_fit:
+        print(f"memjax: {CROSS_FIT_WARNING}", file=sys.stderr)
     result = dataset_inference(suspect, validation, **options)
     check = dataset_inference(suspect, validation, false_positive=True, **options)
-    metrics = [("method", args.method), ("features", len(names)),
+    scoring = f" ({args.cdi_scoring})" if args.method == "cdi" else ""
+    metrics = [("method", args.method + scoring), ("features", len(names)),
                ("suspect examples", int(suspect.shape[0])),
                ("validation examples", int(validation.shape[0])),
                ("p-value", result.p_value), ("t statistic", result.statistic),
@@ -180,10 +209,11 @@ def cmd_di(args: argparse.Namespace) -> int:
                     folder / "p_value_curve.png", args.method)
         return [("p_value_curve.png", "p-value vs number of suspect examples")]
 
-    text = (f"Dataset inference ({args.method}) on {len(names)} features ({', '.join(names)})"
-            f": {result.test} t-test, {result.alternative}. The curve: p-value against "
-            "the number of examples per set" + (" (mean over random subsets)."
-                                                if args.method != "maini" else "."))
+    text = (f"Dataset inference ({args.method}{scoring}) on {len(names)} features "
+            f"({', '.join(names)}): {result.test} t-test, {result.alternative}. The curve: "
+            "p-value against the number of examples per set" + (
+                " (mean over random subsets)." if args.method != "maini" else ".")
+            + (f" {CROSS_FIT_WARNING[0].upper()}{CROSS_FIT_WARNING[1:]}." if cross_fit else ""))
     folder = write_results(args.out, TITLE, text,
                            {"n": result.curve_n, "p_value": result.curve_p}, metrics,
                            figures=figures, table_name="p_value_curve.parquet")
