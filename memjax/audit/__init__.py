@@ -53,9 +53,9 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
 
     ``models=False`` leaves out the open-weight model section (see memjax.audit.models);
     ``references=0`` the reference-model attacks (see memjax.audit.mia); ``demos=False``
-    the CLIP and language-model membership demonstrations and the influence and
-    memorization sections (memjax.audit.clip, memjax.audit.text, memjax.audit.influence,
-    memjax.audit.memorization).
+    the CLIP and language-model membership demonstrations and the influence, memorization
+    and image-generator sections (memjax.audit.clip, memjax.audit.text,
+    memjax.audit.influence, memjax.audit.memorization, memjax.audit.generators).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -89,13 +89,14 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     demo_sections = []
     if demos:
         from memjax.audit.clip import clip_section
+        from memjax.audit.generators import generators_section
         from memjax.audit.influence import influence_section
         from memjax.audit.memorization import memorization_section
         from memjax.audit.text import text_section
 
         demo_sections += [functools.partial(section, seed=seed, progress=progress)
                           for section in (clip_section, text_section, influence_section,
-                                          memorization_section)]
+                                          memorization_section, generators_section)]
     extra_sections = []
     if models:
         from memjax.audit.models import models_section

@@ -20,7 +20,8 @@ def register(sub: Any) -> None:
     audit.add_argument("--references", type=int, default=16,
                        help="reference models for LiRA/RMIA (even; 0 to skip)")
     audit.add_argument("--no-demos", action="store_true", help="leave out the tiny CLIP and "
-                       "GPT-2 membership demonstrations and the influence section")
+                       "GPT-2 membership demonstrations and the influence, memorization and "
+                       "image-generator sections")
     audit.add_argument("--no-progress", action="store_true")
     audit.set_defaults(run=cmd_audit)
 

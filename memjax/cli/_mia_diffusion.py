@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,8 @@ def load_model(folder: str, flag: str, kind: str):
 
 def scheduler_path(scheduler: str | None, model_folder: str) -> Path:
     """The scheduler config to read: ``--scheduler`` (a file or a folder holding
-    scheduler_config.json), else the model folder's or its sibling ``scheduler/``'s."""
+    scheduler_config.json), else the model folder's, its ``scheduler/`` (a pipeline
+    folder) or its sibling ``scheduler/``'s."""
     if scheduler is not None:
         path = Path(scheduler)
         if path.is_dir():
@@ -85,7 +87,8 @@ def scheduler_path(scheduler: str | None, model_folder: str) -> Path:
             raise InputError(f"--scheduler {scheduler!r}: no such file: {path}")
         return path
     model = Path(model_folder)
-    for candidate in (model / SCHEDULER_FILE, model.parent / "scheduler" / SCHEDULER_FILE):
+    for candidate in (model / SCHEDULER_FILE, model / "scheduler" / SCHEDULER_FILE,
+                      model.parent / "scheduler" / SCHEDULER_FILE):
         if candidate.is_file():
             return candidate
     raise InputError(f"--scheduler: none given and no {SCHEDULER_FILE} in {model} or "
@@ -107,11 +110,17 @@ def read_schedule(path: Path):
 
 def cmd_diffusion(args: argparse.Namespace) -> int:
     from memjax.cli._common import example_names, open_data, print_metrics, write_results
+    from memjax.convert import pipeline_component
     from memjax.mia import diffusion_features
 
     schedule = read_schedule(scheduler_path(args.scheduler, args.model))
     model = load_model(args.model, "--model", "diffusion")
-    vae = None if args.vae is None else load_model(args.vae, "--vae", "vae")
+    vae_folder = args.vae
+    if vae_folder is None and pipeline_component(args.model, "vae") is not None:
+        # A latent-diffusion pipeline folder: its denoiser works on its VAE's latents.
+        vae_folder = str(pipeline_component(args.model, "vae"))
+        print(f"memjax: using the pipeline's VAE {vae_folder}", file=sys.stderr)
+    vae = None if vae_folder is None else load_model(vae_folder, "--vae", "vae")
     source = open_data(args.data, model, args)
     features = diffusion_features(
         model, source, schedule=schedule, features=args.features, timesteps=args.timesteps,

@@ -17,7 +17,7 @@ from memjax.convert.core import (
     partition_rules,
     register,
 )
-from memjax.convert.loading import from_port, interface, load
+from memjax.convert.loading import from_port, interface, load, pipeline_component
 from memjax.convert.orbax_io import cast, is_converted, restore, save
 from memjax.convert.saved import is_model_folder, read_meta, write_model
 
@@ -28,6 +28,7 @@ __all__ = [
     "cast",
     "check_config",
     "from_port",
+    "pipeline_component",
     "from_torch_state_dict",
     "interface",
     "is_converted",

@@ -35,6 +35,32 @@ from memjax.models.registry import partition_rules
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
                    "spiece.model", "tokenizer.model")
 PREPROCESSOR_FILE = "preprocessor_config.json"
+#: A diffusers pipeline folder: one subfolder per component, listed in this file.
+PIPELINE_FILE = "model_index.json"
+#: The pipeline components that are the denoiser memjax scores, in the order looked for.
+DENOISERS = ("unet", "transformer")
+
+
+def pipeline_component(folder: str | Path, name: str) -> Path | None:
+    """``folder/name`` when ``folder`` is a diffusers pipeline folder (``model_index.json``)
+    with that component (a subfolder with ``config.json``), else None."""
+    folder = Path(folder)
+    if not (folder / PIPELINE_FILE).is_file():
+        return None
+    component = folder / name
+    return component if (component / "config.json").is_file() else None
+
+
+def _pipeline_denoiser(folder: Path) -> Path:
+    """A pipeline folder's denoiser subfolder (its UNet or transformer)."""
+    for name in DENOISERS:
+        component = pipeline_component(folder, name)
+        if component is not None:
+            return component
+    raise InputError(f"model {str(folder)!r} is a diffusers pipeline ({PIPELINE_FILE}) "
+                     f"without a {' or '.join(DENOISERS)} subfolder holding config.json; pass "
+                     "the folder of the component to load")
+
 
 def from_port(module: nnx.Module, config: Any, *, source: str | None = None,
               preprocess: dict[str, Any] | None = None, tokenizer: str | None = None
@@ -73,8 +99,9 @@ def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
     """Open any model folder memjax understands as a :class:`Model`.
 
     Args:
-      path: a Hugging Face checkpoint folder, a ``memjax convert`` folder, or a
-        ``memjax.train`` folder (one model, or a set of models with ``index``).
+      path: a Hugging Face checkpoint folder, a ``memjax convert`` folder, a
+        ``memjax.train`` folder (one model, or a set of models with ``index``), or a
+        diffusers pipeline folder (``model_index.json``: its ``unet`` or ``transformer``).
       dtype: cast floating-point params (e.g. ``jnp.bfloat16``); default: as stored
         (Hugging Face checkpoints load as float32).
       allow_pickle: accept ``.bin``/``.pt`` weights (``torch.load(weights_only=True)``).
@@ -93,6 +120,8 @@ def load(path: str | Path, *, dtype: Any = None, allow_pickle: bool = False,
     if not folder.is_dir():
         raise InputError(f"model {str(path)!r}: expected a model folder (Hugging Face "
                          "checkpoint, memjax convert output, or memjax.train output)")
+    if not (folder / "config.json").is_file() and (folder / PIPELINE_FILE).is_file():
+        folder = _pipeline_denoiser(folder)
     source = str(folder.absolute())
     if is_model_folder(folder):
         meta = read_meta(folder)
