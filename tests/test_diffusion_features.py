@@ -419,7 +419,7 @@ def test_bad_inputs_refused(rng):
 def test_cli_end_to_end_and_bad_inputs(rng, tmp_path, monkeypatch, capsys):
     import pyarrow.parquet as pq
 
-    from memjax.cli import _mia_diffusion, main
+    from memjax.cli import _common, main
 
     p = net_params(rng)
     data = _source(rng, n=5)
@@ -430,7 +430,9 @@ def test_cli_end_to_end_and_bad_inputs(rng, tmp_path, monkeypatch, capsys):
         {"_class_name": "DDPMScheduler", "beta_schedule": "squaredcos_cap_v2",
          "num_train_timesteps": 500, "clip_sample": True}))
     model = _model(p)
-    monkeypatch.setattr(_mia_diffusion, "load_model", lambda folder, flag, kind: model)
+    # The model is the test's pure-JAX ε-network (the real ports' folders are tested in
+    # tests/test_diffusion_pipelines.py and tests/test_generators_demo.py).
+    monkeypatch.setattr(_common, "load_model", lambda folder, flag, kind, *a, **k: model)
     out = tmp_path / "out"
     args = ["mia", "diffusion", "--model", str(model_dir), "--data",
             str(tmp_path / "data.npz"), "--features", "loss", "pia", "--timesteps", "10", "40",

@@ -60,7 +60,7 @@ DDPM_CONFIG = UNet2DConfig(
     down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
     layers_per_block=1, norm_num_groups=8, attention_head_dim=8, sample_size=8)
 DDPM_EXAMPLES = 512  # the first 512 digits; a random half trains the DDPM
-DDPM_TRAINING = {"steps": 1000, "batch_size": 64, "learning_rate": 2e-3}  # ~250 epochs
+DDPM_TRAINING = {"steps": 600, "batch_size": 64, "learning_rate": 2e-3}  # 150 epochs
 DDPM_FEATURES = {"features": ("loss", "secmi", "pia"), "timesteps": (50, 100, 200),
                  "noise_draws": 4}
 DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "beta_schedule": "linear",

@@ -201,3 +201,19 @@ def id_columns(source: Any) -> dict[str, np.ndarray]:
     if names is not None:
         columns["name"] = names
     return columns
+
+
+def load_model(folder: str, flag: str, kind: str, described: str | None = None, *,
+               allow_pickle: bool = False):
+    """``memjax.load(folder)`` for the option ``flag``, refused unless it is of ``kind``
+    (``described`` names it in the message, e.g. "a causal LM")."""
+    from memjax.convert import load
+
+    try:
+        model = load(folder, allow_pickle=allow_pickle)
+    except InputError as error:
+        raise InputError(f"{flag}: {error}") from None
+    if model.kind != kind:
+        raise InputError(f"{flag} {folder!r}: {model.name} is a {model.kind!r} model; "
+                         f"expected {described or f'a {kind!r} model'}")
+    return model

@@ -24,6 +24,7 @@ import numpy as np
 from memjax.cli import _mia_bench, _mia_di, _mia_diffusion, _mia_iar
 from memjax.cli._common import (
     example_names,
+    load_model,
     positive_int,
     results_folder,
 )
@@ -179,7 +180,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from memjax.cli._common import open_data
     from memjax.mia import attacks_from_signals, reference, source_texts
 
-    model = _load(args.model, "--model", "causal_lm", "a causal LM")
+    model = load_model(args.model, "--model", "causal_lm", "a causal LM")
     source = open_data(args.data, model, args)
     signals = _token_signals(model, source, args)
     is_member = _membership(args, signals["id"], len(source))
@@ -188,7 +189,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     facts: list[tuple[str, Any]] = [("model", model.name), ("texts", int(is_member.size)),
                                     ("members", int(is_member.sum()))]
     if args.reference:
-        ref_model = _load(args.reference, "--reference", "causal_lm", "a causal LM")
+        ref_model = load_model(args.reference, "--reference", "causal_lm", "a causal LM")
         ref_signals = _token_signals(ref_model, open_data(args.data, ref_model, args,
                                                           what="--data (reference model)"),
                                      args)
@@ -254,7 +255,7 @@ def cmd_clip(args: argparse.Namespace) -> int:
     from memjax.cli._common import open_data
     from memjax.mia import aea, csa, embed_pairs, text_only_baseline, wsa
 
-    model = _load(args.model, "--model", "clip", "a CLIP model")
+    model = load_model(args.model, "--model", "clip", "a CLIP model")
     if args.augmentations < 0:
         raise InputError(f"--augmentations {args.augmentations}: expected 0 (no AEA) or a "
                          "positive number of views")
@@ -393,7 +394,7 @@ def _folders_stack(args: argparse.Namespace):
         raise InputError(f"--target {args.target}: with --target-model the attacked model is "
                          "--target-model (row 0 of --keep); leave --target out")
     folders = [args.target_model, *args.reference_models]
-    models = [_load(folder, "--target-model" if i == 0 else "--reference-models",
+    models = [load_model(folder, "--target-model" if i == 0 else "--reference-models",
                     "classifier", "a classifier") for i, folder in enumerate(folders)]
     sources = [open_data(args.data, model, args) for model in models]
     keep = _keep_file(args.keep, len(models), len(sources[0]))
@@ -460,19 +461,6 @@ def cmd_stored(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- shared
-
-
-def _load(folder: str, flag: str, kind: str, described: str):
-    from memjax.convert import load
-
-    try:
-        model = load(folder)
-    except InputError as error:
-        raise InputError(f"{flag}: {error}") from None
-    if model.kind != kind:
-        raise InputError(f"{flag} {folder!r}: {model.name} is a {model.kind!r} model; "
-                         f"expected {described}")
-    return model
 
 
 def _membership(args, ids: np.ndarray, n_examples: int) -> np.ndarray:

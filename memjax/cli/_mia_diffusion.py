@@ -61,20 +61,6 @@ def register(attacks: Any) -> None:
     cmd.set_defaults(run=cmd_diffusion)
 
 
-def load_model(folder: str, flag: str, kind: str):
-    """``memjax.load(folder)``, refused unless it is of ``kind``."""
-    from memjax.convert import load
-
-    try:
-        model = load(folder)
-    except InputError as error:
-        raise InputError(f"{flag}: {error}") from None
-    if model.kind != kind:
-        raise InputError(f"{flag} {folder!r}: {model.name} is a {model.kind!r} model; "
-                         f"expected a {kind!r} model")
-    return model
-
-
 def scheduler_path(scheduler: str | None, model_folder: str) -> Path:
     """The scheduler config to read: ``--scheduler`` (a file or a folder holding
     scheduler_config.json), else the model folder's, its ``scheduler/`` (a pipeline
@@ -109,7 +95,13 @@ def read_schedule(path: Path):
 
 
 def cmd_diffusion(args: argparse.Namespace) -> int:
-    from memjax.cli._common import example_names, open_data, print_metrics, write_results
+    from memjax.cli._common import (
+        example_names,
+        load_model,
+        open_data,
+        print_metrics,
+        write_results,
+    )
     from memjax.convert import pipeline_component
     from memjax.mia import diffusion_features
 

@@ -126,18 +126,12 @@ def read_token_data(spec: str) -> dict[str, np.ndarray]:
 
 
 def cmd_iar(args: argparse.Namespace) -> int:
-    from memjax.cli._common import print_metrics, write_results
-    from memjax.convert import load
+    from memjax.cli._common import load_model, print_metrics, write_results
     from memjax.metrics import roc_auc
     from memjax.mia import iar_features
 
-    try:
-        model = load(args.model, allow_pickle=args.allow_pickle)
-    except InputError as error:
-        raise InputError(f"--model: {error}") from None
-    if model.kind != "iar":
-        raise InputError(f"--model {args.model!r}: {model.name} is a {model.kind!r} model; "
-                         "expected a class-conditional image-token model (kind 'iar')")
+    model = load_model(args.model, "--model", "iar", "a class-conditional image-token model "
+                       "(kind 'iar')", allow_pickle=args.allow_pickle)
     data = read_token_data(args.data)
     member = data.pop("member", None)
     try:
