@@ -128,6 +128,13 @@ def test_audit_writes_a_complete_report(report):
     convex = {k.split(": ", 1)[1]: v for k, v in influence.items()
               if k.startswith("convex-LOO Pearson")}
     assert convex[EXACT] >= 0.99 and convex[CG] >= 0.99
+    # The image generators (issue 16; margins over seeds in tests/test_generators_demo.py).
+    from memjax.audit.generators import DIFFUSION_TITLE, IAR_TITLE
+
+    assert float(metrics[DIFFUSION_TITLE]["CDI p-value (members vs non-members)"]) < 1e-4
+    assert metrics[IAR_TITLE]["cond_loss AUC"] >= 0.97
+    assert {"ddpm", "llamagen", "cdi_p_values.png", "iar_p_values.png"} <= {
+        p.name for p in report.iterdir()}
     assert convex[PLAIN] < 0.6 < 0.88 < convex[EKFAC] < convex[EXACT]
     memorization = metrics[MEMORIZATION_TITLE]
     # The findings themselves are asserted in test_memorization_demos (same settings).

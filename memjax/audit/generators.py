@@ -9,7 +9,7 @@ et al. 2025, "Privacy attacks on image autoregressive models").
   (scaler + logistic regression fitted on a fifth of each set, Welch t-test on the rest)
   for the members as the suspect set, and its false-positive check on two halves of the
   non-members. The digits stay at 8×8: upsampling them to 16×16 costs 4× the FLOPs and,
-  at the same minute of training, gave weaker membership signal (best feature AUC 0.57
+  at the same 1,000 training steps, gave weaker membership signal (best feature AUC 0.57
   vs 0.76, measured), so the demo would show less in more time.
 - Image tokens: a k-means codebook over 2×2 patches (a VQ tokenizer without its decoder)
   turns each digit into 16 tokens; a tiny LlamaGen (memjax's port) is trained on a random
