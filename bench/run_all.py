@@ -25,7 +25,7 @@ from bench import common  # noqa: E402
 
 BENCHMARKS = ("classification_throughput", "token_signals", "vit_components",
               "engine_overhead", "data_throughput", "checkpoint_load", "clip_csa",
-              "attention_cpu", "llm_scoring")
+              "attention_cpu", "llm_scoring", "diffusion_features")
 
 
 def wait_until_quiet(max_wait_s: float, load: float = 1.0) -> float:
