@@ -131,7 +131,8 @@ def test_audit_writes_a_complete_report(report):
     # The image generators (issue 16; margins over seeds in tests/test_generators_demo.py).
     from memjax.audit.generators import DIFFUSION_TITLE, IAR_TITLE
 
-    assert float(metrics[DIFFUSION_TITLE]["CDI p-value (members vs non-members)"]) < 1e-4
+    cdi_p = metrics[DIFFUSION_TITLE]["CDI p-value (members vs non-members)"]
+    assert cdi_p == "< 1e-300" or float(cdi_p) < 1e-4
     assert metrics[IAR_TITLE]["cond_loss AUC"] >= 0.97
     assert {"ddpm", "llamagen", "cdi_p_values.png", "iar_p_values.png"} <= {
         p.name for p in report.iterdir()}

@@ -195,6 +195,11 @@ def iar_inference(demo: dict, columns: tuple[str, ...], seed: int = 0) -> dict:
             "false_positive": run(x[member], x[~member], false_positive=True)}
 
 
+def _p_text(p: float) -> str:
+    """A p-value for the report; one that underflows float64 is shown as a bound."""
+    return f"{p:.3g}" if p > 0 else "< 1e-300"
+
+
 def _best(aucs: dict[str, float], prefix: str = "") -> tuple[str, float]:
     name = max((k for k in aucs if k.startswith(prefix)), key=aucs.get)
     return name, aucs[name]
@@ -219,10 +224,10 @@ def diffusion_section(folder: Path, demo: dict, seed: int) -> Section:
                ("training seconds", round(demo["train_seconds"], 1)),
                ("feature seconds (all digits)", round(demo["feature_seconds"], 1))]
     metrics += [(f"{name} AUC", auc) for name, auc in aucs.items()]
-    metrics += [("CDI p-value (members vs non-members)", f"{di['members'].p_value:.3g}"),
+    metrics += [("CDI p-value (members vs non-members)", _p_text(di['members'].p_value)),
                 ("CDI smallest suspect set reaching p ≤ 0.01",
                  "not reached" if n_smallest is None else n_smallest),
-                ("CDI p-value (false-positive check)", f"{di['false_positive'].p_value:.3g}")]
+                ("CDI p-value (false-positive check)", _p_text(di['false_positive'].p_value))]
     text = (f"A diffusers-layout UNet2DModel (memjax's port) trained as a DDPM (linear β, "
             f"T = 1000) for {DDPM_TRAINING['steps']} Adam steps on a random half of "
             f"{len(member)} real 8×8 digits. Per-digit CDI features (lower = more likely a "
@@ -268,11 +273,11 @@ def iar_section(folder: Path, demo: dict, seed: int) -> Section:
     for label, result in di.items():
         n_smallest = smallest_n(result["members"], 0.01)
         metrics += [(f"dataset inference p-value, {label} CFG features",
-                     f"{result['members'].p_value:.3g}"),
+                     _p_text(result['members'].p_value)),
                     (f"smallest suspect set reaching p ≤ 0.01, {label} CFG features",
                      "not reached" if n_smallest is None else n_smallest),
                     (f"false-positive check p-value, {label} CFG features",
-                     f"{result['false_positive'].p_value:.3g}")]
+                     _p_text(result['false_positive'].p_value))]
     text = (f"Each real 8×8 digit becomes {demo['input_ids'].shape[1]} tokens (the nearest of "
             f"{CODEBOOK} k-means codewords of its 2×2 patches). A tiny LlamaGen (memjax's "
             f"port: {IAR_CONFIG.n_layer} layers, width {IAR_CONFIG.dim}, 2-D RoPE, class "
