@@ -6,10 +6,21 @@ module builds what only the demonstrations need on top of them.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from memjax.data import digits
 from memjax.errors import InputError
+
+
+def read_only(result: dict) -> dict:
+    """Freeze the NumPy arrays of a cached demo result (nested dicts included), so no
+    caller can change another's; returns ``result``."""
+    for leaf in jax.tree.leaves(result):
+        if isinstance(leaf, np.ndarray):
+            leaf.setflags(write=False)
+    return result
+
 
 CLASS_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
                "nine")

@@ -34,6 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from memjax.audit import member_mask
+from memjax.audit.data import read_only
 from memjax.audit.text import plot_p_values
 from memjax.convert import from_port, save
 from memjax.data import digits
@@ -75,20 +77,7 @@ IAR_CONFIG = LlamaGenConfig(dim=64, n_layer=2, n_head=4, multiple_of=32, num_cla
 IAR_TRAINING = {"steps": 600, "batch_size": 64, "learning_rate": 3e-3}
 
 
-def _half(n: int, seed: int) -> np.ndarray:
-    keep = np.zeros(n, bool)
-    keep[np.random.default_rng(seed).permutation(n)[: n // 2]] = True
-    return keep
 
-
-def _frozen(result: dict) -> dict:
-    """Freeze the NumPy arrays of a cached result, so no caller can change another's."""
-    for value in result.values():
-        if isinstance(value, np.ndarray):
-            value.flags.writeable = False
-        elif isinstance(value, dict):
-            _frozen(value)
-    return result
 
 
 def _merged(build, params) -> nnx.Module:
@@ -114,7 +103,7 @@ def ddpm_demo(seed: int = 0, progress: bool = False) -> dict:
     [N, 8, 8, 1] in [-1, 1], ``train_seconds``, ``feature_seconds``.
     """
     images = np.asarray(digits().arrays["image"][:DDPM_EXAMPLES], np.float32) * 2.0 - 1.0
-    member = _half(len(images), seed)
+    member = member_mask(len(images), seed)
     schedule = make_schedule(DDPM_SCHEDULER["beta_schedule"])
     start = time.perf_counter()
     params = fit_denoiser(jax.random.key(seed), jnp.asarray(images), jnp.asarray(member),
@@ -127,7 +116,7 @@ def ddpm_demo(seed: int = 0, progress: bool = False) -> dict:
                                   schedule=schedule, pixel_range="signed", seed=seed,
                                   batch_size=64, progress=progress, **DDPM_FEATURES)
     features.pop("id")
-    return _frozen({"member": member, "features": features, "module": module,
+    return read_only({"member": member, "features": features, "module": module,
                     "images": images, "train_seconds": train_seconds,
                     "feature_seconds": time.perf_counter() - start})
 
@@ -144,7 +133,7 @@ def iar_demo(seed: int = 0, progress: bool = False) -> dict:
     source = digits()
     images = np.asarray(source.arrays["image"], np.float32)
     labels = np.asarray(source.arrays["label"], np.int32)
-    member = _half(len(images), seed)
+    member = member_mask(len(images), seed)
     # The tokenizer is public (fitted on every digit), as a released VQ tokenizer would be.
     tokens = patch_tokens(images, patch_codebook(images, patch=PATCH, size=CODEBOOK, seed=seed),
                           patch=PATCH)
@@ -160,7 +149,7 @@ def iar_demo(seed: int = 0, progress: bool = False) -> dict:
                             {"class_labels": labels, "input_ids": tokens}, batch_size=64,
                             progress=progress)
     features.pop("id")
-    return _frozen({"member": member, "class_labels": labels, "input_ids": tokens,
+    return read_only({"member": member, "class_labels": labels, "input_ids": tokens,
                     "features": features, "module": module, "train_seconds": train_seconds,
                     "feature_seconds": time.perf_counter() - start})
 

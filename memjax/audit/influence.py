@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memjax.audit.data import read_only
 from memjax.data import digits, stdlib_docstrings
 from memjax.influence import (
     RANKING,
@@ -222,12 +223,6 @@ STORE = "gradient store + projected Fisher (TRAK-style)"
 EXACT = "Forward-INF + exact Hessian (convex only)"
 
 
-def _frozen(result: dict) -> dict:
-    """Freeze the NumPy arrays of a cached result, so no caller can change another's."""
-    for leaf in jax.tree.leaves(result):
-        if isinstance(leaf, np.ndarray):
-            leaf.setflags(write=False)
-    return result
 
 
 def _lds_split(seed: int, n_test: int) -> tuple[dict, dict]:
@@ -255,7 +250,7 @@ def lds_ground_truth(seed: int = 0, n_subsets: int = LDS_SUBSETS,
     subsets, outputs = subset_outputs(train["image"], train["label"], test,
                                       n_subsets=n_subsets, fraction=0.5, config=config,
                                       steps=300, learning_rate=2e-3, seed=seed + 2)
-    return _frozen({"subsets": subsets, "outputs": outputs,
+    return read_only({"subsets": subsets, "outputs": outputs,
                     "seconds": time.perf_counter() - start})
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from memjax.audit.data import read_only
 from memjax.augment import SmallImageView
 from memjax.data import digits
 from memjax.memorization import layermem, unitmem
@@ -117,12 +118,6 @@ def train_encoders(splits: dict[str, np.ndarray], seed: int, encoder: CNNConfig 
             seconds)
 
 
-def _read_only(result: dict) -> dict:
-    """Freeze the NumPy arrays of a cached result, so no caller can change another's."""
-    for leaf in jax.tree.leaves(result):
-        if isinstance(leaf, np.ndarray):
-            leaf.setflags(write=False)
-    return result
 
 
 # Deterministic and expensive (two encoders trained for 1,000 steps): cached, so the audit
@@ -144,7 +139,7 @@ def run_memorization_demo(seed: int = 0, n_aug: int = 5, setting: str = "inverte
     train_rows = np.flatnonzero(splits["keep"][0])
     units = unitmem(f, {"image": splits["images"][train_rows]}, layers=LAYERS,
                     n_aug=UNITMEM_VIEWS, batch_size=64, progress=False)
-    return _read_only({"splits": splits, "rows": rows, "train_rows": train_rows,
+    return read_only({"splits": splits, "rows": rows, "train_rows": train_rows,
                        "layermem": per_layer, "unitmem": units, "seconds": seconds,
                        "n_aug": n_aug})
 
@@ -210,7 +205,7 @@ def clipmem_demo(seed: int = 0, n_miscaptioned: int = 30, steps: int = CLIP_STEP
     result = clipmem(f, g, {"image": images[candidates], "text": captions[candidates]},
                      views_fn=digit_views, seed=SEED_VIEWS, n_aug=n_aug, batch_size=64,
                      progress=False)
-    return _read_only({"clipmem": result["raw"],
+    return read_only({"clipmem": result["raw"],
                        "miscaptioned": np.isin(candidates, miscaptioned),
                        "images": images[candidates], "labels": labels[candidates],
                        "caption_class": caption_class[candidates]})
