@@ -7,6 +7,7 @@ to a peer (a ratio) and next to the peak measured minutes apart.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -225,6 +226,30 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+def demo_arguments(description: str, *, devices: int | None = 8,
+                   configure: Callable[[argparse.ArgumentParser], None] | None = None,
+                   ) -> argparse.Namespace:
+    """Parse a seed demo's ``--seeds`` (default 0 1 2) and ``--devices``, then fix JAX's CPU
+    device count; call before anything starts a JAX backend (the count is fixed then).
+
+    ``devices``: the default device count (the tests force 8; None = JAX's own default).
+    ``configure``: adds the script's own options to the parser.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--devices", type=int, default=devices,
+                        help=f"forced CPU devices (the tests use 8; default {devices})")
+    if configure is not None:
+        configure(parser)
+    args = parser.parse_args()
+    if args.devices:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        import jax
+
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    return args
 
 
 def result_name(name: str, quick: bool) -> str:

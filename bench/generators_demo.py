@@ -11,21 +11,11 @@ Writes ``bench/results/generators_demo.json``.
 
 from __future__ import annotations
 
-import argparse
+from bench.common import demo_arguments, machine_info, write_json
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--devices", type=int, default=8)
-    args = parser.parse_args()
-
-    import jax
-
-    # Before any backend use: the device count is fixed when JAX first starts a backend.
-    jax.config.update("jax_num_cpu_devices", args.devices)
-
-    from bench.common import machine_info, write_json
+    args = demo_arguments(__doc__.splitlines()[0], devices=8)
     from memjax.audit.generators import (
         ddpm_demo,
         diffusion_inference,

@@ -8,7 +8,8 @@ device it is given. Start from:
 - :func:`score`, :class:`ScoreStore`, :func:`make_mesh` — the engine: a per-example
   function over a data source, batched, sharded and resumable;
 - the methods: :mod:`memjax.signals`, :mod:`memjax.mia`, :mod:`memjax.influence`,
-  :mod:`memjax.memorization`; data sources in :mod:`memjax.data`; small models to train
+  :mod:`memjax.memorization`, :mod:`memjax.unlearning`, :mod:`memjax.robustness`,
+  :mod:`memjax.prototypes`; data sources in :mod:`memjax.data`; small models to train
   in :mod:`memjax.train`; metrics in :mod:`memjax.metrics`.
 
 See ARCHITECTURE.md for the layout and the import rule.
@@ -16,7 +17,19 @@ See ARCHITECTURE.md for the layout and the import rule.
 
 __version__ = "0.1.0"
 
-from memjax import data, engine, influence, memorization, metrics, mia, models, signals
+from memjax import (
+    data,
+    engine,
+    influence,
+    memorization,
+    metrics,
+    mia,
+    models,
+    prototypes,
+    robustness,
+    signals,
+    unlearning,
+)
 from memjax.convert import load
 from memjax.engine import ScoreStore, make_mesh, score
 from memjax.errors import InputError, MemjaxError, StoreError
@@ -37,6 +50,9 @@ __all__ = [
     "metrics",
     "mia",
     "models",
+    "prototypes",
+    "robustness",
     "score",
     "signals",
+    "unlearning",
 ]

@@ -42,6 +42,8 @@ def case(*argv: str, message: str) -> Case:
 
 
 NEW = "{root}/new-output"  # a path that does not exist yet, in a writable folder
+#: memjax unlearning's data and split files (the cases fail before reading them).
+SPLITS = ("--data", "{file}", "--forget", "{file}", "--retain", "{file}", "--test", "{file}")
 
 CASES = [
     # -- audit: checked before minutes of training
@@ -147,6 +149,49 @@ CASES = [
          message="--reference"),
     case("memorization", "unitmem", "--model", "{mlp}", "--out", "{file}",
          message="is a file"),
+    # -- mia icl
+    case("mia", "icl", "--model", "{gpt2}", "--data", "{texts}", "--out", NEW,
+         message="no field 'label'"),
+    case("mia", "icl", "--model", "{gpt2}", "--data", "jsonl:{bad_jsonl}", "--out", NEW,
+         message="{bad_jsonl}:1"),
+    case("mia", "icl", "--model", "{gpt2}", "--data", "{missing}.jsonl", "--out", NEW,
+         message="expected jsonl:FILE"),
+    case("mia", "icl", "--model", "{gpt2}", "--data", "jsonl:{missing}.jsonl", "--out", NEW,
+         message="no such file"),
+    # -- unlearning
+    case("unlearning", "--model", "{mlp}", *SPLITS, "--out", NEW, message="--model '{mlp}'"),
+    case("unlearning", "--model", "{missing}", *SPLITS, "--out", NEW, message="--model"),
+    case("unlearning", "--model", "{mlp}", *SPLITS, "--n-views", "0", "--out", NEW,
+         message="argument --n-views"),
+    # -- robustness
+    case("robustness", "--model", "{mlp}", "--data", "digits", "--epsilon", "eight", "--out", NEW,
+         message="argument --epsilon"),
+    case("robustness", "--model", "{mlp}", "--data", "digits", "--out", NEW,
+         message="--layer: model"),
+    case("robustness", "--model", "{mlp}", "--data", "digits", "--layer", "dense9", "--out", NEW,
+         message="--layer 'dense9': not a tap"),
+    case("robustness", "--model", "{mlp}", "--data", "digits", "--layer", "dense1", "--head",
+         "{missing}.npz", "--out", NEW, message="--head '{missing}.npz': no such file"),
+    # -- prototypes
+    case("prototypes", "--model", "{mlp}", "--private", "digits", "--test", "digits", "--method",
+         "public", "--epsilon", "1", "--out", NEW, message="--public"),
+    case("prototypes", "--model", "{mlp}", "--private", "digits", "--test", "digits",
+         "--epsilon", "0", "--out", NEW, message="argument --epsilon"),
+    case("prototypes", "--model", "{missing}", "--private", "digits", "--test", "digits",
+         "--epsilon", "1", "--out", NEW, message="{missing}"),
+    case("prototypes", "--model", "{mlp}", "--private", "{missing}.npz", "--test", "digits",
+         "--epsilon", "1", "--out", NEW, message="{missing}.npz"),
+    # -- clipscore
+    case("clipscore", "--model", "{missing}", "--data", "pairs:{missing}.jsonl", "--out", NEW,
+         message="{missing}"),
+    case("clipscore", "--model", "{mlp}", "--data", "digits", "--out", NEW,
+         message="--data 'digits': expected image-caption pairs"),
+    case("clipscore", "--model", "{mlp}", "--data", "pairs:{missing}.jsonl", "--out", NEW,
+         message="--model"),
+    case("clipscore", "--model", "{mlp}", "--data", "pairs:{missing}.jsonl", "--weight", "0",
+         "--out", NEW, message="argument --weight"),
+    case("clipscore", "--model", "{mlp}", "--data", "pairs:{missing}.jsonl", "--references",
+         "digits", "--out", NEW, message="--references 'digits': expected reference captions"),
 ]
 
 

@@ -173,15 +173,51 @@ def test_iar_features_equal_reference_on_model_logits(tiny_model, rng):
     cond = torch_forward(sd, c, labels, ids).astype(np.float64)
     uncond = torch_forward(sd, c, np.full(n, c["num_classes"]), ids).astype(np.float64)
     np.testing.assert_array_equal(got["id"], np.arange(n))
+    # How far the two float32 forwards are apart (the port's own test bounds it; ~1e-5 here).
+    logit_error = {kind: np.abs(memjax_logits(model, np.full(n, label) if kind == "uncond"
+                                              else labels, ids) - ref).max()
+                   for kind, label, ref in (("cond", None, cond),
+                                            ("uncond", c["num_classes"], uncond))}
+    logit_error["cfg"] = logit_error["cond"] + logit_error["uncond"]
     counted = ("camia_below", "surp_count")
     for kind, logits in (("cond", cond), ("uncond", uncond), ("cfg", cond - uncond)):
         want = ref_features(logits, ids, ks, entropies)
+        moved = feature_sensitivity(logits, ids, ks, entropies, logit_error[kind], rng)
         assert len(want) == sum(name.startswith(kind + "_") for name in got)
         for name, ref in want.items():
             column = f"{kind}_{name}"
-            tol = 1.0 / t + 1e-9 if name.startswith(counted) else 5e-5
+            # 5e-5: float32 statistics of well-conditioned features; where a feature is
+            # ill-conditioned, 3x its own response to a logit error of the measured size (the
+            # variance-scaled Min-K%++ of CFG-difference logits divides by the variance of
+            # near-uniform tokens where cond ~ uncond: 2e-4 over 150 seeds, vs <= 1.2e-5 for
+            # every other feature).
+            tol = 1.0 / t + 1e-9 if name.startswith(counted) else max(5e-5, 3 * moved[name])
             err = np.abs(got[column] + ref) / np.maximum(1.0, np.abs(ref))
-            assert err.max() <= tol, f"{column}: {err.max():.3g}"
+            assert err.max() <= tol, f"{column}: {err.max():.3g} (tolerance {tol:.3g})"
+
+
+def memjax_logits(model, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """[N, T, V] float64 logits of memjax's port, one example at a time."""
+    import jax.numpy as jnp
+
+    return np.stack([np.asarray(model.apply(model.params, {
+        "class_labels": jnp.int32(label), "input_ids": jnp.asarray(row)}), np.float64)
+        for label, row in zip(labels, ids, strict=True)])
+
+
+def feature_sensitivity(logits, ids, ks, entropies, error: float, rng, draws: int = 8
+                        ) -> dict[str, float]:
+    """Each reference feature's largest relative change (as the test measures errors) when
+    every logit moves by up to ``error`` (uniform draws): its conditioning at this input."""
+    base = ref_features(logits, ids, ks, entropies)
+    moved = {name: 0.0 for name in base}
+    for _ in range(draws):
+        shifted = ref_features(logits + rng.uniform(-error, error, logits.shape), ids, ks,
+                               entropies)
+        for name, ref in base.items():
+            change = np.abs(shifted[name] - ref) / np.maximum(1.0, np.abs(ref))
+            moved[name] = max(moved[name], float(change.max()))
+    return moved
 
 
 def test_store_rerun_reads_the_same_features(tiny_model, tmp_path, rng):

@@ -53,9 +53,12 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
 
     ``models=False`` leaves out the open-weight model section (see memjax.audit.models);
     ``references=0`` the reference-model attacks (see memjax.audit.mia); ``demos=False``
-    the CLIP and language-model membership demonstrations and the influence, memorization
-    and image-generator sections (memjax.audit.clip, memjax.audit.text,
-    memjax.audit.influence, memjax.audit.memorization, memjax.audit.generators).
+    the CLIP (with CLIPScore) and language-model membership demonstrations (a tiny GPT-2
+    and a prompted one), and the influence, memorization, image-generator, unlearning,
+    encoder robustness and private-prototype sections (memjax.audit.clip,
+    memjax.audit.text, memjax.audit.icl, memjax.audit.influence, memjax.audit.memorization,
+    memjax.audit.generators, memjax.audit.unlearning, memjax.audit.robustness,
+    memjax.audit.prototypes).
     """
     source = digits()
     images, labels = source.arrays["image"], source.arrays["label"]
@@ -90,13 +93,19 @@ def run_audit(out_dir: str | Path = DEFAULT_OUT, *, seed: int = 0, steps: int = 
     if demos:
         from memjax.audit.clip import clip_section
         from memjax.audit.generators import generators_section
+        from memjax.audit.icl import icl_section
         from memjax.audit.influence import influence_section
         from memjax.audit.memorization import memorization_section
+        from memjax.audit.prototypes import prototypes_section
+        from memjax.audit.robustness import robustness_section
         from memjax.audit.text import text_section
+        from memjax.audit.unlearning import unlearning_section
 
         demo_sections += [functools.partial(section, seed=seed, progress=progress)
-                          for section in (clip_section, text_section, influence_section,
-                                          memorization_section, generators_section)]
+                          for section in (clip_section, text_section, icl_section,
+                                          influence_section, memorization_section,
+                                          generators_section, unlearning_section,
+                                          robustness_section, prototypes_section)]
     extra_sections = []
     if models:
         from memjax.audit.models import models_section

@@ -7,6 +7,11 @@ the members in the candidate pool (unknown membership to the attacker), the othe
 attacker's known non-members, which only WSA uses (Ko et al. 2023). Every attack is scored
 on the same pool; the text-only control checks that captions alone cannot tell the pool
 from the known non-members (they are drawn from the same distribution here).
+
+A second section scores the pool with CLIPScore and RefCLIPScore (Hessel et al. 2021) on
+the engine's embeddings (:func:`memjax.mia.clip_score`, as :func:`memjax.mia.clipscore`
+computes it): right captions against the same captions with the class word
+swapped, and the metric's bias on pairs the CLIP trained on.
 """
 
 from __future__ import annotations
@@ -22,11 +27,21 @@ import numpy as np
 
 from memjax.audit.data import digit_caption_pairs
 from memjax.metrics import plot_roc, roc_auc, tpr_at_fpr
-from memjax.mia import aea, csa, text_only_baseline, wsa
+from memjax.mia import (
+    aea,
+    best_reference_cosine,
+    clip_score,
+    csa,
+    ref_clip_score,
+    text_only_baseline,
+    wsa,
+)
+from memjax.mia import embed_pairs as engine_embed_pairs
 from memjax.report import Section
-from memjax.train.clip import ClipConfig, clip_embed, train_clips
+from memjax.train.clip import ClipConfig, clip_embed, clip_model, train_clips
 
 TITLE = "Membership inference: tiny CLIP on digit image\u2013caption pairs"
+CLIPSCORE_TITLE = "CLIPScore of the tiny CLIP: right vs wrong captions, members vs not"
 #: The target's recipe: minibatch Adam on the CLIP loss, about 10 epochs over the members
 #: (898 pairs / 128 per step): a model that has seen each pair a few times, as large CLIPs
 #: do, rather than one trained until it has memorised every pair.
@@ -160,9 +175,84 @@ def csa_from_shards(params, images: np.ndarray, texts: list[str], words: list[st
     return np.asarray(csa(result["image"], result["text"]), np.float64)
 
 
-def clip_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Section:
-    """Train the tiny CLIP, run CSA / AEA / WSA and the text-only control; one Section
-    with ``folder / "roc_clip.png"``."""
+def swap_class_words(captions: np.ndarray, seed: int) -> np.ndarray:
+    """The captions with each class word (column 0, ids 1..10) replaced by a different class
+    word drawn at random (seeded); the attribute words are kept."""
+    shift = np.random.default_rng(seed).integers(1, 10, len(captions))
+    out = captions.copy()
+    out[:, 0] = (captions[:, 0] - 1 + shift) % 10 + 1
+    return out
+
+
+#: RefCLIPScore's references in the audit: the right captions of this many other pool pairs
+#: of the same class (same class word, other attribute words).
+N_REFERENCES = 2
+
+
+def same_class_partners(captions: np.ndarray, k: int = N_REFERENCES) -> np.ndarray:
+    """[N, k] rows of the next ``k`` other pairs (cyclically) with the same class word."""
+    partners = np.empty((len(captions), k), np.int64)
+    for word in np.unique(captions[:, 0]):
+        rows = np.flatnonzero(captions[:, 0] == word)
+        for shift in range(1, k + 1):
+            partners[rows, shift - 1] = np.roll(rows, -shift)
+    return partners
+
+
+def clipscore_rows(params, config: ClipConfig, images: np.ndarray, captions: np.ndarray,
+                   is_member: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """CLIPScore (w = 2.5) of each pair with its caption (``right``) and with its class word
+    swapped (``wrong``), from embeddings through the engine (as :func:`memjax.mia.clipscore`
+    computes it); the captions are word ids (no prefix). With ``ref_`` the RefCLIPScores,
+    each pair's references being :func:`same_class_partners`' right captions."""
+    model = clip_model(params, config)
+    emb = {name: engine_embed_pairs(model, {"image": images, "text": ids})
+           for name, ids in (("right", captions), ("wrong", swap_class_words(captions, seed)))}
+    candidate_of_ref = np.repeat(np.arange(len(captions)), N_REFERENCES)
+    ref_of = same_class_partners(captions).reshape(-1)
+    out = {"member": is_member}
+    for name, pair in emb.items():
+        out[name] = np.asarray(clip_score(pair["image_emb"], pair["text_emb"]))
+        best = best_reference_cosine(pair["text_emb"], emb["right"]["text_emb"],
+                                     candidate_of_ref, ref_of)
+        out[f"ref_{name}"] = np.asarray(ref_clip_score(out[name], best))
+    return out
+
+
+def clipscore_section(scores: dict[str, np.ndarray]) -> Section:
+    """The CLIPScore findings: right vs wrong captions, members vs non-members."""
+    right, wrong, member = scores["right"], scores["wrong"], scores["member"]
+    both = np.concatenate([right, wrong])
+    is_right = np.arange(len(both)) < len(right)
+    metrics = [("pairs", int(len(right))),
+               ("mean CLIPScore, right captions", float(right.mean())),
+               ("mean CLIPScore, class word swapped", float(wrong.mean())),
+               ("AUC right vs swapped captions", roc_auc(both, is_right)),
+               ("mean CLIPScore, training pairs (members)", float(right[member].mean())),
+               ("mean CLIPScore, unseen pairs", float(right[~member].mean())),
+               ("membership AUC of CLIPScore", roc_auc(right, member)),
+               (f"AUC right vs swapped captions, RefCLIPScore ({N_REFERENCES} references per "
+                "pair)", roc_auc(np.concatenate([scores["ref_right"], scores["ref_wrong"]]),
+                                 is_right))]
+    text = (
+        "CLIPScore (Hessel et al. 2021, EMNLP: 2.5 · max(cos(image, caption), 0), the image-"
+        "text quality score ToxicBench and text-to-image evaluations report) of the CSA pool "
+        "under the same tiny CLIP, memjax.mia.clip_score of the engine's embeddings (the "
+        "captions are word ids, so no 'A photo depicts' prefix). It ranks each image's right "
+        "caption above the same caption with its class word swapped, and it is higher on the "
+        "pairs the CLIP trained on than on unseen pairs of the same distribution: a CLIPScore "
+        "computed with a model that saw the evaluated pairs is inflated, which is the "
+        "membership signal CSA reads (CLIPScore is CSA scaled and clipped at 0). RefCLIPScore "
+        "(the paper's Eq. 2: the harmonic mean of CLIPScore and the caption's best cosine to "
+        f"reference captions) with the captions of {N_REFERENCES} other pairs of the same "
+        "class as references separates right from swapped captions further: the references "
+        "carry the class word the swapped caption lost.")
+    return Section(CLIPSCORE_TITLE, text, metrics)
+
+
+def clip_section(folder: Path, *, seed: int = 0, progress: bool = False) -> list[Section]:
+    """Train the tiny CLIP, run CSA / AEA / WSA and the text-only control (one Section with
+    ``folder / "roc_clip.png"``), then CLIPScore on the same pool (a second Section)."""
     def say(message: str) -> None:
         if progress:
             print(f"[clip] {message}", file=sys.stderr, flush=True)
@@ -224,5 +314,8 @@ def clip_section(folder: Path, *, seed: int = 0, progress: bool = False) -> Sect
         "(tar index, random access, PNG decoding, captions tokenised) and scored by the "
         "engine: the same CSA as the same 8-bit pixels in memory."
     )
-    return Section(TITLE, text, metrics,
-                   figures=[("roc_clip.png", "Log-log ROC of CSA, AEA and WSA on the pool")])
+    say("CLIPScore of the pool")
+    scores = clipscore_rows(params, config, images[~known], captions[~known], is_member, seed)
+    return [Section(TITLE, text, metrics,
+                    figures=[("roc_clip.png", "Log-log ROC of CSA, AEA and WSA on the pool")]),
+            clipscore_section(scores)]

@@ -21,18 +21,23 @@ from pathlib import Path
 
 from memjax.cli import (
     _audit,
+    _clipscore,
     _convert,
     _distributed,
     _influence,
     _memorization,
     _mia,
+    _prototypes,
+    _robustness,
     _score,
     _store,
+    _unlearning,
 )
 from memjax.errors import MemjaxError
 
 #: The subcommands' adapters, in the order ``memjax --help`` lists them.
-COMMANDS = (_audit, _score, _convert, _mia, _influence, _memorization, _store)
+COMMANDS = (_audit, _score, _convert, _mia, _influence, _memorization, _unlearning,
+            _robustness, _prototypes, _clipscore, _store)
 
 #: Exit status of a command whose output pipe was closed (128 + SIGPIPE).
 BROKEN_PIPE_STATUS = 141

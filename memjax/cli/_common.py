@@ -5,6 +5,7 @@ options, opening data the way a model expects it, and writing per-example result
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -25,6 +26,27 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def number(expected: str, holds: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: a float for which ``holds`` is true (NaN never is, as every
+    comparison with it is false), else the error "expected {expected}, got 'TEXT'"."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not holds(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: argparse types shared by the commands.
+fraction_open = number("a number in (0, 1)", lambda v: 0.0 < v < 1.0)
+fraction_closed = number("a fraction in (0, 1]", lambda v: 0.0 < v <= 1.0)
+positive_number = number("a number > 0", lambda v: 0.0 < v < math.inf)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -107,15 +129,18 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="the text field of JSONL/CSV/TSV rows (default: text)")
 
 
-def open_data(spec: str, model: Any, args: argparse.Namespace, *, what: str = "--data"):
+def open_data(spec: str, model: Any, args: argparse.Namespace, *, what: str = "--data",
+              prefix: str = ""):
     """The source ``spec`` names, prepared for ``model``: images preprocessed with the
     checkpoint's ``preprocessor_config.json``, texts tokenised with its tokenizer to
-    ``--max-length`` (default the model's context). Prints how many texts were cut."""
+    ``--max-length`` (default the model's context), a pairs file's captions after
+    ``prefix``. Prints how many texts were cut."""
     from memjax.data import open_source
 
     try:
         source = open_source(spec, model=model, max_length=getattr(args, "max_length", None),
-                             text_field=getattr(args, "text_field", "text"))
+                             text_field=getattr(args, "text_field", "text"),
+                             text_prefix=prefix)
     except InputError as error:
         raise InputError(f"{what}: {error}") from None
     report_truncation(source, what)

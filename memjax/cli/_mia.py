@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from memjax.cli import _mia_bench, _mia_di, _mia_diffusion, _mia_iar
+from memjax.cli import _mia_bench, _mia_di, _mia_diffusion, _mia_iar, _mia_icl
 from memjax.cli._common import (
     example_names,
     load_model,
@@ -70,6 +70,7 @@ def register(sub: Any) -> None:
     _mia_diffusion.register(attacks)
     _mia_iar.register(attacks)
     _mia_di.register(attacks)
+    _mia_icl.register(attacks)
 
     clip = attacks.add_parser(
         "clip", parents=[output, members], help="a CLIP on image-text pairs: CSA, AEA, WSA, "

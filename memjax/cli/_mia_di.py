@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memjax.cli._common import positive_int, results_folder
+from memjax.cli._common import fraction_open, positive_int, results_folder
 from memjax.errors import InputError
 
 TITLE = "Dataset inference"
@@ -56,7 +56,7 @@ def register(attacks) -> None:
                     help="cdi: score held-out rows with a model fitted on --fit-fraction of "
                     "each set (default, calibrated), or cross-fit every row (the reference's "
                     "cdi_perf.py; anti-conservative p-values)")
-    di.add_argument("--fit-fraction", type=_fraction, default=0.2,
+    di.add_argument("--fit-fraction", type=fraction_open, default=0.2,
                     help="cdi split: fraction of each set that fits the model (default 0.2, "
                     "the reference's 5000 of 25000)")
     di.add_argument("--resamples", type=positive_int, default=100,
@@ -66,16 +66,6 @@ def register(attacks) -> None:
     di.add_argument("--out", type=results_folder, default="memjax-mia-di",
                     help="results folder (new, empty, or an earlier report to replace)")
     di.set_defaults(run=cmd_di)
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
 
 
 def _read_table(path: str, flag: str) -> dict[str, object]:

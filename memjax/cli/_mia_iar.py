@@ -25,7 +25,7 @@ FIELDS = ("class_labels", "input_ids")
 
 def register(attacks) -> None:
     """Add ``memjax mia iar`` to ``memjax mia``'s subcommands."""
-    from memjax.cli._common import positive_int, results_folder
+    from memjax.cli._common import fraction_closed, positive_int, results_folder
     from memjax.mia import IAR_FEATURES, IAR_KS, IAR_LOGITS
 
     iar = attacks.add_parser(
@@ -42,7 +42,7 @@ def register(attacks) -> None:
                      choices=IAR_FEATURES, help="feature families (default: all)")
     iar.add_argument("--logits", nargs="+", default=list(IAR_LOGITS), choices=IAR_LOGITS,
                      help="logits kinds (cfg = cond - uncond; default: all)")
-    iar.add_argument("--k", nargs="+", type=_fraction, default=list(IAR_KS),
+    iar.add_argument("--k", nargs="+", type=fraction_closed, default=list(IAR_KS),
                      help="Min-K%% / Min-K%%++ fractions in (0, 1] (default: the IAR "
                      "code's 0.1 .. 0.5)")
     iar.add_argument("--out", type=results_folder, default="memjax-mia-iar",
@@ -51,17 +51,6 @@ def register(attacks) -> None:
                      help="examples per batch (default 16)")
     iar.add_argument("--no-progress", action="store_true")
     iar.set_defaults(run=cmd_iar)
-
-
-def _fraction(text: str) -> float:
-    """argparse type: a number in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return value
 
 
 def _read_jsonl(path: Path) -> dict[str, np.ndarray]:

@@ -29,16 +29,19 @@ from memjax.data.open import FORMS, grain_source, open_source
 from memjax.data.pairs import PairsSource
 from memjax.data.preprocess import PROCESSOR_DEFAULTS, ImageProcessor
 from memjax.data.text import (
+    DOCSTRING_TOPICS,
     JsonlTextSource,
     TextTokens,
     load_tokenizer,
     stdlib_docstrings,
+    stdlib_docstrings_by_module,
     tokenizer_spec,
 )
 from memjax.data.tfds_source import TFDSSource
 from memjax.data.webdataset import WebDatasetSource, expand_braces
 
 __all__ = [
+    "DOCSTRING_TOPICS",
     "FORMS",
     "ID_FIELD",
     "IMAGE_EXTENSIONS",
@@ -68,5 +71,6 @@ __all__ = [
     "source_ids",
     "stack_records",
     "stdlib_docstrings",
+    "stdlib_docstrings_by_module",
     "tokenizer_spec",
 ]

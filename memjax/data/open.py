@@ -25,7 +25,7 @@ FORMS = (
 
 def open_source(spec: str | os.PathLike, *, model: Any = None, tokenizer: Any = None,
                 max_length: int | None = None, text_field: str = "text",
-                image_transform: Any = None) -> Source:
+                image_transform: Any = None, text_prefix: str = "") -> Source:
     """The source a data argument names (see :data:`FORMS`), prepared for ``model``.
 
     Args:
@@ -48,6 +48,8 @@ def open_source(spec: str | os.PathLike, *, model: Any = None, tokenizer: Any = 
         "caption", else "text").
       image_transform: a callable uint8 RGB [H, W, 3] -> array used instead of the
         model's preprocessing.
+      text_prefix: prepended to every caption of a ``pairs:`` file before tokenising
+        (CLIPScore's "A photo depicts "); refused for other sources.
 
     Sources that tokenise texts report ``truncated() -> (count, total, max_length)``, the
     texts longer than ``max_length`` tokens.
@@ -60,6 +62,13 @@ def open_source(spec: str | os.PathLike, *, model: Any = None, tokenizer: Any = 
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"data: expected a data argument, got {spec!r}; {_accepted()}")
     prepare = _Preparation(model, tokenizer, max_length, text_field, image_transform)
+    if text_prefix:
+        if not isinstance(text_prefix, str):
+            raise InputError(f"text_prefix: expected a string, got {type(text_prefix).__name__}")
+        if not text.startswith("pairs:"):
+            raise InputError(f"text_prefix {text_prefix!r}: only pairs:FILE captions take a "
+                             f"prefix; data {text!r} is not a pairs file")
+        prepare.text_prefix = text_prefix
     if text == "digits":
         return digits()
     if text.startswith("tfds:"):
@@ -88,6 +97,7 @@ class _Preparation:
                  image_transform: Any):
         self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
         self.text_field, self.image_transform = text_field, image_transform
+        self.text_prefix = ""
         if image_transform is not None and not callable(image_transform):
             raise InputError(f"image_transform: expected a callable uint8 [H, W, 3] -> "
                              f"array, got {type(image_transform).__name__}")
@@ -165,7 +175,8 @@ def _open_pairs(path: str, spec: str, prepare: _Preparation) -> Source:
     from memjax.data.pairs import PairsSource
 
     return PairsSource(_existing(path, spec), text_field=prepare.text_field,
-                       tokenizer=prepare.tokens(), transform=prepare.transform())
+                       tokenizer=prepare.tokens(), transform=prepare.transform(),
+                       text_prefix=prepare.text_prefix)
 
 
 def _open_wds(pattern: str, spec: str, prepare: _Preparation) -> Source:

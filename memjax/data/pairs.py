@@ -44,6 +44,8 @@ class PairsSource(TokenizedTexts, RandomAccessSource):
         :class:`memjax.data.ImageProcessor`); without one images are float [0, 1].
       size: (height, width) to resize to without a transform; None: every image must
         have the first one's size.
+      text_prefix: prepended to every caption before it is tokenised (CLIPScore's "A photo
+        depicts ", Hessel et al. 2021); part of the source's identity.
 
     Records: ``image`` float32 [H, W, 3], ``text`` (str, an object array when stacked),
     ``id`` int64 = the row's index; with a tokenizer also ``input_ids`` and
@@ -56,8 +58,11 @@ class PairsSource(TokenizedTexts, RandomAccessSource):
                  image_field: str = "image", tokenizer: Tokenizer | None = None,
                  max_length: int | None = None, pad_id: int | None = None,
                  transform: Callable[[np.ndarray], np.ndarray] | None = None,
-                 size: tuple[int, int] | None = None):
+                 size: tuple[int, int] | None = None, text_prefix: str = ""):
         self.path = existing_path(path, "PairsSource")
+        if not isinstance(text_prefix, str):
+            raise InputError(f"text_prefix: expected a string, got {type(text_prefix).__name__}")
+        self.text_prefix = text_prefix
         self.where = f"PairsSource({self.path})"
         if not self.path.lower().endswith(PAIR_FORMATS):
             raise InputError(f"{self.where}: expected a {', '.join(PAIR_FORMATS)} file")
@@ -72,7 +77,7 @@ class PairsSource(TokenizedTexts, RandomAccessSource):
                              f"{text_field!r} pair per row")
         folder = os.path.dirname(self.path)
         self.written = [image for _, image, _ in rows]
-        self.captions = [text for _, _, text in rows]
+        self.captions = [text_prefix + text for _, _, text in rows]
         self.files, self._stats = [], []
         for line, image, _ in rows:
             file = os.path.normpath(os.path.join(folder, os.path.expanduser(image)))
@@ -117,7 +122,7 @@ class PairsSource(TokenizedTexts, RandomAccessSource):
         return {"kind": "pairs", "n": len(self.files),
                 "content_hash": self._content_hash, "images_hash": hash_json(self._stats),
                 "text_field": self.text_field, "image_field": self.image_field,
-                "image": self.loader.spec(),
+                "text_prefix": self.text_prefix, "image": self.loader.spec(),
                 "tokens": self.tokens.spec() if self.tokens else None}
 
     def __repr__(self) -> str:

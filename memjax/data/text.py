@@ -461,3 +461,59 @@ def stdlib_docstrings(n: int | None = None) -> list[str]:
             if len(paragraph.split()) > 3:
                 texts.add(paragraph)
     return sorted(texts)[:n]
+
+
+#: Topics of :func:`stdlib_docstrings_by_module`: label word -> the standard-library
+#: modules whose docstrings carry it.
+DOCSTRING_TOPICS = {
+    "net": ("email.message", "email.utils", "ftplib", "http.client", "http.cookiejar",
+            "imaplib", "mailbox", "poplib", "smtplib", "socketserver", "urllib.parse",
+            "urllib.request", "ipaddress"),
+    "file": ("fileinput", "fnmatch", "glob", "gzip", "lzma", "pathlib", "shutil", "tarfile",
+             "tempfile", "zipfile", "shelve"),
+    "text": ("base64", "codecs", "csv", "difflib", "json", "quopri", "re", "string",
+             "textwrap", "html.parser", "configparser", "pprint"),
+    "code": ("abc", "ast", "contextlib", "copy", "dataclasses", "dis", "enum", "functools",
+             "inspect", "operator", "types", "typing", "weakref", "traceback"),
+}
+
+
+def stdlib_docstrings_by_module(
+        topics: Mapping[str, Sequence[str]] | None = None
+) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+    """A real, offline text classification task: standard-library docstrings labelled by
+    the topic of the module they come from.
+
+    Texts are read as in :func:`stdlib_docstrings` (first paragraph of each module, class
+    and function docstring of the module's source, more than three words, whitespace
+    collapsed), module by module; a text found under two different topics is dropped.
+
+    Args:
+      topics: label word -> module names (default :data:`DOCSTRING_TOPICS`: network,
+        files, text formats, code introspection).
+
+    Returns:
+      (texts sorted, labels [N] int64 indices into the label words, label words).
+    """
+    import ast
+    import sysconfig
+    from pathlib import Path
+
+    topics = DOCSTRING_TOPICS if topics is None else topics
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    documented = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    found: dict[str, set[int]] = {}
+    names = tuple(topics)
+    for label, modules in enumerate(topics.values()):
+        for name in modules:
+            path = stdlib.joinpath(*name.split("."))
+            path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+            if not path.is_file():
+                raise InputError(f"topics: no standard-library module {name!r} ({path})")
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                doc = ast.get_docstring(node) if isinstance(node, documented) else None
+                paragraph = " ".join(doc.split("\n\n")[0].split()) if doc else ""
+                if len(paragraph.split()) > 3:
+                    found.setdefault(paragraph, set()).add(label)
+    texts = sorted(t for t, labels in found.items() if len(labels) == 1)
+    return texts, np.asarray([next(iter(found[t])) for t in texts], np.int64), names

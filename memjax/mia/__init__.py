@@ -19,6 +19,10 @@
   2025: ``method="maini"|"cdi"|"iar"``): a t-test over aggregated attack features;
   :func:`p_value_curve` and :func:`smallest_n` read off how many suspect examples reach a
   p-value.
+- In-context learning (Duan et al. 2023): :func:`icl_membership` scores the demonstrations
+  of a prompted causal LM by their correct label's probability, for one prompt and for an
+  ensemble of prompts with disjoint demonstrations (:func:`icl_label_log_probs`,
+  :class:`PromptTemplate`).
 - :func:`diffusion_features` (CDI and the attacks it aggregates: denoising loss, SecMI,
   PIA/PIAN, gradient-masked loss, noise optimisation) and :func:`iar_features` (Kowalczuk
   et al. 2025: token attacks on conditional, unconditional and CFG-difference logits of
@@ -49,7 +53,23 @@ from memjax.mia._bench import (
     run_bench,
     source_texts,
 )
-from memjax.mia._clip import AEAView, PairEmbeddings, aea, csa, embed_pairs, text_only_baseline, wsa
+from memjax.mia._clip import (
+    CLIPSCORE_PREFIX,
+    CLIPSCORE_WEIGHT,
+    AEAView,
+    PairEmbeddings,
+    TextEmbeddings,
+    aea,
+    best_reference_cosine,
+    clip_score,
+    clipscore,
+    csa,
+    embed_pairs,
+    ref_clip_score,
+    reference_pairs,
+    text_only_baseline,
+    wsa,
+)
 from memjax.mia._diffusion import (
     DIFFUSION_FEATURES,
     PIXEL_RANGES,
@@ -73,6 +93,19 @@ from memjax.mia._iar import (
     iar_surp,
     iar_token_statistics,
     iar_zlib,
+)
+from memjax.mia._icl import (
+    ICL_NORMALIZATIONS,
+    IclMembership,
+    PromptTemplate,
+    build_prompt,
+    draw_demonstration_sets,
+    icl_correct_label_score,
+    icl_ensemble_distribution,
+    icl_label_distribution,
+    icl_label_log_probs,
+    icl_membership,
+    icl_scores,
 )
 from memjax.mia._inference import (
     DatasetInferenceResult,
@@ -100,22 +133,27 @@ from memjax.mia._tokens import (
 )
 
 __all__ = [
-    "AEAView",
     "ATTACKS",
-    "AttackResult",
-    "BenchConfig",
-    "BenchResult",
+    "CLIPSCORE_PREFIX",
+    "CLIPSCORE_WEIGHT",
     "DATASET_INFERENCE",
     "DIFFUSION_FEATURES",
-    "DatasetInferenceResult",
-    "DiffusionFeatureFn",
     "IAR_FEATURES",
     "IAR_KS",
     "IAR_LOGITS",
     "IAR_MAX_ENTROPIES",
+    "ICL_NORMALIZATIONS",
     "PIXEL_RANGES",
-    "PairEmbeddings",
     "REFERENCE",
+    "AEAView",
+    "AttackResult",
+    "BenchConfig",
+    "BenchResult",
+    "DatasetInferenceResult",
+    "DiffusionFeatureFn",
+    "IclMembership",
+    "PairEmbeddings",
+    "PromptTemplate",
     "ReferenceSignals",
     "aea",
     "all_model_signals",
@@ -123,11 +161,19 @@ __all__ = [
     "attack_suite",
     "attacks_from_signals",
     "bench_config",
+    "build_prompt",
     "cfg_logits",
     "choose_a",
+    "best_reference_cosine",
+    "clip_score",
+    "clipscore",
+    "ref_clip_score",
+    "reference_pairs",
+    "TextEmbeddings",
     "csa",
     "dataset_inference",
     "diffusion_features",
+    "draw_demonstration_sets",
     "embed_pairs",
     "feature_columns",
     "iar_camia",
@@ -140,6 +186,12 @@ __all__ = [
     "iar_surp",
     "iar_token_statistics",
     "iar_zlib",
+    "icl_correct_label_score",
+    "icl_ensemble_distribution",
+    "icl_label_distribution",
+    "icl_label_log_probs",
+    "icl_membership",
+    "icl_scores",
     "jsonl_texts",
     "lira",
     "lira_attacks",

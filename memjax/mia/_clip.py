@@ -12,7 +12,13 @@ Models: A Pilot Study" (ICCV; reference code reds-lab/CLIP-MIA):
 - :func:`embed_pairs` -- the embeddings these attacks take, of any CLIP :class:`memjax.Model`
   on a pairs source, with AEA's augmented views (:class:`AEAView`) keyed by example id.
 
-Higher score = more likely member, everywhere. The attacks take embeddings computed
+And the image-text quality metric computed from the same embeddings:
+
+- :func:`clip_score` / :func:`clipscore` -- CLIPScore (Hessel et al. 2021, EMNLP, "CLIPScore:
+  A Reference-free Evaluation Metric for Image Captioning"; reference code jmhessel/clipscore):
+  ``2.5 * max(cos(image, "A photo depicts " + caption), 0)`` per pair.
+
+Higher score = more likely member, for every attack. The attacks take embeddings computed
 elsewhere (the engine's ``contrastive`` signal, or any CLIP encoder); cosines are computed
 in float32 (the reference code's fp16 autocast is not copied).
 """
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -461,7 +468,192 @@ def embed_pairs(model: Model, source: Any, *, n_views: int = 0, seed: int = 0,
                  with_ids=bool(n_views), param_rules=list(model.partition_rules))
 
 
+@dataclasses.dataclass(frozen=True)
+class TextEmbeddings:
+    """``fn(params, example)`` for the engine: a caption's ``text_emb`` [D] from a CLIP's
+    text tower (no image is read: RefCLIPScore's references)."""
+
+    text: Callable[[Any, Any], jax.Array]
+
+    def __call__(self, params: Any, example: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        return {"text_emb": self.text(params, example)}
+
+
 def _fields(source: Any) -> set[str]:
     if isinstance(source, dict):
         return set(source)
     return set(source.read(np.zeros(1, np.int64)))
+
+
+# --------------------------------------------------------------------------- CLIPScore
+
+#: CLIPScore's weight w (Hessel et al. 2021, Sec. 3: it rescales the cosine to about [0, 1]).
+CLIPSCORE_WEIGHT = 2.5
+#: The caption prefix of the reference code (``CLIPCapDataset(prefix='A photo depicts')``,
+#: a space appended); the paper reports its numbers with it.
+CLIPSCORE_PREFIX = "A photo depicts "
+
+
+def clip_score(image_emb: ArrayLike, text_emb: ArrayLike, *,
+               weight: float = CLIPSCORE_WEIGHT) -> jax.Array:
+    """CLIPScore of each pair: ``weight * max(cos(image_emb, text_emb), 0)``.
+
+    Hessel et al. 2021, Eq. 1 (w = 2.5). The cosine is :func:`csa`'s (float32, norms
+    clamped at ``memjax.kernels.EPS``); the reference code normalises float32 features the
+    same way (no clamping: it divides by the norm). torchmetrics' ``CLIPScore`` reports
+    ``100 * max(cos, 0)`` on raw captions: ``weight=100`` and ``prefix=""`` reproduce it.
+
+    Args:
+        image_emb: [N, D] float image embeddings.
+        text_emb: [N, D] float text embeddings of the (prefixed) captions.
+        weight: w > 0.
+
+    Returns:
+        [N] float32 scores in [0, weight].
+    """
+    if not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+        raise InputError(f"weight: expected a positive number, got {weight!r}")
+    return jnp.float32(weight) * jnp.maximum(csa(image_emb, text_emb), 0.0)
+
+
+def best_reference_cosine(text_emb: ArrayLike, ref_emb: ArrayLike,
+                          candidate_of_ref: ArrayLike, ref_of: ArrayLike) -> jax.Array:
+    """Each candidate's highest cosine to one of its references.
+
+    Args:
+      text_emb: [N, D] candidate caption embeddings; ref_emb: [R, D] reference embeddings.
+      candidate_of_ref, ref_of: [P] int, the (candidate, reference) pairs to compare
+        (every candidate in at least one; :func:`reference_pairs`).
+
+    Returns:
+      [N] float32 (cosines as :func:`csa`'s).
+    """
+    text_emb = jnp.asarray(text_emb)
+    candidate_of_ref = jnp.asarray(candidate_of_ref)
+    cos = csa(text_emb[candidate_of_ref], jnp.asarray(ref_emb)[jnp.asarray(ref_of)])
+    return jax.ops.segment_max(cos, candidate_of_ref, num_segments=text_emb.shape[0])
+
+
+def ref_clip_score(clip_scores: ArrayLike, reference_cosine: ArrayLike) -> jax.Array:
+    """RefCLIPScore: the harmonic mean of a candidate's CLIPScore and
+    ``max(max_r cos(candidate, r), 0)`` over its references r (Hessel et al. 2021, Eq. 2).
+
+    The reference code (``get_refonlyclipscore``) does not clip the reference side at 0;
+    the paper does, and so does this (equal whenever some reference has a positive cosine).
+    The harmonic mean of two zeros is 0 (the code divides 0 by 0).
+
+    Args:
+      clip_scores: [N] CLIPScores (:func:`clip_score`, w included; the text side is not
+        rescaled, as in the paper and code).
+      reference_cosine: [N] :func:`best_reference_cosine`.
+
+    Returns:
+      [N] float32.
+    """
+    clip_scores = jnp.asarray(clip_scores, jnp.float32)
+    text_side = jnp.maximum(jnp.asarray(reference_cosine, jnp.float32), 0.0)
+    total = clip_scores + text_side
+    safe = jnp.where(total > 0, total, 1.0)
+    return jnp.where(total > 0, 2 * clip_scores * text_side / safe, 0.0)
+
+
+def reference_pairs(candidates: Any, references: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(candidate row, reference row) of every pair showing the same image file.
+
+    Both sources are ``pairs:`` files (:class:`memjax.data.PairsSource`); images match by
+    their resolved path. A candidate without a reference is refused, by name."""
+    files = [getattr(s, "files", None) for s in (candidates, references)]
+    if files[0] is None or files[1] is None:
+        raise InputError("references: RefCLIPScore matches references to candidates by image "
+                         "file, so both must be pairs:FILE sources")
+    rows: dict[str, list[int]] = {}
+    for j, file in enumerate(files[1]):
+        rows.setdefault(file, []).append(j)
+    missing = [i for i, file in enumerate(files[0]) if file not in rows]
+    if missing:
+        names = candidates.names()
+        raise InputError(f"references: no reference caption for {len(missing)} candidate "
+                         f"image(s), e.g. {[names[i] for i in missing[:3]]}; every "
+                         "candidate's image needs at least one row in the references file")
+    pairs = [(i, j) for i, file in enumerate(files[0]) for j in rows[file]]
+    candidate_of_ref, ref_of = (np.asarray(column, np.int64) for column in zip(*pairs,
+                                                                              strict=True))
+    return candidate_of_ref, ref_of
+
+
+def _open_pairs(model: Model, pairs: Any, prefix: str | None, max_length: int | None,
+                name: str) -> Any:
+    """``pairs`` opened for ``model`` with the caption prefix, or checked to carry it."""
+    from memjax.data import open_source
+
+    if prefix is not None and not isinstance(prefix, str):
+        raise InputError(f"prefix: expected a string or None, got {type(prefix).__name__}")
+    if isinstance(pairs, str | os.PathLike):
+        return open_source(pairs, model=model, max_length=max_length, text_prefix=prefix or "")
+    carried = getattr(pairs, "text_prefix", None)
+    if carried is None and prefix:
+        raise InputError(
+            f"{name}: a source of already tokenised captions cannot take the prefix "
+            f"{prefix!r}; pass the pairs file (\"pairs:FILE\"), open it with "
+            f"open_source(..., text_prefix={prefix!r}), or pass prefix=None to score the "
+            "captions as they are")
+    if carried is not None and carried != (prefix or ""):
+        raise InputError(f"{name}: the source was opened with text_prefix={carried!r} but "
+                         f"prefix={prefix!r} was asked for")
+    return pairs
+
+
+def clipscore(model: Model, pairs: Any, *, weight: float = CLIPSCORE_WEIGHT,
+              prefix: str | None = CLIPSCORE_PREFIX, max_length: int | None = None,
+              references: Any = None, batch_size: int = 64,
+              progress: bool = False) -> dict[str, np.ndarray]:
+    """CLIPScore (Hessel et al. 2021) of every image-caption pair under a CLIP ``model``.
+
+    Args:
+      model: a :class:`memjax.Model` of kind ``"clip"`` (e.g. ``memjax.load`` of a Hugging
+        Face CLIP checkpoint): its own image preprocessing and tokenizer are used.
+      pairs: a ``"pairs:FILE"`` spec (opened here, ``prefix`` prepended to each caption before
+        tokenising, truncated to ``max_length``, default the model's context, as the
+        reference's ``clip.tokenize(..., truncate=True)``), or a source already opened for
+        the model (a ``pairs:`` source must have been opened with ``text_prefix=prefix``;
+        tokenised arrays only with ``prefix=None``).
+      weight: w (2.5 as the paper).
+      prefix: the caption prefix; None or "" for raw captions.
+      references: for RefCLIPScore, a ``"pairs:FILE"`` of reference captions (or such a
+        source opened with the same prefix): every row whose image file is a candidate's
+        is one of its references (e.g. COCO's five human captions per image). References
+        are prefixed and truncated as the candidates, as the reference code's
+        ``get_refonlyclipscore``; ``pairs`` must then be a pairs file too.
+
+    Returns:
+      ``id`` [N] int64, ``clipscore`` [N] float32 and ``cosine`` [N] float32; with
+      references also ``refclipscore`` [N] float32 (:func:`ref_clip_score`) and
+      ``reference_cosine`` [N] float32 (the best reference's cosine, unclipped).
+    """
+    source = _open_pairs(model, pairs, prefix, max_length, "pairs")
+    refs = None
+    if references is not None:
+        refs = _open_pairs(model, references, prefix, max_length, "references")
+        candidate_of_ref, ref_of = reference_pairs(source, refs)
+    emb = embed_pairs(model, source, batch_size=batch_size, progress=progress)
+    scores = clip_score(emb["image_emb"], emb["text_emb"], weight=weight)
+    out = {"id": np.asarray(emb["id"]), "clipscore": np.asarray(scores),
+           "cosine": np.asarray(csa(emb["image_emb"], emb["text_emb"]))}
+    if refs is not None:
+        ref_emb = _embed_texts(model, refs, batch_size, progress)
+        best = best_reference_cosine(emb["text_emb"], ref_emb, candidate_of_ref, ref_of)
+        out["refclipscore"] = np.asarray(ref_clip_score(scores, best))
+        out["reference_cosine"] = np.asarray(best)
+    return out
+
+
+def _embed_texts(model: Model, refs: Any, batch_size: int, progress: bool) -> jax.Array:
+    """[R, D] text embeddings of every caption of a pairs source (images not decoded)."""
+    from memjax.engine import score
+
+    text = model.tower("text")
+    fields = refs.text_fields([text for chunk in refs.texts() for text in chunk])
+    tokens = {name: fields[name] for name in text.inputs}
+    emb = score(TextEmbeddings(text.apply), model.params, tokens, batch_size=batch_size,
+                progress=progress, param_rules=list(model.partition_rules))
+    return jnp.asarray(emb["text_emb"])

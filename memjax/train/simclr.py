@@ -73,6 +73,24 @@ def encoder_model(params: dict[str, Any], config: CNNConfig) -> Model:
     return Model.from_classifier(params, config, kind="encoder")
 
 
+def pair_loss(params: dict[str, Any], images: jax.Array, ids: jax.Array, rows: jax.Array,
+              valid: jax.Array, step: jax.Array, *, views_fn: Callable, view_seed: int,
+              temperature: float, offset: int) -> jax.Array:
+    """NT-Xent of the minibatch ``rows`` ([B] indices, ``valid`` [B] bool) at step ``step``,
+    on the views ``view_key(view_seed, id, offset + 2 step + {0, 1})``; scalar. Training uses
+    ``offset`` = :data:`TRAIN_AUG_OFFSET`, unlearning (memjax.train.unlearning) its own."""
+    base = offset + 2 * step
+
+    def two_views(image, example_id):
+        return (views_fn(image, view_key(view_seed, example_id, base)),
+                views_fn(image, view_key(view_seed, example_id, base + 1)))
+
+    v1, v2 = jax.vmap(two_views)(images[rows], ids[rows])
+    z1 = jax.vmap(embed, in_axes=(None, 0))(params, v1)
+    z2 = jax.vmap(embed, in_axes=(None, 0))(params, v2)
+    return nt_xent(z1, z2, valid, temperature)
+
+
 def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Array, *,
                config: CNNConfig, views_fn: ViewsFn, view_seed: int = 0, steps: int = 300,
                batch_size: int = 128, temperature: float = 0.5,
@@ -96,16 +114,9 @@ def fit_simclr(key: jax.Array, images: jax.Array, ids: jax.Array, keep: jax.Arra
     optimizer = optax.adam(learning_rate)
 
     def loss(p, rows, valid, step):
-        base = TRAIN_AUG_OFFSET + 2 * step
-
-        def two_views(image, example_id):
-            return (views_fn(image, view_key(view_seed, example_id, base)),
-                    views_fn(image, view_key(view_seed, example_id, base + 1)))
-
-        v1, v2 = jax.vmap(two_views)(images[rows], ids[rows])
-        z1 = jax.vmap(embed, in_axes=(None, 0))(p, v1)
-        z2 = jax.vmap(embed, in_axes=(None, 0))(p, v2)
-        return nt_xent(z1, z2, valid, temperature)
+        return pair_loss(p, images, ids, rows, valid, step, views_fn=views_fn,
+                         view_seed=view_seed, temperature=temperature,
+                         offset=TRAIN_AUG_OFFSET)
 
     def step(carry, inputs):
         p, state = carry
