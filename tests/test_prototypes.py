@@ -157,16 +157,17 @@ def test_dppl_mean_matches_numpy_with_the_noise_fixed(rng, seed):
 
 def test_gaussian_mechanism_output_is_normal_at_the_stated_sigma(seed):
     # One private example per class: the class sums are known, so (noisy - true) / σ must be
-    # N(0, 1). 4 classes × 2,500 dims = 10,000 draws; KS at σ passes (p > 1e-3, a
-    # 1-in-1,000 false alarm) and at σ/2 fails hard (p < 1e-12: at n = 10,000 the KS
-    # distance of N(0, 4) from N(0, 1) is ~0.16, against ~0.02 for chance at p = 1e-3).
-    d, k = 2500, 4
+    # N(0, 1). 4 classes × 25,000 dims = 100,000 draws; KS at σ passes (p > 1e-7: a
+    # 1-in-10-million false alarm, as the seed is fresh every run) and at σ/2 fails hard
+    # (p < 1e-12: the KS distance of N(0, 4) from N(0, 1) is ~0.16, against 0.009 at
+    # p = 1e-7 and n = 100,000, which a σ off by 4% already exceeds).
+    d, k = 25_000, 4
     x = np.eye(k, d, dtype=np.float32) * 3.0
     y = np.arange(k)
     out = dppl_mean(jax.random.key(seed), x, y, k, epsilon=1.0, delta=1e-5)
     residual = (out["estimates"] - np.eye(k, d)).ravel()  # clipped to unit norm: e_c
     sigma = out["sigma"]
-    assert scipy.stats.kstest(residual / sigma, "norm").pvalue > 1e-3
+    assert scipy.stats.kstest(residual / sigma, "norm").pvalue > 1e-7
     assert scipy.stats.kstest(residual / (sigma / 2), "norm").pvalue < 1e-12
 
 
@@ -237,18 +238,19 @@ def test_public_utilities_match_numpy(rng):
 
 
 def test_exponential_mechanism_frequencies_match_the_probabilities(seed):
-    # 40,000 independent selections (one per row) among 4 candidates with utilities 0..3 at
-    # ε = 1, Δ = 1: probabilities ∝ exp(ε u / 2). Chi-square passes there (p > 1e-3) and
-    # fails (p < 1e-12) against exp(ε u), the factor a wrong sensitivity would give.
+    # 400,000 independent selections (one per row) among 4 candidates with utilities 0..3 at
+    # ε = 1, Δ = 1: probabilities ∝ exp(ε u / 2). Chi-square passes there (p > 1e-7: a
+    # 1-in-10-million false alarm for a fresh seed) and fails (p < 1e-12) against exp(ε u),
+    # the factor a wrong sensitivity would give.
     u = np.arange(4.0, dtype=np.float32)
-    rows = 40_000
+    rows = 400_000
     picks = np.asarray(exponential_mechanism(jax.random.key(seed), np.tile(u, (rows, 1)),
                                              exponential_mechanism_scale(1.0)))
     counts = np.bincount(picks, minlength=4)
     ud = u.astype(np.float64)
     right = np.exp(ud / 2.0) / np.exp(ud / 2.0).sum()
     wrong = np.exp(ud) / np.exp(ud).sum()
-    assert scipy.stats.chisquare(counts, rows * right).pvalue > 1e-3
+    assert scipy.stats.chisquare(counts, rows * right).pvalue > 1e-7
     assert scipy.stats.chisquare(counts, rows * wrong).pvalue < 1e-12
 
 
